@@ -1,0 +1,622 @@
+//! The JSON-lines export format (one chain line, then records with
+//! checkpoints interleaved) and its streaming verifier, which is what the
+//! `custody verify` command runs.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::BufRead;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::merkle::MerkleBuilder;
+use crate::note::{self, NoteError, PrivateKey, VerifierKey};
+use crate::record::{genesis_hash, Record};
+use crate::verify::{ChainVerifier, FailureKind};
+use crate::{Hash, FORMAT_VERSION};
+
+/// First line: which cluster and database the chain belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHeader {
+    pub format: u8,
+    /// Decimal string: u64 does not survive JSON parsers that use doubles.
+    #[serde(with = "u64_string")]
+    pub system_identifier: u64,
+    pub database_oid: u32,
+    pub database: String,
+}
+
+/// A record as stored, with its stored prev_hash and hash.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordLine {
+    #[serde(flatten)]
+    pub record: Record,
+    #[serde(with = "crate::hex::hash")]
+    pub prev_hash: Hash,
+    #[serde(with = "crate::hex::hash")]
+    pub hash: Hash,
+}
+
+/// A signed checkpoint over records 1..=seq, placed right after record seq.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointLine {
+    pub seq: i64,
+    /// Chain hash of record `seq`.
+    #[serde(with = "crate::hex::hash")]
+    pub hash: Hash,
+    /// RFC 6962 root over the hashes of records 1..=seq.
+    #[serde(with = "crate::hex::hash")]
+    pub merkle_root: Hash,
+    /// 8 hex digits: the signing key's key ID.
+    pub key_id: String,
+    /// base64 of the 64-byte Ed25519 signature of the checkpoint body.
+    pub signature: String,
+    /// µs since the Unix epoch, UTC. Informational; not signed.
+    pub signed_at: i64,
+    /// The signed note: checkpoint body + signature line(s).
+    pub note: String,
+}
+
+impl CheckpointLine {
+    /// Sign a checkpoint for records 1..=seq of the chain with `origin`
+    /// (see `note::checkpoint_origin`).
+    pub fn sign(
+        origin: &str,
+        seq: i64,
+        hash: Hash,
+        merkle_root: Hash,
+        key: &PrivateKey,
+        signed_at: i64,
+    ) -> Result<Self, NoteError> {
+        let size = u64::try_from(seq).map_err(|_| NoteError::Malformed("negative seq".into()))?;
+        let body = note::checkpoint_body(origin, size, &merkle_root);
+        Ok(CheckpointLine {
+            seq,
+            hash,
+            merkle_root,
+            key_id: crate::hex::encode(&key.key_id()),
+            signature: B64.encode(key.sign_bytes(body.as_bytes())),
+            signed_at,
+            note: note::sign_note(&body, key)?,
+        })
+    }
+}
+
+/// One line of an export.
+// Records are nearly every line: boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ExportLine {
+    Chain(ChainHeader),
+    Record(RecordLine),
+    Checkpoint(CheckpointLine),
+}
+
+impl ExportLine {
+    /// The line's JSON text, without the trailing newline.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("export lines always serialize")
+    }
+    /// Parse one line (without its newline).
+    pub fn parse(line: &str) -> Result<Self, String> {
+        serde_json::from_str(line).map_err(|e| e.to_string())
+    }
+}
+
+/// A digest an auditor kept: the chain state at `seq`, to later prove the
+/// chain was neither rewritten nor truncated since.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Digest {
+    pub seq: i64,
+    #[serde(with = "crate::hex::hash")]
+    pub hash: Hash,
+    #[serde(with = "crate::hex::hash")]
+    pub merkle_root: Hash,
+    #[serde(default)]
+    pub signed_note: Option<String>,
+}
+
+impl Digest {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("digests always serialize")
+    }
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text.trim()).map_err(|e| e.to_string())
+    }
+}
+
+mod u64_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let s = <std::borrow::Cow<str>>::deserialize(d)?;
+        s.parse().map_err(|_| serde::de::Error::custom("expected a decimal u64 in a string"))
+    }
+}
+
+/// What kind of problem was found; callers must tell them apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureClass {
+    /// Records, links, checkpoints or digests do not match: evidence of
+    /// tampering (or corruption).
+    Tamper,
+    /// A checkpoint/digest is signed by another key than the one given:
+    /// most likely the wrong public key, not evidence of tampering.
+    WrongKey,
+    /// The export ends before a seq a digest vouches for.
+    Truncated,
+}
+
+impl FailureClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Tamper => "tamper",
+            FailureClass::WrongKey => "wrong_key",
+            FailureClass::Truncated => "truncated",
+        }
+    }
+}
+
+/// A verification failure in an export.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportFailure {
+    /// The first bad record (or the checkpoint's / digest's seq).
+    pub seq: i64,
+    pub class: FailureClass,
+    /// The record-level reason when it is a chain failure.
+    pub chain: Option<FailureKind>,
+    pub reason: String,
+}
+
+/// Outcome of `verify_export`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub ok: bool,
+    pub records: i64,
+    /// Checkpoints whose hash, Merkle root and (if a key was given)
+    /// signature all verified.
+    pub checkpoints: u64,
+    pub digests: u64,
+    /// Whether checkpoint signatures were checked (a key was given).
+    pub signatures_checked: bool,
+    pub head: Option<(i64, Hash)>,
+    pub header: Option<ChainHeader>,
+    /// Most serious failure: tampering, else truncation, else wrong key.
+    pub failure: Option<ExportFailure>,
+}
+
+/// Unreadable or malformed input, naming the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportError {
+    pub line: u64,
+    pub message: String,
+}
+
+impl fmt::Display for ExportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+impl std::error::Error for ExportError {}
+
+fn tamper(seq: i64, reason: String) -> ExportFailure {
+    ExportFailure { seq, class: FailureClass::Tamper, chain: None, reason }
+}
+
+/// Check a signed note against the chain state at `seq`, if a key is given.
+fn check_note(
+    what: &str,
+    seq: i64,
+    note_text: &str,
+    root: &Hash,
+    origin: &str,
+    key: Option<&VerifierKey>,
+) -> Result<(), ExportFailure> {
+    let opened = match key {
+        Some(k) => note::open_note(note_text, k),
+        // No key: still check the body matches, so a swapped note shows.
+        None => note_text
+            .rfind("\n\n")
+            .map(|i| &note_text[..i + 1])
+            .ok_or_else(|| NoteError::Malformed("no signature block".into())),
+    };
+    let body = match opened {
+        Ok(b) => b,
+        Err(NoteError::UnknownKey) => {
+            let k = key.expect("UnknownKey only with a key");
+            return Err(ExportFailure {
+                seq,
+                class: FailureClass::WrongKey,
+                chain: None,
+                reason: format!(
+                    "wrong public key: {what} at seq {seq} is signed by another key, not {}+{} (this is not evidence of tampering; check the key)",
+                    k.name(),
+                    crate::hex::encode(&k.key_id())
+                ),
+            });
+        }
+        Err(e) => return Err(tamper(seq, format!("{what} at seq {seq}: {e}"))),
+    };
+    let (o, size, r) =
+        note::parse_checkpoint(body).map_err(|e| tamper(seq, format!("{what} at seq {seq}: {e}")))?;
+    if o != origin {
+        return Err(tamper(seq, format!("{what} at seq {seq}: note origin {o:?} is not this chain's {origin:?}")));
+    }
+    if i64::try_from(size).ok() != Some(seq) || r != *root {
+        return Err(tamper(
+            seq,
+            format!("{what} at seq {seq}: signed note (tree size {size}) does not match the chain's Merkle root at seq {seq}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Verify an export as it streams by: every hash and link from the genesis,
+/// each checkpoint against the Merkle root and chain hash at its seq (and
+/// its signature with `verifier`), and each digest against the chain.
+/// Memory is constant besides the Merkle stack and the digests.
+/// Returns Err only for unreadable or malformed input.
+pub fn verify_export(
+    reader: impl BufRead,
+    verifier: Option<&VerifierKey>,
+    digests: &[Digest],
+) -> Result<Report, ExportError> {
+    let mut reader = reader;
+    let mut pending: Vec<&Digest> = digests.iter().collect();
+    pending.sort_by_key(|d| d.seq);
+    let mut pending: VecDeque<&Digest> = pending.into();
+
+    let mut report = Report {
+        ok: false,
+        records: 0,
+        checkpoints: 0,
+        digests: 0,
+        signatures_checked: verifier.is_some(),
+        head: None,
+        header: None,
+        failure: None,
+    };
+    let mut chain: Option<(ChainVerifier, String)> = None;
+    let mut merkle = MerkleBuilder::new();
+    let mut tampered: Option<ExportFailure> = None;
+    let mut wrong_key: Option<ExportFailure> = None;
+    let mut text = String::new();
+    let mut lineno = 0u64;
+
+    loop {
+        text.clear();
+        lineno += 1;
+        let n = reader.read_line(&mut text).map_err(|e| ExportError {
+            line: lineno,
+            message: format!("cannot read: {e}"),
+        })?;
+        if n == 0 {
+            break;
+        }
+        let line = text.strip_suffix('\n').unwrap_or(&text);
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        let parsed = ExportLine::parse(line).map_err(|m| ExportError { line: lineno, message: m })?;
+        let malformed = |m: &str| ExportError { line: lineno, message: m.to_string() };
+        match parsed {
+            ExportLine::Chain(h) => {
+                if chain.is_some() {
+                    return Err(malformed("a second \"chain\" line"));
+                }
+                if h.format != FORMAT_VERSION {
+                    return Err(malformed(&format!(
+                        "unsupported format {} (this verifier reads format {FORMAT_VERSION})",
+                        h.format
+                    )));
+                }
+                let g = genesis_hash(h.system_identifier, h.database_oid);
+                let origin = note::checkpoint_origin(h.system_identifier, h.database_oid);
+                chain = Some((ChainVerifier::new(1, Some(g)), origin));
+                report.header = Some(h);
+            }
+            _ if chain.is_none() => return Err(malformed("the first line must be the \"chain\" line")),
+            ExportLine::Record(r) => {
+                let (v, origin) = chain.as_mut().expect("checked above");
+                if let Err(f) = v.push(&r.record, &r.prev_hash, &r.hash) {
+                    tampered = Some(ExportFailure {
+                        seq: f.seq,
+                        class: FailureClass::Tamper,
+                        reason: f.to_string(),
+                        chain: Some(f.kind),
+                    });
+                    break;
+                }
+                merkle.push(&r.hash);
+                let seq = r.record.seq;
+                while pending.front().is_some_and(|d| d.seq <= seq) {
+                    let d = pending.pop_front().expect("front exists");
+                    let root = merkle.root();
+                    if d.seq != seq || d.hash != r.hash || d.merkle_root != root {
+                        tampered = Some(tamper(
+                            d.seq,
+                            format!("digest at seq {} does not match the export: the chain was rewritten after the digest was taken", d.seq),
+                        ));
+                        break;
+                    }
+                    if let Some(n) = &d.signed_note {
+                        match check_note("digest", seq, n, &root, origin, verifier) {
+                            Ok(()) => {}
+                            Err(f) if f.class == FailureClass::WrongKey => {
+                                wrong_key.get_or_insert(f);
+                            }
+                            Err(f) => {
+                                tampered = Some(f);
+                                break;
+                            }
+                        }
+                    }
+                    report.digests += 1;
+                }
+                if tampered.is_some() {
+                    break;
+                }
+            }
+            ExportLine::Checkpoint(c) => {
+                let (v, origin) = chain.as_ref().expect("checked above");
+                let head = v.head();
+                let result = match head {
+                    Some((s, h)) if s == c.seq => {
+                        let root = merkle.root();
+                        if c.hash != h {
+                            Err(tamper(c.seq, format!("checkpoint at seq {}: its hash is not the chain hash of record {}", c.seq, c.seq)))
+                        } else if c.merkle_root != root {
+                            Err(tamper(c.seq, format!("checkpoint at seq {}: Merkle root does not match records 1..{}", c.seq, c.seq)))
+                        } else {
+                            check_note("checkpoint", c.seq, &c.note, &root, origin, verifier)
+                                .and_then(|()| check_signature_field(&c, verifier))
+                        }
+                    }
+                    _ => Err(tamper(
+                        c.seq,
+                        format!(
+                            "checkpoint for seq {} is out of place (it follows record {})",
+                            c.seq,
+                            head.map_or(0, |(s, _)| s)
+                        ),
+                    )),
+                };
+                match result {
+                    Ok(()) => report.checkpoints += 1,
+                    Err(f) if f.class == FailureClass::WrongKey => {
+                        wrong_key.get_or_insert(f);
+                    }
+                    Err(f) => {
+                        tampered = Some(f);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let Some((v, _)) = chain else {
+        return Err(ExportError { line: 1, message: "empty export: no \"chain\" line".into() });
+    };
+    report.records = v.checked();
+    report.head = v.head();
+    let truncated = match (tampered.is_none(), pending.back()) {
+        (true, Some(d)) => Some(ExportFailure {
+            seq: d.seq,
+            class: FailureClass::Truncated,
+            chain: None,
+            reason: format!(
+                "log truncated: digest at seq {} but export ends at {}",
+                d.seq,
+                report.head.map_or(0, |(s, _)| s)
+            ),
+        }),
+        _ => None,
+    };
+    report.failure = tampered.or(truncated).or(wrong_key);
+    report.ok = report.failure.is_none();
+    Ok(report)
+}
+
+/// The line's own `signature` and `key_id` fields must agree with the key.
+fn check_signature_field(c: &CheckpointLine, key: Option<&VerifierKey>) -> Result<(), ExportFailure> {
+    let Some(k) = key else { return Ok(()) };
+    let body = &c.note[..c.note.rfind("\n\n").map_or(0, |i| i + 1)];
+    let sig = B64.decode(&c.signature).unwrap_or_default();
+    if c.key_id != crate::hex::encode(&k.key_id()) || !k.verify_bytes(body.as_bytes(), &sig) {
+        return Err(tamper(
+            c.seq,
+            format!("checkpoint at seq {}: key_id/signature fields do not match its signed note", c.seq),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::note::tests::golden_key;
+    use crate::record::tests::sample;
+
+    const SYSID: u64 = 7_300_000_000_000_000_001;
+    const OID: u32 = 16384;
+
+    /// An export of `n` records with checkpoints after every `every`th
+    /// record; also returns a digest at each checkpoint.
+    fn build(n: i64, every: i64, key: &PrivateKey) -> (Vec<String>, Vec<Digest>) {
+        let header = ChainHeader { format: 1, system_identifier: SYSID, database_oid: OID, database: "app".into() };
+        let origin = note::checkpoint_origin(SYSID, OID);
+        let mut lines = vec![ExportLine::Chain(header).to_json()];
+        let mut digests = Vec::new();
+        let mut prev = genesis_hash(SYSID, OID);
+        let mut m = MerkleBuilder::new();
+        for s in 1..=n {
+            let mut record = sample(s);
+            record.statement = Some(format!("UPDATE t SET x = {s}"));
+            let hash = record.chain_hash(&prev);
+            lines.push(ExportLine::Record(RecordLine { record, prev_hash: prev, hash }).to_json());
+            m.push(&hash);
+            prev = hash;
+            if s % every == 0 {
+                let c = CheckpointLine::sign(&origin, s, hash, m.root(), key, 1_700_000_000_000_000).unwrap();
+                digests.push(Digest { seq: s, hash, merkle_root: m.root(), signed_note: Some(c.note.clone()) });
+                lines.push(ExportLine::Checkpoint(c).to_json());
+            }
+        }
+        (lines, digests)
+    }
+
+    fn run(lines: &[String], key: Option<&VerifierKey>, digests: &[Digest]) -> Result<Report, ExportError> {
+        let text = lines.join("\n") + "\n";
+        verify_export(text.as_bytes(), key, digests)
+    }
+
+    fn failure(r: &Report) -> (i64, FailureClass) {
+        let f = r.failure.as_ref().expect("expected a failure");
+        (f.seq, f.class)
+    }
+
+    /// The example export of docs/chain-format.md, byte for byte.
+    const GOLDEN_EXPORT: &str = concat!(
+        r#"{"type":"chain","format":1,"system_identifier":"7300000000000000001","database_oid":16384,"database":"app"}"#, "\n",
+        r#"{"type":"record","seq":1,"event_time":1700000000000000,"logged_at":1700000000000123,"database_name":"app","session_user_name":"alice","current_user_name":"alice","client_addr":"192.168.0.7","application_name":"psql","backend_pid":4242,"nesting_level":0,"xid":731,"class":"WRITE","command":"UPDATE","objects":[{"name":"public.accounts","type":"table"}],"statement":"UPDATE accounts SET balance = 0","statement_sha256":null,"rows":1,"outcome":"ok","sqlstate":null,"message":null,"decision":{"allow":true,"policy":"p1"},"prev_hash":"49f3f36ac8dfeafe4836dc54fca9342f52bef2b873fbf1ed5b81430086caaab4","hash":"7d83234b9419459f5acf42c866a24d0f6dc4fe7307e11e053b22c5174e32d0c9"}"#, "\n",
+        r#"{"type":"checkpoint","seq":1,"hash":"7d83234b9419459f5acf42c866a24d0f6dc4fe7307e11e053b22c5174e32d0c9","merkle_root":"c92b5a34ad5057344ba3dc8db4784fb33e6050fbde6df4c1d3aaea0c485d56c2","key_id":"41dfb93b","signature":"MNwrUS0rq3k2E5XNa9MHgh5OH1ES9G4UxJbcVcRPq5zsbzXR1+B/sRF8ytfSSUwFbJ1Aq9DdoVlsdgqCmGxOCA==","signed_at":1700000000100000,"note":"pg_custody/7300000000000000001/16384\n1\nyStaNK1QVzRLo9yNtHhPsz5gUPvebfTB06rqDEhdVsI=\n\n— pg_custody Qd+5OzDcK1EtK6t5NhOVzWvTB4IeTh9REvRuFMSW3FXET6uc7G810dfgf7ERfMrX0klMBWydQKvQ3aFZbHYKgphsTgg=\n"}"#, "\n",
+    );
+
+    #[test]
+    fn golden_export_verifies_and_reserializes_identically() {
+        let k = golden_key();
+        let r = verify_export(GOLDEN_EXPORT.as_bytes(), Some(&k.verifier()), &[]).unwrap();
+        assert!(r.ok, "{r:?}");
+        assert_eq!((r.records, r.checkpoints), (1, 1));
+        let mut rebuilt = String::new();
+        for l in GOLDEN_EXPORT.lines() {
+            rebuilt += &ExportLine::parse(l).unwrap().to_json();
+            rebuilt.push('\n');
+        }
+        assert_eq!(rebuilt, GOLDEN_EXPORT);
+        // The checkpoint is reproducible from the key (Ed25519 is deterministic).
+        let h = r.head.unwrap().1;
+        let root = crate::merkle::merkle_root(&[h]);
+        let c = CheckpointLine::sign(&note::checkpoint_origin(SYSID, OID), 1, h, root, &k, 1_700_000_000_100_000).unwrap();
+        assert_eq!(ExportLine::Checkpoint(c).to_json(), GOLDEN_EXPORT.lines().nth(2).unwrap());
+    }
+
+    #[test]
+    fn line_round_trip() {
+        let (lines, digests) = build(4, 2, &golden_key());
+        for l in &lines {
+            assert_eq!(&ExportLine::parse(l).unwrap().to_json(), l);
+        }
+        assert_eq!(Digest::parse(&digests[0].to_json()).unwrap(), digests[0]);
+        assert!(lines[0].starts_with(r#"{"type":"chain","format":1,"system_identifier":"7300000000000000001""#), "{}", lines[0]);
+    }
+
+    #[test]
+    fn valid_export_verifies() {
+        let k = golden_key();
+        let (lines, digests) = build(25, 10, &k);
+        let r = run(&lines, Some(&k.verifier()), &digests).unwrap();
+        assert!(r.ok, "{r:?}");
+        assert_eq!((r.records, r.checkpoints, r.digests), (25, 2, 2));
+        assert_eq!(r.head.unwrap().0, 25);
+    }
+
+    #[test]
+    fn edited_record_is_tamper_at_its_seq() {
+        let k = golden_key();
+        let (mut lines, _) = build(25, 10, &k);
+        // Line index = seq for records before the first checkpoint.
+        lines[7] = lines[7].replace("x = 7", "x = 8");
+        let r = run(&lines, Some(&k.verifier()), &[]).unwrap();
+        assert_eq!(failure(&r), (7, FailureClass::Tamper));
+        assert_eq!(r.failure.unwrap().chain, Some(FailureKind::HashMismatch));
+    }
+
+    #[test]
+    fn rewritten_suffix_is_caught_by_checkpoint_and_digest() {
+        // Edit record 3 and recompute every later hash: the chain is
+        // internally consistent again, only the signed roots catch it.
+        let k = golden_key();
+        let (lines, digests) = build(10, 5, &k);
+        let mut parsed: Vec<ExportLine> = lines.iter().map(|l| ExportLine::parse(l).unwrap()).collect();
+        let mut prev = genesis_hash(SYSID, OID);
+        for l in parsed.iter_mut() {
+            if let ExportLine::Record(r) = l {
+                if r.record.seq == 3 {
+                    r.record.rows = Some(99);
+                }
+                r.prev_hash = prev;
+                r.hash = r.record.chain_hash(&prev);
+                prev = r.hash;
+            }
+        }
+        let forged: Vec<String> = parsed.iter().map(ExportLine::to_json).collect();
+        let r = run(&forged, Some(&k.verifier()), &[]).unwrap();
+        assert_eq!(failure(&r), (5, FailureClass::Tamper));
+        // Without checkpoints, an earlier digest still catches it.
+        let no_cp: Vec<String> = forged.into_iter().filter(|l| !l.contains("\"checkpoint\"")).collect();
+        let r = run(&no_cp, None, &digests[..1]).unwrap();
+        assert_eq!(failure(&r), (5, FailureClass::Tamper));
+        assert!(r.failure.unwrap().reason.contains("rewritten"));
+    }
+
+    #[test]
+    fn wrong_key_is_not_tamper() {
+        let k = golden_key();
+        let other = PrivateKey::from_seed("pg_custody", &[7; 32]).unwrap();
+        let (lines, _) = build(12, 5, &k);
+        let r = run(&lines, Some(&other.verifier()), &[]).unwrap();
+        assert_eq!(failure(&r), (5, FailureClass::WrongKey));
+        assert!(r.failure.unwrap().reason.contains("wrong public key"));
+        assert_eq!(r.records, 12, "records are still all checked");
+    }
+
+    #[test]
+    fn altered_checkpoint_note_is_tamper() {
+        let k = golden_key();
+        let (mut lines, _) = build(6, 5, &k);
+        let i = lines.iter().position(|l| l.contains("\"checkpoint\"")).unwrap();
+        let mut c = match ExportLine::parse(&lines[i]).unwrap() {
+            ExportLine::Checkpoint(c) => c,
+            _ => unreachable!(),
+        };
+        c.note = c.note.replacen("\n5\n", "\n4\n", 1);
+        lines[i] = ExportLine::Checkpoint(c).to_json();
+        let r = run(&lines, Some(&k.verifier()), &[]).unwrap();
+        assert_eq!(failure(&r), (5, FailureClass::Tamper));
+    }
+
+    #[test]
+    fn truncated_export_with_digest() {
+        let k = golden_key();
+        let (lines, digests) = build(20, 10, &k);
+        let r = run(&lines[..12], Some(&k.verifier()), &digests).unwrap();
+        let f = r.failure.unwrap();
+        assert_eq!((f.seq, f.class), (20, FailureClass::Truncated));
+        assert_eq!(f.reason, "log truncated: digest at seq 20 but export ends at 10");
+    }
+
+    #[test]
+    fn deleted_line_is_missing_seq() {
+        let k = golden_key();
+        let (mut lines, _) = build(8, 100, &k);
+        lines.remove(4);
+        let r = run(&lines, None, &[]).unwrap();
+        assert_eq!(r.failure.unwrap().chain, Some(FailureKind::MissingSeq { expected: 4, found: 5 }));
+    }
+
+    #[test]
+    fn malformed_input_names_the_line() {
+        let k = golden_key();
+        let (mut lines, _) = build(5, 100, &k);
+        lines[3] = "{not json".into();
+        assert_eq!(run(&lines, None, &[]).unwrap_err().line, 4);
+        assert_eq!(verify_export(&b""[..], None, &[]).unwrap_err().line, 1);
+        assert_eq!(run(&lines[1..2], None, &[]).unwrap_err().line, 1);
+        let wrong_format = lines[0].replace("\"format\":1", "\"format\":2");
+        assert!(run(&[wrong_format], None, &[]).unwrap_err().message.contains("unsupported format"));
+    }
+}

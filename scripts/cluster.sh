@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Throwaway PostgreSQL 15 clusters for the demo and the tests, run as the postgres user
+# (PostgreSQL refuses to run as root).
+#   scripts/cluster.sh start DIR PORT [setting=value ...]   create if needed, (re)start
+#   scripts/cluster.sh stop DIR [mode]                      stop (mode: fast | immediate)
+#   scripts/cluster.sh psql PORT [psql args...]             psql as postgres
+set -euo pipefail
+BIN=/usr/lib/postgresql/15/bin
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+cmd=${1:?usage: cluster.sh start|stop|psql ...}; shift
+case "$cmd" in
+start)
+    dir=$(realpath -m "${1:?DIR}"); port=${2:?PORT}; shift 2
+    if [ ! -f "$dir/PG_VERSION" ]; then
+        mkdir -p "$dir"
+        [ "$(id -u)" = 0 ] && chown postgres: "$dir"
+        chmod 700 "$dir"
+        as_pg "$BIN/initdb" -D "$dir" --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+        {
+            echo "# written by scripts/cluster.sh"
+            echo "port = $port"
+            echo "listen_addresses = '127.0.0.1'"
+            echo "unix_socket_directories = '/tmp'"
+            echo "shared_preload_libraries = 'pg_custody'"
+            echo "logging_collector = off"
+            echo "log_min_messages = warning"
+        } >> "$dir/postgresql.conf"
+    fi
+    for kv in "$@"; do echo "$kv" >> "$dir/postgresql.conf"; done
+    if as_pg "$BIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+        as_pg "$BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
+    fi
+    # RUST_BACKTRACE would append backtraces to error DETAIL lines (shared/CONTEXT.md).
+    as_pg env -u RUST_BACKTRACE "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
+    ;;
+stop)
+    dir=$(realpath -m "${1:?DIR}"); mode=${2:-fast}
+    if [ -f "$dir/PG_VERSION" ] && as_pg "$BIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+        as_pg "$BIN/pg_ctl" -D "$dir" -m "$mode" -w stop >/dev/null
+    fi
+    ;;
+psql)
+    port=${1:?PORT}; shift
+    as_pg "$BIN/psql" -X -h /tmp -p "$port" -U postgres "$@"
+    ;;
+*) echo "unknown command $cmd" >&2; exit 2 ;;
+esac

@@ -1,0 +1,96 @@
+-- pg_custody bootstrap: runs first in CREATE EXTENSION (hand-written; see src/lib.rs).
+-- CREATE EXTENSION runs this with search_path = custody (and the implicit pg_catalog);
+-- every name below is qualified anyway.
+
+-- The audit chain lives in exactly one database of the cluster.
+DO $bootstrap$
+DECLARE
+    chain_db text := current_setting('custody.database', true);
+BEGIN
+    IF chain_db IS NULL THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '55000',
+            MESSAGE = 'pg_custody must be loaded via shared_preload_libraries',
+            HINT = 'Add pg_custody to shared_preload_libraries in postgresql.conf and restart the server.';
+    END IF;
+    IF current_database() OPERATOR(pg_catalog.<>) chain_db THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '55000',
+            MESSAGE = format('pg_custody can only be created in the database named by custody.database (%I), not in %I',
+                             chain_db, current_database()),
+            HINT = format('Connect to database %I and run CREATE EXTENSION pg_custody there, or set custody.database in postgresql.conf and restart.',
+                          chain_db);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'custody_auditor') THEN
+        CREATE ROLE custody_auditor NOLOGIN;
+    END IF;
+END
+$bootstrap$;
+
+COMMENT ON ROLE custody_auditor IS
+    'pg_custody: may read custody.audit_log and run the verification functions';
+
+GRANT USAGE ON SCHEMA custody TO custody_auditor;
+
+CREATE TABLE custody.audit_log (
+    seq               bigint      NOT NULL PRIMARY KEY,
+    event_time        timestamptz NOT NULL,
+    logged_at         timestamptz NOT NULL,
+    database_name     text        NOT NULL,
+    session_user_name text        NOT NULL,
+    current_user_name text        NOT NULL,
+    client_addr       inet,
+    application_name  text,
+    backend_pid       integer     NOT NULL,
+    nesting_level     integer     NOT NULL,
+    xid               bigint,
+    class             text        NOT NULL,
+    command           text        NOT NULL,
+    objects           jsonb       NOT NULL,
+    statement         text,
+    statement_sha256  bytea,
+    rows              bigint,
+    outcome           text        NOT NULL,
+    sqlstate          text,
+    message           text,
+    decision          jsonb,
+    prev_hash         bytea       NOT NULL,
+    hash              bytea       NOT NULL
+);
+
+-- The usual questions: what happened when, what did this user do, who touched this object.
+CREATE INDEX audit_log_event_time_idx ON custody.audit_log (event_time);
+CREATE INDEX audit_log_user_idx ON custody.audit_log (session_user_name, event_time);
+CREATE INDEX audit_log_objects_idx ON custody.audit_log USING gin (objects jsonb_path_ops);
+
+COMMENT ON TABLE custody.audit_log IS
+    'pg_custody: append-only, SHA-256 hash-chained record of every statement in the cluster; verify with custody.verify_audit_chain()';
+COMMENT ON COLUMN custody.audit_log.seq IS 'Position in the chain: 1, 2, 3, ... with no gaps';
+COMMENT ON COLUMN custody.audit_log.event_time IS 'When the statement started';
+COMMENT ON COLUMN custody.audit_log.logged_at IS 'When the record was appended by the custody writer';
+COMMENT ON COLUMN custody.audit_log.database_name IS 'Database the statement ran in';
+COMMENT ON COLUMN custody.audit_log.session_user_name IS 'Session user (who logged in)';
+COMMENT ON COLUMN custody.audit_log.current_user_name IS 'Effective role when the statement ran';
+COMMENT ON COLUMN custody.audit_log.client_addr IS 'Client IP address; NULL for Unix-socket connections and background processes';
+COMMENT ON COLUMN custody.audit_log.application_name IS 'application_name of the session';
+COMMENT ON COLUMN custody.audit_log.backend_pid IS 'Process id of the session';
+COMMENT ON COLUMN custody.audit_log.nesting_level IS '0 for a statement sent by the client; 1 and more for statements run inside functions, DO blocks and triggers';
+COMMENT ON COLUMN custody.audit_log.xid IS 'Top-level transaction id (full, with epoch); NULL if none was assigned';
+COMMENT ON COLUMN custody.audit_log.class IS 'read, write, function, role, ddl, misc, misc_set, policy or system';
+COMMENT ON COLUMN custody.audit_log.command IS 'Command tag: SELECT, INSERT, CREATE TABLE, ...';
+COMMENT ON COLUMN custody.audit_log.objects IS 'Array of {schema, name, kind, privileges, columns} the statement touched';
+COMMENT ON COLUMN custody.audit_log.statement IS 'Statement text (custody.audit_statement = full), truncated at custody.max_statement_length';
+COMMENT ON COLUMN custody.audit_log.statement_sha256 IS 'SHA-256 of the full statement text when it was truncated; NULL otherwise';
+COMMENT ON COLUMN custody.audit_log.rows IS 'Rows processed; NULL where not applicable';
+COMMENT ON COLUMN custody.audit_log.outcome IS 'success, error or denied';
+COMMENT ON COLUMN custody.audit_log.sqlstate IS 'SQLSTATE of a failed statement';
+COMMENT ON COLUMN custody.audit_log.message IS 'Error message of a failed statement';
+COMMENT ON COLUMN custody.audit_log.decision IS 'Authorization decision (reserved; NULL in this version)';
+COMMENT ON COLUMN custody.audit_log.prev_hash IS 'hash of the previous record; for seq 1 the genesis hash of this cluster and database';
+COMMENT ON COLUMN custody.audit_log.hash IS 'SHA-256 over prev_hash and the canonical encoding of this record (docs/chain-format.md)';
+
+REVOKE ALL ON custody.audit_log FROM PUBLIC;
+GRANT SELECT ON custody.audit_log TO custody_auditor;
+
+-- pg_dump keeps the records (restoring them needs the library unloaded: the log is append-only).
+SELECT pg_catalog.pg_extension_config_dump('custody.audit_log', '');

@@ -1,0 +1,520 @@
+//! Capture: what a session knows about each statement, from its start to its outcome, and
+//! handing finished records to the queue.
+//!
+//! A record is *opened* when a statement starts (before PostgreSQL's own permission checks,
+//! so denials are seen), kept on a per-backend stack, and *closed* when the statement ends
+//! (success) or when its (sub)transaction aborts (error). Closed records go straight to the
+//! shared queue, outside any transaction, so a rollback cannot take them back.
+
+pub mod class;
+pub mod objects;
+pub mod wire;
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use sha2::{Digest, Sha256};
+
+use crate::queue::{self, ChainState, QueueError};
+use crate::settings::{self, OnFailure, StatementText};
+use class::Class;
+use wire::{Captured, Outcome};
+
+/// Seconds between the Unix epoch and PostgreSQL's epoch (2000-01-01), in µs.
+pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+/// A record opened by a statement that has not finished yet.
+struct Open {
+    /// Identifies the statement: the QueryDesc pointer, or a token for utility statements.
+    key: usize,
+    /// Subtransaction the statement started in: its abort closes the record as an error.
+    subid: pg_sys::SubTransactionId,
+    rec: Captured,
+}
+
+/// Per-backend capture state. Backends are single-threaded; see `state()`.
+struct State {
+    open: Vec<Open>,
+    /// Nesting of statements currently executing (0 = top level).
+    depth: i32,
+    /// > 0 while pg_custody runs its own queries: they are never recorded.
+    internal: u32,
+    /// Queue position after this transaction's last record (for durability = commit).
+    last_pos: u64,
+    /// Queue position after this session's last record (for custody.flush()).
+    session_pos: u64,
+    /// Settings generation last recorded (see settings::generation()).
+    settings_seen: u64,
+    /// The last ERROR reported by this backend, seen in emit_log_hook.
+    last_error: Option<(String, String)>,
+    session: Option<Session>,
+    users: Vec<(pg_sys::Oid, String)>,
+    next_token: usize,
+    buf: Vec<u8>,
+}
+
+/// Facts about the session that do not change while it lives.
+struct Session {
+    database_name: String,
+    client_addr: Option<String>,
+    pid: i32,
+}
+
+static mut STATE: State = State {
+    open: Vec::new(),
+    depth: 0,
+    internal: 0,
+    last_pos: 0,
+    session_pos: 0,
+    settings_seen: 0,
+    last_error: None,
+    session: None,
+    users: Vec::new(),
+    next_token: 1,
+    buf: Vec::new(),
+};
+
+#[allow(static_mut_refs)]
+fn state() -> &'static mut State {
+    // SAFETY: PostgreSQL backends are single-threaded and the hooks never run concurrently;
+    // no reference returned here is held across a call that could re-enter capture.
+    unsafe { &mut STATE }
+}
+
+/// Called once the library is loaded, so that the boot-time assignment of settings is not
+/// mistaken for a change made in the session.
+pub fn init() {
+    state().settings_seen = settings::generation();
+}
+
+// ---- re-entry guard ---------------------------------------------------------------------
+
+/// Runs `f` as pg_custody's own work: nothing inside is recorded or gated.
+/// If `f` raises an ERROR the flag is reset by the transaction abort callback.
+pub fn internal<R>(f: impl FnOnce() -> R) -> R {
+    state().internal += 1;
+    let r = f();
+    state().internal -= 1;
+    r
+}
+
+pub fn is_internal() -> bool {
+    state().internal > 0
+}
+
+// ---- should this statement be recorded? -------------------------------------------------
+
+/// Whether statements are being captured at all in this process right now.
+pub fn active() -> bool {
+    if is_internal() || queue::state() == ChainState::Absent {
+        return false;
+    }
+    // Parallel workers run parts of a plan whose statement the leader records.
+    // SAFETY: reading a process-global set at worker start.
+    unsafe { pg_sys::ParallelWorkerNumber < 0 }
+}
+
+pub fn wanted(class: Class) -> bool {
+    settings::audit_classes().contains(class)
+}
+
+// ---- opening and closing records --------------------------------------------------------
+
+/// Opens a record for a statement that is starting. `text` is the statement's own text.
+pub fn open(key: usize, class: Class, command: &str, objects: String, text: Option<&str>) {
+    let st = state();
+    let (statement, statement_sha256) = statement_text(text);
+    let rec = Captured {
+        event_time: now_unix_us(),
+        database_name: String::new(),
+        session_user_name: String::new(),
+        current_user_name: String::new(),
+        client_addr: None,
+        application_name: None,
+        backend_pid: 0,
+        nesting_level: st.depth,
+        xid: None,
+        class: class as u8,
+        command: command.to_string(),
+        objects,
+        statement,
+        statement_sha256,
+        rows: None,
+        outcome: Outcome::Success,
+        sqlstate: None,
+        message: None,
+        decision: None,
+    };
+    let rec = fill_who(rec);
+    // SAFETY: plain read of the current subtransaction id.
+    let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    st.open.push(Open { key, subid, rec });
+}
+
+/// A fresh key for a utility statement's record.
+pub fn utility_token() -> usize {
+    let st = state();
+    st.next_token = st.next_token.wrapping_add(2);
+    // odd numbers never collide with (aligned) QueryDesc pointers
+    st.next_token | 1
+}
+
+pub fn is_open(key: usize) -> bool {
+    state().open.iter().rev().any(|o| o.key == key)
+}
+
+/// Closes the record opened under `key` as a success and queues it.
+pub fn close(key: usize, rows: Option<i64>) {
+    let st = state();
+    let Some(i) = st.open.iter().rposition(|o| o.key == key) else { return };
+    let mut rec = st.open.remove(i).rec;
+    rec.rows = rows;
+    rec.xid = current_xid();
+    submit(rec, false);
+}
+
+/// Closes, as errors, every record opened in subtransaction `subid` or later (all of them
+/// when `subid` is None: top-level abort). Called from the abort callbacks.
+pub fn fail_open(subid: Option<pg_sys::SubTransactionId>) {
+    let st = state();
+    let (sqlstate, message) = st
+        .last_error
+        .take()
+        .map(|(s, m)| (Some(s), Some(m)))
+        .unwrap_or((None, Some("statement aborted by an error that was handled by an exception \
+                                 block or not reported to the server log".into())));
+    let xid = current_xid();
+    let mut failed = Vec::new();
+    st.open.retain_mut(|o| {
+        if subid.is_none_or(|s| o.subid >= s) {
+            failed.push(std::mem::take(&mut o.rec));
+            false
+        } else {
+            true
+        }
+    });
+    if failed.is_empty() {
+        // Nothing was open, yet an error was reported: the statement failed before it could
+        // start (syntax error, unknown table, an error while planning) or at commit.
+        if let (Some(_), Some(text)) = (&sqlstate, current_query_text()) {
+            let (class, command) = class::classify_text(&text);
+            if wanted(class) && !is_internal() {
+                let (statement, statement_sha256) = statement_text(Some(&text));
+                let mut rec = fill_who(Captured {
+                    event_time: now_unix_us(),
+                    class: class as u8,
+                    command: command.to_string(),
+                    objects: "[]".into(),
+                    statement,
+                    statement_sha256,
+                    nesting_level: st.depth,
+                    ..Default::default()
+                });
+                rec.outcome = Outcome::Error;
+                rec.sqlstate = sqlstate;
+                rec.message = message;
+                rec.xid = xid;
+                submit(rec, true);
+            }
+        }
+        return;
+    }
+    // innermost first, as they finished
+    for mut rec in failed.into_iter().rev() {
+        rec.outcome = Outcome::Error;
+        rec.sqlstate = sqlstate.clone();
+        rec.message = message.clone();
+        rec.xid = xid;
+        submit(rec, true);
+    }
+}
+
+/// The text of the query being run by the client, if any.
+fn current_query_text() -> Option<String> {
+    // SAFETY: debug_query_string is NULL or the current query string.
+    let p = unsafe { pg_sys::debug_query_string };
+    if p.is_null() {
+        return None;
+    }
+    let t = unsafe { CStr::from_ptr(p) }.to_string_lossy().trim().to_string();
+    (!t.is_empty()).then_some(t)
+}
+
+/// Remembers the error being reported (from emit_log_hook: copy only, never raise).
+pub fn note_error(sqlstate: String, message: String) {
+    state().last_error = Some((sqlstate, message));
+}
+
+pub fn depth_enter() {
+    state().depth += 1;
+}
+
+pub fn depth_leave() {
+    let st = state();
+    st.depth = (st.depth - 1).max(0);
+}
+
+/// After a top-level abort: nothing is executing, nothing of ours is running.
+pub fn reset_after_abort() {
+    let st = state();
+    st.depth = 0;
+    st.internal = 0;
+    st.last_error = None;
+}
+
+pub fn set_depth(d: i32) {
+    state().depth = d;
+}
+
+pub fn depth() -> i32 {
+    state().depth
+}
+
+/// Queue position after this session's last record.
+pub fn session_pos() -> u64 {
+    state().session_pos
+}
+
+/// Queue position after this transaction's last record; reset at transaction end.
+pub fn take_last_pos() -> u64 {
+    std::mem::take(&mut state().last_pos)
+}
+
+// ---- settings changes -------------------------------------------------------------------
+
+/// Records the custody settings in force if any changed since the last check, whatever
+/// `custody.audit` says: nobody turns auditing off quietly.
+pub fn record_settings_change(statement: Option<&str>) {
+    let st = state();
+    let generation = settings::generation();
+    if generation == st.settings_seen {
+        return;
+    }
+    st.settings_seen = generation;
+    if is_internal() || queue::state() == ChainState::Absent {
+        return;
+    }
+    let values: serde_json::Map<String, serde_json::Value> = settings::snapshot()
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
+        .collect();
+    let objects = serde_json::to_string(&[serde_json::json!({
+        "kind": "settings",
+        "name": "custody",
+        "settings": values,
+    })])
+    .unwrap_or_else(|_| "[]".into());
+    let mut rec = Captured {
+        event_time: now_unix_us(),
+        class: Class::System as u8,
+        command: "SETTINGS CHANGED".into(),
+        objects,
+        statement: statement.map(|s| statement_text(Some(s)).0).unwrap_or(None),
+        nesting_level: state().depth,
+        ..Default::default()
+    };
+    rec = fill_who(rec);
+    rec.xid = current_xid();
+    submit(rec, false);
+}
+
+// ---- queueing ---------------------------------------------------------------------------
+
+/// Hands a finished record to the writer. `in_abort`: we are inside transaction abort and
+/// must not raise; a record that cannot be queued is then counted as lost (the writer
+/// records the gap) and a WARNING is logged.
+fn submit(rec: Captured, in_abort: bool) {
+    let st = state();
+    st.buf.clear();
+    st.buf.reserve(rec.encoded_len_hint());
+    rec.encode_into(&mut st.buf);
+    let timeout = settings::failure_timeout_ms();
+    match queue::push(&st.buf, timeout) {
+        Ok(pos) => {
+            st.last_pos = pos;
+            st.session_pos = pos;
+        }
+        Err(QueueError::NoQueue) => {}
+        Err(e) => {
+            if in_abort || settings::on_failure() == OnFailure::Continue {
+                queue::note_lost();
+                pgrx::warning!(
+                    "pg_custody: audit record for \"{}\" could not be queued ({e:?}); the gap \
+                     will be recorded",
+                    rec.command
+                );
+            } else {
+                crate::error::CustodyError::QueueUnavailable { timeout_ms: timeout }.report();
+            }
+        }
+    }
+}
+
+// ---- who, when, where -------------------------------------------------------------------
+
+fn fill_who(mut rec: Captured) -> Captured {
+    let st = state();
+    if st.session.is_none() {
+        st.session = Some(load_session());
+    }
+    let s = st.session.as_ref().expect("just set");
+    rec.database_name = s.database_name.clone();
+    rec.client_addr = s.client_addr.clone();
+    rec.backend_pid = s.pid;
+    // SAFETY: plain reads of the session's user ids and the application_name GUC.
+    unsafe {
+        rec.session_user_name = user_name(pg_sys::GetSessionUserId());
+        rec.current_user_name = user_name(pg_sys::GetUserId());
+        let app = pg_sys::application_name;
+        rec.application_name = if app.is_null() || *app == 0 {
+            None
+        } else {
+            Some(CStr::from_ptr(app).to_string_lossy().into_owned())
+        };
+    }
+    rec
+}
+
+fn user_name(oid: pg_sys::Oid) -> String {
+    let st = state();
+    if let Some((_, n)) = st.users.iter().find(|(o, _)| *o == oid) {
+        return n.clone();
+    }
+    // SAFETY: GetUserNameFromId with noerr returns NULL for a dropped role.
+    let name = unsafe {
+        let p = pg_sys::GetUserNameFromId(oid, true);
+        if p.is_null() {
+            format!("oid:{}", u32::from(oid))
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    if st.users.len() < 64 {
+        st.users.push((oid, name.clone()));
+    }
+    name
+}
+
+/// Forgets cached role names (a role may be renamed).
+pub fn forget_role_names() {
+    state().users.clear();
+}
+
+fn load_session() -> Session {
+    // SAFETY: MyDatabaseId/MyProcPid/MyBEEntry are set before any statement runs.
+    unsafe {
+        let db = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        let database_name = if db.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(db).to_string_lossy().into_owned()
+        };
+        let client_addr = if pg_sys::MyBEEntry.is_null() {
+            None
+        } else {
+            sockaddr_to_ip(&(*pg_sys::MyBEEntry).st_clientaddr.addr)
+        };
+        Session { database_name, client_addr, pid: pg_sys::MyProcPid }
+    }
+}
+
+/// The client's IP address, or None for a Unix socket or a background process.
+fn sockaddr_to_ip(ss: &pg_sys::sockaddr_storage) -> Option<String> {
+    const AF_INET: u16 = 2;
+    const AF_INET6: u16 = 10;
+    let raw = ss as *const pg_sys::sockaddr_storage as *const u8;
+    // SAFETY: sockaddr_storage is large enough for both layouts read here.
+    unsafe {
+        match ss.ss_family {
+            AF_INET => {
+                let a = std::slice::from_raw_parts(raw.add(4), 4);
+                Some(std::net::Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string())
+            }
+            AF_INET6 => {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(std::slice::from_raw_parts(raw.add(8), 16));
+                Some(std::net::Ipv6Addr::from(b).to_string())
+            }
+            _ => None,
+        }
+    }
+}
+
+fn current_xid() -> Option<i64> {
+    // SAFETY: reads the top-level transaction's id if one was assigned.
+    let x = unsafe { pg_sys::GetTopFullTransactionIdIfAny() };
+    if x.value == 0 {
+        None
+    } else {
+        Some(x.value as i64)
+    }
+}
+
+pub fn now_unix_us() -> i64 {
+    // SAFETY: GetCurrentTimestamp only reads the clock.
+    unsafe { pg_sys::GetCurrentTimestamp() + PG_EPOCH_OFFSET_US }
+}
+
+/// Applies `custody.audit_statement` and `custody.max_statement_length`: the text to store
+/// and, when truncated, the SHA-256 of the full text. Truncation respects UTF-8 boundaries.
+fn statement_text(text: Option<&str>) -> (Option<String>, Option<[u8; 32]>) {
+    let Some(text) = text else { return (None, None) };
+    if settings::statement_text() == StatementText::None {
+        return (None, None);
+    }
+    let limit = settings::max_statement_length().min(queue::max_record_len().saturating_sub(4096));
+    truncate_statement(text, limit)
+}
+
+pub fn truncate_statement(text: &str, limit: usize) -> (Option<String>, Option<[u8; 32]>) {
+    if text.len() <= limit {
+        return (Some(text.to_string()), None);
+    }
+    let mut end = limit;
+    while end > 0 && !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+    (Some(text[..end].to_string()), Some(digest))
+}
+
+/// The text of one statement inside a (possibly multi-statement) query string.
+/// `location`/`len` are PlannedStmt's stmt_location/stmt_len (-1 / 0 meaning unknown / rest).
+pub fn statement_slice(source: &str, location: i32, len: i32) -> &str {
+    if location < 0 {
+        return source;
+    }
+    let start = (location as usize).min(source.len());
+    let end = if len <= 0 { source.len() } else { (start + len as usize).min(source.len()) };
+    match source.get(start..end) {
+        Some(s) => s.trim(),
+        None => source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_keeps_char_boundaries_and_hashes_full_text() {
+        let text = "SELECT 'ééé'";
+        let (s, h) = truncate_statement(text, 100);
+        assert_eq!(s.as_deref(), Some(text));
+        assert!(h.is_none());
+        // cut in the middle of the two-byte 'é'
+        let (s, h) = truncate_statement(text, 9);
+        assert_eq!(s.as_deref(), Some("SELECT '"));
+        let full: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        assert_eq!(h, Some(full));
+    }
+
+    #[test]
+    fn statement_slices() {
+        let q = "SELECT 1; UPDATE t SET a = 2";
+        assert_eq!(statement_slice(q, 0, 8), "SELECT 1");
+        assert_eq!(statement_slice(q, 9, 0), "UPDATE t SET a = 2");
+        assert_eq!(statement_slice(q, -1, 0), q);
+        assert_eq!(statement_slice(q, 500, 4), "");
+    }
+}

@@ -1,0 +1,173 @@
+//! The `objects` of a record: which relations and columns a statement touches, with the
+//! privileges it needs on each, read from the range table and the catalog caches.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use serde::Serialize;
+
+/// One touched object. Fields are declared in alphabetical order so that serde writes the
+/// canonical JSON form (sorted keys, no spaces) directly.
+#[derive(Serialize, Debug, PartialEq)]
+pub struct ObjectRef {
+    pub columns: Vec<String>,
+    pub kind: &'static str,
+    pub name: String,
+    pub privileges: Vec<&'static str>,
+    pub schema: String,
+}
+
+/// What a range table says about a statement.
+pub struct RangeInfo {
+    pub objects: Vec<ObjectRef>,
+    /// Every relation is in pg_catalog or information_schema (and there is at least one).
+    pub catalog_only: bool,
+}
+
+pub fn to_json(objects: &[ObjectRef]) -> String {
+    serde_json::to_string(objects).unwrap_or_else(|_| "[]".into())
+}
+
+const PRIVILEGES: [(u64, &str); 7] = [
+    (pg_sys::ACL_SELECT as u64, "SELECT"),
+    (pg_sys::ACL_INSERT as u64, "INSERT"),
+    (pg_sys::ACL_UPDATE as u64, "UPDATE"),
+    (pg_sys::ACL_DELETE as u64, "DELETE"),
+    (pg_sys::ACL_TRUNCATE as u64, "TRUNCATE"),
+    (pg_sys::ACL_REFERENCES as u64, "REFERENCES"),
+    (pg_sys::ACL_TRIGGER as u64, "TRIGGER"),
+];
+
+pub fn relkind_name(relkind: u8) -> &'static str {
+    match relkind {
+        b'r' => "table",
+        b'p' => "partitioned table",
+        b'v' => "view",
+        b'm' => "materialized view",
+        b'f' => "foreign table",
+        b'S' => "sequence",
+        b'i' | b'I' => "index",
+        b'c' => "composite type",
+        b't' => "toast table",
+        _ => "relation",
+    }
+}
+
+/// Reads the relations of a range table.
+///
+/// # Safety
+/// `rtable` must be a valid List of RangeTblEntry (or NIL), in a transaction.
+pub unsafe fn from_range_table(rtable: *mut pg_sys::List) -> RangeInfo {
+    let mut objects = Vec::new();
+    let mut catalog_only = true;
+    let mut seen_relation = false;
+    let n = if rtable.is_null() { 0 } else { unsafe { (*rtable).length } };
+    for i in 0..n {
+        let rte = unsafe { pg_sys::list_nth(rtable, i) } as *mut pg_sys::RangeTblEntry;
+        let rte = unsafe { &*rte };
+        if rte.rtekind != pg_sys::RTEKind::RTE_RELATION {
+            continue;
+        }
+        seen_relation = true;
+        let nsp = unsafe { pg_sys::get_rel_namespace(rte.relid) };
+        let schema = unsafe { cstr(pg_sys::get_namespace_name(nsp)) };
+        if nsp != pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE) && schema != "information_schema" {
+            catalog_only = false;
+        }
+        let name = unsafe { cstr(pg_sys::get_rel_name(rte.relid)) };
+        let mut privileges = Vec::new();
+        let perms = rte.requiredPerms as u64;
+        for (bit, label) in PRIVILEGES {
+            if perms & bit != 0 {
+                privileges.push(label);
+            }
+        }
+        let mut columns = Vec::new();
+        for set in [rte.selectedCols, rte.insertedCols, rte.updatedCols] {
+            let mut m = -1;
+            loop {
+                m = unsafe { pg_sys::bms_next_member(set, m) };
+                if m < 0 {
+                    break;
+                }
+                let attnum = m + pg_sys::FirstLowInvalidHeapAttributeNumber;
+                if attnum <= 0 {
+                    continue; // whole-row or system column
+                }
+                let col = unsafe { cstr(pg_sys::get_attname(rte.relid, attnum as i16, true)) };
+                if !col.is_empty() && !columns.contains(&col) {
+                    columns.push(col);
+                }
+            }
+        }
+        // The same relation may appear several times (self-join): merge.
+        if let Some(o) = objects
+            .iter_mut()
+            .find(|o: &&mut ObjectRef| o.schema == schema && o.name == name)
+        {
+            for p in privileges {
+                if !o.privileges.contains(&p) {
+                    o.privileges.push(p);
+                }
+            }
+            for c in columns {
+                if !o.columns.contains(&c) {
+                    o.columns.push(c);
+                }
+            }
+            continue;
+        }
+        objects.push(ObjectRef {
+            columns,
+            kind: relkind_name(rte.relkind as u8),
+            name,
+            privileges,
+            schema,
+        });
+    }
+    RangeInfo { objects, catalog_only: seen_relation && catalog_only }
+}
+
+/// The object a RangeVar names, if it exists (no lock taken, no error raised).
+///
+/// # Safety
+/// `rv` must be a valid RangeVar or NULL, in a transaction.
+pub unsafe fn from_range_var(rv: *mut pg_sys::RangeVar, privilege: &'static str) -> Option<ObjectRef> {
+    if rv.is_null() {
+        return None;
+    }
+    let relid = unsafe {
+        pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as i32, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut())
+    };
+    if relid == pg_sys::InvalidOid {
+        let rv = unsafe { &*rv };
+        return Some(ObjectRef {
+            columns: Vec::new(),
+            kind: "relation",
+            name: unsafe { cstr(rv.relname) },
+            privileges: vec![privilege],
+            schema: unsafe { cstr(rv.schemaname) },
+        });
+    }
+    unsafe {
+        Some(ObjectRef {
+            columns: Vec::new(),
+            kind: relkind_name(pg_sys::get_rel_relkind(relid) as u8),
+            name: cstr(pg_sys::get_rel_name(relid)),
+            privileges: vec![privilege],
+            schema: cstr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid))),
+        })
+    }
+}
+
+/// Copies a possibly-NULL C string.
+///
+/// # Safety
+/// `p` must be NULL or a valid NUL-terminated string.
+pub unsafe fn cstr(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}

@@ -1,0 +1,127 @@
+//! Executor hooks: open a record when a plannable statement starts — before PostgreSQL's own
+//! permission check, so a denied statement still has its record — and close it at the end.
+
+use pgrx::pg_sys;
+
+use crate::capture::{self, class::Class, objects};
+use crate::{protect, settings};
+
+static mut PREV_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_RUN: pg_sys::ExecutorRun_hook_type = None;
+static mut PREV_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+static mut PREV_END: pg_sys::ExecutorEnd_hook_type = None;
+
+pub fn init() {
+    // SAFETY: _PG_init; each previous hook is saved and chained to.
+    unsafe {
+        PREV_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(custody_executor_start);
+        PREV_RUN = pg_sys::ExecutorRun_hook;
+        pg_sys::ExecutorRun_hook = Some(custody_executor_run);
+        PREV_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(custody_executor_finish);
+        PREV_END = pg_sys::ExecutorEnd_hook;
+        pg_sys::ExecutorEnd_hook = Some(custody_executor_end);
+    }
+}
+
+fn command_tag(op: pg_sys::CmdType::Type) -> (&'static str, Class) {
+    use pg_sys::CmdType::*;
+    match op {
+        CMD_SELECT => ("SELECT", Class::Read),
+        CMD_INSERT => ("INSERT", Class::Write),
+        CMD_UPDATE => ("UPDATE", Class::Write),
+        CMD_DELETE => ("DELETE", Class::Write),
+        CMD_MERGE => ("MERGE", Class::Write),
+        _ => ("UNKNOWN", Class::Misc),
+    }
+}
+
+/// Opens the statement's record if it is to be recorded; refuses changes to the audit log.
+///
+/// # Safety
+/// `qd` must be the QueryDesc passed to ExecutorStart.
+unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) {
+    if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0 || !capture::active() {
+        return;
+    }
+    let qd_ref = unsafe { &*qd };
+    let pstmt = unsafe { &*qd_ref.plannedstmt };
+    let (tag, class) = command_tag(qd_ref.operation);
+    let violation = unsafe { protect::range_table_violation(pstmt.rtable) };
+    if !capture::wanted(class) && violation.is_none() {
+        return;
+    }
+    let info = unsafe { objects::from_range_table(pstmt.rtable) };
+    if info.catalog_only && !settings::audit_catalog() && violation.is_none() {
+        return;
+    }
+    let source = unsafe { objects::cstr(qd_ref.sourceText) };
+    let text = capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len);
+    capture::open(qd as usize, class, tag, objects::to_json(&info.objects), Some(text));
+    if let Some((relid, action)) = violation {
+        protect::refuse(relid, action);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn custody_executor_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
+    unsafe {
+        open_record(qd, eflags);
+        match PREV_START {
+            Some(prev) => prev(qd, eflags),
+            None => pg_sys::standard_ExecutorStart(qd, eflags),
+        }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn custody_executor_run(
+    qd: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+) {
+    // Statements run from inside this one (functions, triggers) are one level deeper.
+    // On ERROR the decrement is skipped; the abort callbacks restore the depth.
+    capture::depth_enter();
+    unsafe {
+        match PREV_RUN {
+            Some(prev) => prev(qd, direction, count, execute_once),
+            None => pg_sys::standard_ExecutorRun(qd, direction, count, execute_once),
+        }
+    }
+    capture::depth_leave();
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn custody_executor_finish(qd: *mut pg_sys::QueryDesc) {
+    capture::depth_enter();
+    unsafe {
+        match PREV_FINISH {
+            Some(prev) => prev(qd),
+            None => pg_sys::standard_ExecutorFinish(qd),
+        }
+    }
+    capture::depth_leave();
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn custody_executor_end(qd: *mut pg_sys::QueryDesc) {
+    let key = qd as usize;
+    if capture::is_open(key) {
+        // SAFETY: the estate is still alive until standard_ExecutorEnd.
+        let rows = unsafe {
+            let es = (*qd).estate;
+            if es.is_null() { None } else { Some((*es).es_processed as i64) }
+        };
+        capture::close(key, rows);
+    }
+    unsafe {
+        match PREV_END {
+            Some(prev) => prev(qd),
+            None => pg_sys::standard_ExecutorEnd(qd),
+        }
+    }
+    capture::record_settings_change(None);
+}

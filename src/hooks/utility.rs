@@ -1,0 +1,156 @@
+//! The utility hook: DDL, GRANT, COPY, SET, VACUUM, transaction control... Classifies the
+//! statement as pgAudit does, opens its record, refuses changes to the audit log, and always
+//! records changes to `custody.*` settings.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+
+use crate::capture::{self, class::Class, objects};
+use crate::protect;
+
+static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+pub fn init() {
+    // SAFETY: _PG_init; the previous hook is saved and chained to.
+    unsafe {
+        PREV_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(custody_process_utility);
+    }
+}
+
+/// Whether a SET-like statement names a custody setting (or resets all of them).
+unsafe fn touches_custody_setting(set: *mut pg_sys::VariableSetStmt) -> bool {
+    if set.is_null() {
+        return false;
+    }
+    let s = unsafe { &*set };
+    if s.name.is_null() {
+        return s.kind == pg_sys::VariableSetKind::VAR_RESET_ALL;
+    }
+    let name = unsafe { CStr::from_ptr(s.name) }.to_bytes();
+    name.len() > 8 && name[..8].eq_ignore_ascii_case(b"custody.")
+}
+
+/// The class of a utility statement, and whether it must be recorded whatever
+/// `custody.audit` says (it changes a custody setting).
+unsafe fn classify(node: *mut pg_sys::Node) -> (Class, bool) {
+    use pg_sys::NodeTag::*;
+    unsafe {
+        match (*node).type_ {
+            T_VariableSetStmt => {
+                let s = node as *mut pg_sys::VariableSetStmt;
+                let name = if (*s).name.is_null() { &b""[..] } else { CStr::from_ptr((*s).name).to_bytes() };
+                let class = if name == b"role" || name == b"session_authorization" {
+                    Class::Misc
+                } else {
+                    Class::MiscSet
+                };
+                (class, touches_custody_setting(s))
+            }
+            T_AlterSystemStmt => {
+                let s = (*(node as *mut pg_sys::AlterSystemStmt)).setstmt;
+                if touches_custody_setting(s) { (Class::System, true) } else { (Class::Misc, false) }
+            }
+            T_AlterRoleSetStmt => {
+                let s = (*(node as *mut pg_sys::AlterRoleSetStmt)).setstmt;
+                if touches_custody_setting(s) { (Class::System, true) } else { (Class::Role, false) }
+            }
+            T_AlterDatabaseSetStmt => {
+                let s = (*(node as *mut pg_sys::AlterDatabaseSetStmt)).setstmt;
+                if touches_custody_setting(s) { (Class::System, true) } else { (Class::Ddl, false) }
+            }
+            T_CopyStmt => {
+                if (*(node as *mut pg_sys::CopyStmt)).is_from { (Class::Write, false) } else { (Class::Read, false) }
+            }
+            T_TruncateStmt => (Class::Write, false),
+            T_GrantStmt | T_GrantRoleStmt | T_CreateRoleStmt | T_AlterRoleStmt | T_DropRoleStmt
+            | T_AlterDefaultPrivilegesStmt | T_ReassignOwnedStmt => (Class::Role, false),
+            T_CallStmt | T_DoStmt => (Class::Function, false),
+            T_ExplainStmt => (Class::Misc, false),
+            _ => match pg_sys::GetCommandLogLevel(node) {
+                pg_sys::LogStmtLevel::LOGSTMT_DDL => (Class::Ddl, false),
+                pg_sys::LogStmtLevel::LOGSTMT_MOD => (Class::Write, false),
+                _ => (Class::Misc, false),
+            },
+        }
+    }
+}
+
+/// Objects named by the few utility statements whose target is a relation being read or
+/// written (COPY, TRUNCATE). DDL names its object in the statement text.
+unsafe fn utility_objects(node: *mut pg_sys::Node) -> String {
+    use pg_sys::NodeTag::*;
+    let mut out = Vec::new();
+    unsafe {
+        match (*node).type_ {
+            T_CopyStmt => {
+                let s = &*(node as *mut pg_sys::CopyStmt);
+                let priv_ = if s.is_from { "INSERT" } else { "SELECT" };
+                out.extend(objects::from_range_var(s.relation, priv_));
+            }
+            T_TruncateStmt => {
+                let s = &*(node as *mut pg_sys::TruncateStmt);
+                let n = if s.relations.is_null() { 0 } else { (*s.relations).length };
+                for i in 0..n {
+                    let rv = pg_sys::list_nth(s.relations, i) as *mut pg_sys::RangeVar;
+                    out.extend(objects::from_range_var(rv, "TRUNCATE"));
+                }
+            }
+            _ => {}
+        }
+    }
+    objects::to_json(&out)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn custody_process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    let mut key = 0usize;
+    // SAFETY: pstmt is the utility statement PostgreSQL is about to run.
+    unsafe {
+        let node = (*pstmt).utilityStmt;
+        if capture::active() && !node.is_null() {
+            let (class, forced) = classify(node);
+            let violation = protect::utility_violation(node);
+            if forced || violation.is_some() || capture::wanted(class) {
+                key = capture::utility_token();
+                let tag = objects::cstr(pg_sys::GetCommandTagName(pg_sys::CreateCommandTag(node)));
+                let source = objects::cstr(query_string);
+                let text =
+                    capture::statement_slice(&source, (*pstmt).stmt_location, (*pstmt).stmt_len);
+                capture::open(key, class, &tag, utility_objects(node), Some(text));
+            }
+            if let Some((relid, action)) = violation {
+                protect::refuse(relid, action);
+            }
+        }
+        capture::depth_enter();
+        match PREV_UTILITY {
+            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt, query_string, read_only_tree, context, params, query_env, dest, qc,
+            ),
+        }
+        capture::depth_leave();
+        if key != 0 {
+            let rows = if qc.is_null() || (*qc).nprocessed == 0 { None } else { Some((*qc).nprocessed as i64) };
+            capture::close(key, rows);
+        }
+        if (*pstmt).utilityStmt.is_null() == false
+            && (*(*pstmt).utilityStmt).type_ == pg_sys::NodeTag::T_GrantRoleStmt
+        {
+            capture::forget_role_names();
+        }
+    }
+    capture::record_settings_change(None);
+}

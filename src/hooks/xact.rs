@@ -1,0 +1,122 @@
+//! Transaction callbacks and the error hook: close the records of failed statements when
+//! their (sub)transaction aborts, and hold COMMIT until the transaction's records are durable.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+
+use crate::capture;
+use crate::error::CustodyError;
+use crate::queue;
+use crate::settings::{self, Durability, OnFailure};
+
+static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
+/// Statement depth at the start of each open subtransaction, to restore it on abort.
+static mut SUB_DEPTHS: Vec<(pg_sys::SubTransactionId, i32)> = Vec::new();
+
+pub fn init() {
+    // SAFETY: _PG_init; the previous emit_log_hook is chained to.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(custody_xact_callback), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(custody_subxact_callback), std::ptr::null_mut());
+        PREV_EMIT_LOG = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(custody_emit_log);
+    }
+}
+
+/// Remembers the SQLSTATE and message of an ERROR being reported, for the record of the
+/// statement that raised it. Never raises, never touches shared memory or the catalog.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn custody_emit_log(edata: *mut pg_sys::ErrorData) {
+    unsafe {
+        let e = &*edata;
+        if e.elevel >= pgrx::PgLogLevel::ERROR as i32 {
+            let code = e.sqlerrcode;
+            let mut sqlstate = String::with_capacity(5);
+            for i in 0..5 {
+                // PGUNSIXBIT: six bits per character, offset from '0'.
+                sqlstate.push((((code >> (6 * i)) & 0x3F) as u8 + b'0') as char);
+            }
+            let message = if e.message.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(e.message).to_string_lossy().into_owned()
+            };
+            capture::note_error(sqlstate, message);
+        }
+        if let Some(prev) = PREV_EMIT_LOG {
+            prev(edata);
+        }
+    }
+}
+
+#[allow(static_mut_refs)]
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => wait_durable(),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+            capture::fail_open(None);
+            capture::reset_after_abort();
+            capture::take_last_pos();
+            unsafe { SUB_DEPTHS.clear() };
+        }
+        XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => {
+            unsafe { SUB_DEPTHS.clear() };
+        }
+        _ => {}
+    }
+}
+
+/// durability = commit: a transaction that wrote data does not commit before its audit
+/// records are stored. Runs before the commit record is written, so a failure here aborts
+/// the transaction instead of committing an unrecorded write.
+fn wait_durable() {
+    let pos = capture::take_last_pos();
+    if pos == 0 || settings::durability() == Durability::Async || capture::is_internal() {
+        return;
+    }
+    // SAFETY: reads whether this transaction has an xid (i.e. wrote something).
+    let wrote = unsafe { pg_sys::GetTopFullTransactionIdIfAny().value != 0 };
+    if !wrote {
+        return;
+    }
+    let timeout = settings::failure_timeout_ms();
+    if !queue::wait_flushed(pos, timeout) {
+        if settings::on_failure() == OnFailure::Continue {
+            pgrx::warning!(
+                "pg_custody: committing before the audit records of this transaction were stored \
+                 (custody.on_failure = continue)"
+            );
+        } else {
+            CustodyError::NotDurable { timeout_ms: timeout }.report();
+        }
+    }
+}
+
+#[allow(static_mut_refs)]
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn custody_subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    // SAFETY: single-threaded backend state.
+    unsafe {
+        match event {
+            SUBXACT_EVENT_START_SUB => SUB_DEPTHS.push((my_subid, capture::depth())),
+            SUBXACT_EVENT_COMMIT_SUB => SUB_DEPTHS.retain(|(s, _)| *s < my_subid),
+            SUBXACT_EVENT_ABORT_SUB => {
+                capture::fail_open(Some(my_subid));
+                if let Some(&(_, d)) = SUB_DEPTHS.iter().find(|(s, _)| *s == my_subid) {
+                    capture::set_depth(d);
+                }
+                SUB_DEPTHS.retain(|(s, _)| *s < my_subid);
+            }
+            _ => {}
+        }
+    }
+}

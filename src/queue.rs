@@ -1,0 +1,393 @@
+//! The bounded shared-memory queue between sessions and the custody writer, and the small
+//! amount of shared state that goes with it (writer state, durable position, lost records).
+//!
+//! Sessions append length-prefixed records under one LWLock; the writer alone consumes them.
+//! A record leaves the queue only after the writer has committed it to the audit log, so a
+//! writer that dies mid-batch loses nothing: its successor reads the same bytes again.
+//! Positions are byte offsets that only grow (`head`: written, `tail`: durable), so "is my
+//! record stored?" is one comparison.
+
+use std::ptr::{addr_of_mut, null_mut};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
+
+use pgrx::pg_sys;
+
+use crate::settings;
+
+const TRANCHE: &std::ffi::CStr = c"pg_custody";
+const WAIT_EVENT: u32 = pg_sys::PG_WAIT_EXTENSION;
+
+/// Whether the writer has found the audit log in `custody.database`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u32)]
+pub enum ChainState {
+    /// The writer has not looked yet (server start): sessions queue their records.
+    Unknown = 0,
+    /// `pg_custody` is not created in `custody.database`: nothing is recorded.
+    Absent = 1,
+    /// The writer is appending.
+    Ready = 2,
+}
+
+#[repr(C)]
+struct Shared {
+    lock: *mut pg_sys::LWLock,
+    capacity: u64,
+    /// Bytes ever appended (under `lock`).
+    head: u64,
+    /// Bytes ever consumed and durably stored (under `lock`; mirrored in `flushed`).
+    tail: u64,
+    flushed: AtomicU64,
+    space_cv: pg_sys::ConditionVariable,
+    flush_cv: pg_sys::ConditionVariable,
+    writer_latch: AtomicU64,
+    writer_pid: AtomicI32,
+    state: AtomicU32,
+    /// Records that could not be queued (on_failure = continue, or failures during abort);
+    /// the writer turns each increase into a `system` gap record.
+    lost: AtomicU64,
+    head_seq: AtomicI64,
+    // the ring of `capacity` bytes follows
+}
+
+static mut SHARED: *mut Shared = null_mut();
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+
+fn shmem_size() -> usize {
+    std::mem::size_of::<Shared>() + settings::queue_size_bytes()
+}
+
+/// Installs the shared-memory hooks. Called from `_PG_init` (preload only).
+pub fn init() {
+    // SAFETY: _PG_init runs once in the postmaster; chaining the previous hooks.
+    unsafe {
+        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    // SAFETY: called by the postmaster during shared memory sizing.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(shmem_size());
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    // SAFETY: called in the postmaster (and after a crash reset) with AddinShmemInitLock
+    // available; ShmemInitStruct returns memory of the requested size.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            prev();
+        }
+        pg_sys::LWLockAcquire(addin_shmem_init_lock(), pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let p = pg_sys::ShmemInitStruct(c"pg_custody queue".as_ptr(), shmem_size(), &mut found)
+            as *mut Shared;
+        if !found {
+            std::ptr::write_bytes(p as *mut u8, 0, std::mem::size_of::<Shared>());
+            (*p).lock = addr_of_mut!((*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock);
+            (*p).capacity = settings::queue_size_bytes() as u64;
+            pg_sys::ConditionVariableInit(addr_of_mut!((*p).space_cv));
+            pg_sys::ConditionVariableInit(addr_of_mut!((*p).flush_cv));
+        }
+        SHARED = p;
+        pg_sys::LWLockRelease(addin_shmem_init_lock());
+    }
+}
+
+/// `AddinShmemInitLock` is a C macro: `&MainLWLockArray[21].lock` (storage/lwlocknames.h).
+unsafe fn addin_shmem_init_lock() -> *mut pg_sys::LWLock {
+    unsafe { addr_of_mut!((*pg_sys::MainLWLockArray.add(21)).lock) }
+}
+
+fn shared() -> Option<&'static Shared> {
+    // SAFETY: SHARED is set once in shmem_startup before any backend forks and never moves.
+    unsafe { SHARED.as_ref() }
+}
+
+unsafe fn ring(s: *const Shared) -> *mut u8 {
+    unsafe { (s as *mut u8).add(std::mem::size_of::<Shared>()) }
+}
+
+/// Why a record could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueError {
+    /// The library is not preloaded: there is no queue.
+    NoQueue,
+    /// The writer did not make room within `custody.failure_timeout`.
+    Timeout,
+    /// The record is larger than the queue can ever hold.
+    TooLarge,
+}
+
+pub fn state() -> ChainState {
+    match shared().map(|s| s.state.load(Ordering::Acquire)) {
+        Some(1) => ChainState::Absent,
+        Some(2) => ChainState::Ready,
+        _ => ChainState::Unknown,
+    }
+}
+
+/// Largest payload a single record may have, given the queue size.
+pub fn max_record_len() -> usize {
+    shared().map_or(0, |s| (s.capacity / 4) as usize)
+}
+
+/// Appends one record; waits up to `timeout_ms` for room. Returns the position at which the
+/// record ends: once `flushed() >= pos` it is durably stored.
+///
+/// Safe to call during transaction abort (it raises no error; interrupts are held there).
+pub fn push(payload: &[u8], timeout_ms: i64) -> Result<u64, QueueError> {
+    let s = shared().ok_or(QueueError::NoQueue)?;
+    let need = payload.len() as u64 + 4;
+    if need > s.capacity / 2 {
+        return Err(QueueError::TooLarge);
+    }
+    let sp = s as *const Shared as *mut Shared;
+    let mut waited_ms: i64 = 0;
+    let mut sleeping = false;
+    let result = loop {
+        // SAFETY: the lock protects head/tail and the free region of the ring; we copy only
+        // into [head, tail + capacity), which the writer never reads.
+        let done = unsafe {
+            pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let (head, tail) = ((*sp).head, (*sp).tail);
+            let ok = s.capacity - (head - tail) >= need;
+            if ok {
+                let len = (payload.len() as u32).to_le_bytes();
+                copy_in(sp, head, &len);
+                copy_in(sp, head + 4, payload);
+                (*sp).head = head + need;
+            }
+            let pos = (*sp).head;
+            pg_sys::LWLockRelease(s.lock);
+            if ok { Some(pos) } else { None }
+        };
+        wake_writer();
+        if let Some(pos) = done {
+            break Ok(pos);
+        }
+        if waited_ms >= timeout_ms {
+            break Err(QueueError::Timeout);
+        }
+        // SAFETY: standard condition-variable wait; the writer broadcasts after freeing space.
+        unsafe {
+            if !sleeping {
+                pg_sys::ConditionVariablePrepareToSleep(addr_of_mut!((*sp).space_cv));
+                sleeping = true;
+            }
+            pg_sys::ConditionVariableTimedSleep(addr_of_mut!((*sp).space_cv), 10, WAIT_EVENT);
+        }
+        waited_ms += 10;
+    };
+    if sleeping {
+        // SAFETY: paired with the PrepareToSleep above.
+        unsafe { pg_sys::ConditionVariableCancelSleep() };
+    }
+    result
+}
+
+unsafe fn copy_in(s: *mut Shared, pos: u64, bytes: &[u8]) {
+    unsafe {
+        let cap = (*s).capacity;
+        let off = (pos % cap) as usize;
+        let first = bytes.len().min(cap as usize - off);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), ring(s).add(off), first);
+        if first < bytes.len() {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr().add(first), ring(s), bytes.len() - first);
+        }
+    }
+}
+
+unsafe fn copy_out(s: *const Shared, pos: u64, out: &mut [u8]) {
+    unsafe {
+        let cap = (*s).capacity;
+        let off = (pos % cap) as usize;
+        let first = out.len().min(cap as usize - off);
+        std::ptr::copy_nonoverlapping(ring(s).add(off), out.as_mut_ptr(), first);
+        if first < out.len() {
+            std::ptr::copy_nonoverlapping(ring(s), out.as_mut_ptr().add(first), out.len() - first);
+        }
+    }
+}
+
+/// Waits until every record up to `pos` is durably stored, at most `timeout_ms`.
+/// Returns false on timeout. May process interrupts (query cancel raises as usual).
+pub fn wait_flushed(pos: u64, timeout_ms: i64) -> bool {
+    let Some(s) = shared() else { return true };
+    if s.flushed.load(Ordering::Acquire) >= pos {
+        return true;
+    }
+    let sp = s as *const Shared as *mut Shared;
+    let start = std::time::Instant::now();
+    // SAFETY: standard condition-variable wait; the writer broadcasts after each commit.
+    unsafe { pg_sys::ConditionVariablePrepareToSleep(addr_of_mut!((*sp).flush_cv)) };
+    let ok = loop {
+        if s.flushed.load(Ordering::Acquire) >= pos {
+            break true;
+        }
+        let elapsed = start.elapsed().as_millis() as i64;
+        if elapsed >= timeout_ms {
+            break false;
+        }
+        wake_writer();
+        unsafe {
+            pg_sys::ConditionVariableTimedSleep(
+                addr_of_mut!((*sp).flush_cv),
+                (timeout_ms - elapsed).min(100),
+                WAIT_EVENT,
+            )
+        };
+    };
+    unsafe { pg_sys::ConditionVariableCancelSleep() };
+    ok
+}
+
+fn wake_writer() {
+    if let Some(s) = shared() {
+        let latch = s.writer_latch.load(Ordering::Acquire) as *mut pg_sys::Latch;
+        if !latch.is_null() {
+            // SAFETY: the latch is the writer's PGPROC latch, in shared memory for the life
+            // of the cluster; SetLatch on a latch whose owner exited is harmless.
+            unsafe { pg_sys::SetLatch(latch) };
+        }
+    }
+}
+
+/// Counts a record that could not be queued; the writer records the gap.
+pub fn note_lost() {
+    if let Some(s) = shared() {
+        s.lost.fetch_add(1, Ordering::AcqRel);
+        wake_writer();
+    }
+}
+
+/// What `custody.status()` shows of the queue.
+pub struct Status {
+    pub capacity: u64,
+    pub used: u64,
+    pub writer_pid: i32,
+    pub state: ChainState,
+    pub lost: u64,
+    pub head_seq: i64,
+}
+
+pub fn status() -> Option<Status> {
+    let s = shared()?;
+    let sp = s as *const Shared;
+    // SAFETY: a consistent read of head/tail needs the lock.
+    let used = unsafe {
+        pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_SHARED);
+        let u = (*sp).head - (*sp).tail;
+        pg_sys::LWLockRelease(s.lock);
+        u
+    };
+    Some(Status {
+        capacity: s.capacity,
+        used,
+        writer_pid: s.writer_pid.load(Ordering::Acquire),
+        state: state(),
+        lost: s.lost.load(Ordering::Acquire),
+        head_seq: s.head_seq.load(Ordering::Acquire),
+    })
+}
+
+// ---- the writer's side ------------------------------------------------------------------
+
+/// The consumer handle; only the custody writer creates one.
+pub struct Consumer {
+    s: &'static Shared,
+}
+
+impl Consumer {
+    /// Attaches the calling process (the writer) as the queue's consumer.
+    pub fn attach() -> Option<Consumer> {
+        let s = shared()?;
+        // SAFETY: MyLatch is this process's latch, valid for its lifetime.
+        s.writer_latch.store(unsafe { pg_sys::MyLatch } as u64, Ordering::Release);
+        s.writer_pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+        Some(Consumer { s })
+    }
+
+    pub fn set_state(&self, st: ChainState) {
+        self.s.state.store(st as u32, Ordering::Release);
+    }
+
+    pub fn set_head_seq(&self, seq: i64) {
+        self.s.head_seq.store(seq, Ordering::Release);
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.s.lost.load(Ordering::Acquire)
+    }
+
+    /// Copies out up to `max_records` whole records from the durable position on, without
+    /// consuming them. Returns the payloads and the position after the last one.
+    pub fn peek(&self, max_records: usize, max_bytes: usize, out: &mut Vec<Vec<u8>>) -> u64 {
+        let sp = self.s as *const Shared;
+        // SAFETY: head is read under the lock; the bytes in [tail, head) are immutable until
+        // we advance tail, so they can be copied without it.
+        unsafe {
+            pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_SHARED);
+            let (head, tail) = ((*sp).head, (*sp).tail);
+            pg_sys::LWLockRelease(self.s.lock);
+            let mut pos = tail;
+            let mut bytes = 0usize;
+            while pos < head && out.len() < max_records && bytes < max_bytes {
+                let mut len = [0u8; 4];
+                copy_out(sp, pos, &mut len);
+                let len = u32::from_le_bytes(len) as usize;
+                let mut buf = vec![0u8; len];
+                copy_out(sp, pos + 4, &mut buf);
+                out.push(buf);
+                pos += 4 + len as u64;
+                bytes += len;
+            }
+            pos
+        }
+    }
+
+    /// Marks everything before `pos` as durably stored, frees the space and wakes waiters.
+    pub fn advance(&self, pos: u64) {
+        let sp = self.s as *const Shared as *mut Shared;
+        // SAFETY: only the writer moves tail, under the lock.
+        unsafe {
+            pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            (*sp).tail = pos;
+            pg_sys::LWLockRelease(self.s.lock);
+            self.s.flushed.store(pos, Ordering::Release);
+            pg_sys::ConditionVariableBroadcast(addr_of_mut!((*sp).space_cv));
+            pg_sys::ConditionVariableBroadcast(addr_of_mut!((*sp).flush_cv));
+        }
+    }
+
+    /// Drops everything queued (used when the audit log does not exist: nothing to record).
+    pub fn discard_all(&self) {
+        let sp = self.s as *const Shared;
+        // SAFETY: reading head under the lock.
+        let head = unsafe {
+            pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_SHARED);
+            let h = (*sp).head;
+            pg_sys::LWLockRelease(self.s.lock);
+            h
+        };
+        self.advance(head);
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.s.writer_latch.store(0, Ordering::Release);
+        self.s.writer_pid.store(0, Ordering::Release);
+    }
+}

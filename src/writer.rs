@@ -1,0 +1,316 @@
+//! The custody writer: one background worker that owns the chain head, takes records from
+//! the shared queue in order, hashes them and appends them in batches in its own
+//! transactions. It is the only process that inserts into `custody.audit_log`.
+//!
+//! Crash safety: records leave the queue only after the batch that stored them committed
+//! (with synchronous_commit = on). If the writer dies, its successor re-reads the chain head
+//! from the table and the same queued bytes, so nothing is lost or written twice.
+
+use std::time::Duration;
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::datum::DatumWithOid;
+use pgrx::{pg_sys, PgOid};
+
+use custody_chain::{genesis_hash, Hash, Record};
+
+use crate::capture::class::Class;
+use crate::capture::wire::{Captured, Outcome};
+use crate::capture::{self, now_unix_us, PG_EPOCH_OFFSET_US};
+use crate::queue::{ChainState, Consumer};
+use crate::{protect, settings};
+
+/// Records per batch (one transaction).
+const BATCH_RECORDS: usize = 2000;
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+pub fn init() {
+    BackgroundWorkerBuilder::new("pg_custody writer")
+        .set_type("pg_custody writer")
+        .set_function("custody_writer_main")
+        .set_library("pg_custody")
+        .enable_spi_access()
+        .set_start_time(pgrx::bgworkers::BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+struct Chain {
+    seq: i64,
+    hash: Hash,
+}
+
+static mut INSERT: Option<OwnedPreparedStatement> = None;
+
+const INSERT_SQL: &str = "INSERT INTO custody.audit_log (seq, event_time, logged_at, \
+    database_name, session_user_name, current_user_name, client_addr, application_name, \
+    backend_pid, nesting_level, xid, class, command, objects, statement, statement_sha256, \
+    rows, outcome, sqlstate, message, decision, prev_hash, hash) VALUES ($1, \
+    $2, $3, $4, $5, $6, $7::inet, $8, \
+    $9, $10, $11, $12, $13, $14::jsonb, $15, $16, $17, $18, $19, $20, $21::jsonb, $22, $23)";
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn custody_writer_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    protect::set_writer();
+    // The writer's own queries are never recorded.
+    capture::internal(|| run());
+}
+
+fn run() {
+    BackgroundWorker::connect_worker_to_spi(Some(settings::database()), None);
+    // SAFETY: setting a GUC for this process only: every batch commit is flushed to disk.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"synchronous_commit".as_ptr(),
+            c"on".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
+    let Some(queue) = Consumer::attach() else { return };
+    let mut chain: Option<Chain> = None;
+    let mut lost_recorded = queue.lost();
+    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH_RECORDS);
+    let mut last_settings = settings::generation();
+
+    loop {
+        if chain.is_none() {
+            chain = BackgroundWorker::transaction(load_head);
+            match &chain {
+                Some(c) => {
+                    queue.set_state(ChainState::Ready);
+                    queue.set_head_seq(c.seq);
+                    log!("pg_custody writer: appending to custody.audit_log after seq {}", c.seq);
+                    let c = chain.as_mut().expect("just set");
+                    append(c, vec![system_record("WRITER START", None)]);
+                    queue.set_head_seq(c.seq);
+                }
+                None => {
+                    queue.set_state(ChainState::Absent);
+                    queue.discard_all();
+                }
+            }
+        }
+
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: re-reading postgresql.conf in this process, as every worker does.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+
+        let Some(c) = chain.as_mut() else {
+            // Not created yet: look again soon (CREATE EXTENSION pg_custody).
+            if !BackgroundWorker::wait_latch(Some(Duration::from_millis(1000))) {
+                return;
+            }
+            continue;
+        };
+
+        // Settings changed by a reload: recorded by the writer for the cluster.
+        let generation = settings::generation();
+        if generation != last_settings {
+            last_settings = generation;
+            let values: serde_json::Map<String, serde_json::Value> = settings::snapshot()
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(v)))
+                .collect();
+            let objects = serde_json::json!([{ "kind": "settings", "name": "custody", "settings": values }]);
+            append(c, vec![system_record("SETTINGS RELOADED", Some(objects))]);
+        }
+
+        // Records that sessions could not queue: a gap marker, never silence.
+        let lost = queue.lost();
+        if lost > lost_recorded {
+            let n = lost - lost_recorded;
+            let objects = serde_json::json!([{ "kind": "gap", "name": "lost records", "count": n }]);
+            append(c, vec![system_record("GAP", Some(objects))]);
+            lost_recorded = lost;
+        }
+
+        batch.clear();
+        let end = queue.peek(BATCH_RECORDS, BATCH_BYTES, &mut batch);
+        if !batch.is_empty() {
+            let records = batch
+                .iter()
+                .map(|b| Captured::decode(b).unwrap_or_else(|_| undecodable()))
+                .collect();
+            append(c, records);
+            queue.advance(end);
+            queue.set_head_seq(c.seq);
+            continue;
+        }
+
+        let stop = !BackgroundWorker::wait_latch(Some(Duration::from_millis(1000)));
+        if stop {
+            // Clean shutdown: drain what is queued, then say so in the chain.
+            batch.clear();
+            let end = queue.peek(usize::MAX, usize::MAX, &mut batch);
+            let mut records: Vec<Captured> = batch
+                .iter()
+                .map(|b| Captured::decode(b).unwrap_or_else(|_| undecodable()))
+                .collect();
+            records.push(system_record("WRITER STOP", None));
+            append(c, records);
+            queue.advance(end);
+            return;
+        }
+    }
+}
+
+/// A record the writer cannot read (a bug, not user input): kept as a visible gap.
+fn undecodable() -> Captured {
+    let mut r = system_record("GAP", Some(serde_json::json!([{ "kind": "gap", "name": "undecodable record", "count": 1 }])));
+    r.outcome = Outcome::Error;
+    r
+}
+
+fn system_record(command: &str, objects: Option<serde_json::Value>) -> Captured {
+    Captured {
+        event_time: now_unix_us(),
+        database_name: settings::database().to_string(),
+        session_user_name: "pg_custody".into(),
+        current_user_name: "pg_custody".into(),
+        // SAFETY: reading this process's pid.
+        backend_pid: unsafe { pg_sys::MyProcPid },
+        class: Class::System as u8,
+        command: command.into(),
+        objects: objects.map_or_else(|| "[]".into(), |v| v.to_string()),
+        ..Default::default()
+    }
+}
+
+/// Reads the chain head, or None when the audit log does not exist in this database.
+fn load_head() -> Option<Chain> {
+    Spi::connect(|client| {
+        let exists = client
+            .select("SELECT to_regclass('custody.audit_log') IS NOT NULL", None, &[])
+            .ok()?
+            .first()
+            .get_one::<bool>()
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+        if !exists {
+            return None;
+        }
+        let row = client
+            .select("SELECT seq, hash FROM custody.audit_log ORDER BY seq DESC LIMIT 1", None, &[])
+            .ok()?
+            .first();
+        let seq = row.get::<i64>(1).ok().flatten();
+        let hash = row.get::<Vec<u8>>(2).ok().flatten();
+        Some(match (seq, hash) {
+            (Some(seq), Some(h)) if h.len() == 32 => {
+                let mut hash = [0u8; 32];
+                hash.copy_from_slice(&h);
+                Chain { seq, hash }
+            }
+            _ => Chain { seq: 0, hash: genesis() },
+        })
+    })
+}
+
+/// The prev_hash of record 1: binds the chain to this cluster and database.
+pub fn genesis() -> Hash {
+    // SAFETY: plain reads of the control file's system identifier and this database's OID.
+    unsafe { genesis_hash(pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId)) }
+}
+
+/// Hashes and inserts `records` after the head in one transaction; advances the head only
+/// after the commit. An ERROR here ends the worker (restarted in 1 s, resuming from the
+/// table), which is the safe answer to anything unexpected.
+fn append(chain: &mut Chain, records: Vec<Captured>) {
+    let logged_at = now_unix_us();
+    let (mut seq, mut prev) = (chain.seq, chain.hash);
+    let mut buf = Vec::with_capacity(1024);
+    BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+        Spi::connect_mut(|client| {
+            #[allow(static_mut_refs)]
+            // SAFETY: the writer is single-threaded; the plan is kept across transactions.
+            let stmt = unsafe {
+                if INSERT.is_none() {
+                    let types: Vec<PgOid> = [
+                        pg_sys::INT8OID, pg_sys::TIMESTAMPTZOID, pg_sys::TIMESTAMPTZOID, pg_sys::TEXTOID,
+                        pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID,
+                        pg_sys::INT4OID, pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::TEXTOID,
+                        pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::BYTEAOID,
+                        pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID,
+                        pg_sys::TEXTOID, pg_sys::BYTEAOID, pg_sys::BYTEAOID,
+                    ]
+                    .into_iter()
+                    .map(PgOid::from)
+                    .collect();
+                    let p = client.prepare_mut(INSERT_SQL, &types).expect("prepare insert");
+                    INSERT = Some(p.keep());
+                }
+                INSERT.as_ref().expect("just prepared")
+            };
+            for c in records {
+                seq += 1;
+                let rec = to_record(seq, logged_at, c);
+                let hash = rec.chain_hash_with(&prev, &mut buf);
+                let decision = rec.decision.as_ref().map(|d| d.to_string());
+                let args = [
+                    rec.seq.into(),
+                    // SAFETY: a timestamptz Datum is an int64 of µs since 2000-01-01.
+                    unsafe { DatumWithOid::new(rec.event_time - PG_EPOCH_OFFSET_US, pg_sys::TIMESTAMPTZOID) },
+                    unsafe { DatumWithOid::new(rec.logged_at - PG_EPOCH_OFFSET_US, pg_sys::TIMESTAMPTZOID) },
+                    rec.database_name.as_str().into(),
+                    rec.session_user_name.as_str().into(),
+                    rec.current_user_name.as_str().into(),
+                    rec.client_addr.as_deref().into(),
+                    rec.application_name.as_deref().into(),
+                    rec.backend_pid.into(),
+                    rec.nesting_level.into(),
+                    rec.xid.into(),
+                    rec.class.as_str().into(),
+                    rec.command.as_str().into(),
+                    rec.objects.to_string().into(),
+                    rec.statement.as_deref().into(),
+                    rec.statement_sha256.clone().into(),
+                    rec.rows.into(),
+                    rec.outcome.as_str().into(),
+                    rec.sqlstate.as_deref().into(),
+                    rec.message.as_deref().into(),
+                    decision.into(),
+                    prev.to_vec().into(),
+                    hash.to_vec().into(),
+                ];
+                client.update(stmt, None, &args).expect("insert audit record");
+                prev = hash;
+            }
+        })
+    }));
+    chain.seq = seq;
+    chain.hash = prev;
+}
+
+fn to_record(seq: i64, logged_at: i64, c: Captured) -> Record {
+    let class = c.class().name().to_string();
+    Record {
+        seq,
+        event_time: c.event_time,
+        logged_at,
+        database_name: c.database_name,
+        session_user_name: c.session_user_name,
+        current_user_name: c.current_user_name,
+        client_addr: c.client_addr,
+        application_name: c.application_name,
+        backend_pid: c.backend_pid,
+        nesting_level: c.nesting_level,
+        xid: c.xid,
+        class,
+        command: c.command,
+        objects: serde_json::from_str(&c.objects).unwrap_or_else(|_| serde_json::json!([])),
+        statement: c.statement,
+        statement_sha256: c.statement_sha256.map(|h| h.to_vec()),
+        rows: c.rows,
+        outcome: c.outcome.name().to_string(),
+        sqlstate: c.sqlstate,
+        message: c.message,
+        decision: c.decision.and_then(|d| serde_json::from_str(&d).ok()),
+    }
+}
