@@ -46,11 +46,19 @@ struct State {
     /// Settings generation last recorded (see settings::generation()).
     settings_seen: u64,
     /// The last ERROR reported by this backend, seen in emit_log_hook.
-    last_error: Option<(String, String)>,
+    last_error: Option<ReportedError>,
     session: Option<Session>,
     users: Vec<(pg_sys::Oid, String)>,
     next_token: usize,
     buf: Vec<u8>,
+}
+
+/// An ERROR as emit_log_hook saw it, with the query it interrupted (PostgreSQL forgets
+/// `debug_query_string` before the abort callbacks run).
+pub struct ReportedError {
+    pub sqlstate: String,
+    pub message: String,
+    pub query: Option<String>,
 }
 
 /// Facts about the session that do not change while it lives.
@@ -177,10 +185,10 @@ pub fn close(key: usize, rows: Option<i64>) {
 /// when `subid` is None: top-level abort). Called from the abort callbacks.
 pub fn fail_open(subid: Option<pg_sys::SubTransactionId>) {
     let st = state();
-    let (sqlstate, message) = st
-        .last_error
-        .take()
-        .map(|(s, m)| (Some(s), Some(m)))
+    let reported = st.last_error.take();
+    let query = reported.as_ref().and_then(|e| e.query.clone());
+    let (sqlstate, message) = reported
+        .map(|e| (Some(e.sqlstate), Some(e.message)))
         .unwrap_or((None, Some("statement aborted by an error that was handled by an exception \
                                  block or not reported to the server log".into())));
     let xid = current_xid();
@@ -196,7 +204,7 @@ pub fn fail_open(subid: Option<pg_sys::SubTransactionId>) {
     if failed.is_empty() {
         // Nothing was open, yet an error was reported: the statement failed before it could
         // start (syntax error, unknown table, an error while planning) or at commit.
-        if let (Some(_), Some(text)) = (&sqlstate, current_query_text()) {
+        if let Some(text) = query {
             let (class, command) = class::classify_text(&text);
             if wanted(class) && !is_internal() {
                 let (statement, statement_sha256) = statement_text(Some(&text));
@@ -230,19 +238,20 @@ pub fn fail_open(subid: Option<pg_sys::SubTransactionId>) {
 }
 
 /// The text of the query being run by the client, if any.
-fn current_query_text() -> Option<String> {
+pub fn current_query_text() -> Option<String> {
     // SAFETY: debug_query_string is NULL or the current query string.
     let p = unsafe { pg_sys::debug_query_string };
     if p.is_null() {
         return None;
     }
-    let t = unsafe { CStr::from_ptr(p) }.to_string_lossy().trim().to_string();
+    let t = unsafe { CStr::from_ptr(p) }.to_string_lossy();
+    let t = t.trim().trim_end_matches(';').trim_end().to_string();
     (!t.is_empty()).then_some(t)
 }
 
 /// Remembers the error being reported (from emit_log_hook: copy only, never raise).
-pub fn note_error(sqlstate: String, message: String) {
-    state().last_error = Some((sqlstate, message));
+pub fn note_error(e: ReportedError) {
+    state().last_error = Some(e);
 }
 
 pub fn depth_enter() {

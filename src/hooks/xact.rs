@@ -42,7 +42,8 @@ unsafe extern "C-unwind" fn custody_emit_log(edata: *mut pg_sys::ErrorData) {
             } else {
                 CStr::from_ptr(e.message).to_string_lossy().into_owned()
             };
-            capture::note_error(sqlstate, message);
+            let query = capture::current_query_text();
+            capture::note_error(capture::ReportedError { sqlstate, message, query });
         }
         if let Some(prev) = PREV_EMIT_LOG {
             prev(edata);
