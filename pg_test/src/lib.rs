@@ -1,1 +1,231 @@
-//! Client-side tests: see tests/.
+//! Harness for the client-side integration tests of pg_custody (STYLE.md, "Tests, by
+//! purpose", 4): real clusters driven through `scripts/cluster.sh`, real connections.
+//!
+//! Environment: `CUSTODY_TEST_PGDATA` (absolute directory of the shared cluster) and
+//! `CUSTODY_TEST_PORT`; defaults `<repo>/target/client-cluster` and 54331. Tests that damage
+//! the chain or crash the server use their own cluster (`Cluster::own`), at PGDATA-<suffix>
+//! and a port above the shared one. Run with `--test-threads=1`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub use postgres::{Client, NoTls};
+
+/// How long a bounded wait (writer ready, records stored) may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("repo root")
+}
+
+fn base_dir() -> PathBuf {
+    match std::env::var("CUSTODY_TEST_PGDATA") {
+        Ok(d) if !d.is_empty() => PathBuf::from(d),
+        _ => repo_root().join("target").join("client-cluster"),
+    }
+}
+
+fn base_port() -> u16 {
+    std::env::var("CUSTODY_TEST_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(54331)
+}
+
+/// A cluster managed by `scripts/cluster.sh`.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Cluster {
+    /// The shared cluster: reused if it accepts connections, started otherwise; the
+    /// extension exists and the writer is appending.
+    pub fn shared() -> Cluster {
+        let c = Cluster { dir: base_dir(), port: base_port() };
+        if c.try_connect("postgres", "harness").is_err() {
+            c.start();
+        }
+        c.setup();
+        c
+    }
+
+    /// A cluster of one test only (`suffix` names it, `port_offset` is added to the shared
+    /// port), wiped and created afresh, extension created, writer appending.
+    pub fn own(suffix: &str, port_offset: u16) -> Cluster {
+        let mut dir = base_dir().into_os_string();
+        dir.push(format!("-{suffix}"));
+        let c = Cluster { dir: PathBuf::from(dir), port: base_port() + port_offset };
+        c.stop("immediate");
+        if c.dir.exists() {
+            std::fs::remove_dir_all(&c.dir).expect("wipe cluster dir");
+        }
+        c.start();
+        c.setup();
+        c
+    }
+
+    fn script(&self, args: &[&str]) {
+        let script = repo_root().join("scripts").join("cluster.sh");
+        let out = Command::new("bash").arg(&script).args(args).output().expect("run cluster.sh");
+        assert!(
+            out.status.success(),
+            "cluster.sh {args:?} failed: {}\n{}\n--- server.log tail ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Starts the cluster (creating it if needed); restarts it if it runs.
+    pub fn start(&self) {
+        let dir = self.dir.to_str().unwrap().to_string();
+        self.script(&["start", &dir, &self.port.to_string()]);
+    }
+
+    /// Stops the cluster if it runs (mode: fast | immediate).
+    pub fn stop(&self, mode: &str) {
+        let dir = self.dir.to_str().unwrap().to_string();
+        self.script(&["stop", &dir, mode]);
+    }
+
+    /// CREATE EXTENSION IF NOT EXISTS, then wait until the writer is appending.
+    pub fn setup(&self) {
+        let mut c = self.connect("harness");
+        c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_custody").expect("create extension");
+        wait_ready(&mut c);
+    }
+
+    /// Restarts the cluster without the library (nothing is recorded or protected).
+    pub fn restart_unloaded(&self) {
+        let mut c = self.connect("harness");
+        c.batch_execute("ALTER SYSTEM SET shared_preload_libraries = ''").expect("unload");
+        drop(c);
+        self.start();
+        let mut c = self.connect("harness");
+        let spl: String = c.query_one("SHOW shared_preload_libraries", &[]).unwrap().get(0);
+        assert_eq!(spl, "", "library still configured");
+    }
+
+    /// Restarts the cluster with the library (must run while unloaded) and waits for the writer.
+    pub fn restart_loaded(&self) {
+        let mut c = self.connect("harness");
+        c.batch_execute("ALTER SYSTEM RESET shared_preload_libraries").expect("reload");
+        drop(c);
+        self.start();
+        let mut c = self.connect("harness");
+        wait_ready(&mut c);
+    }
+
+    pub fn conn_str(&self, user: &str, app: &str) -> String {
+        format!("host=/tmp port={} user={user} dbname=postgres application_name={app}", self.port)
+    }
+
+    pub fn try_connect(&self, user: &str, app: &str) -> Result<Client, postgres::Error> {
+        Client::connect(&self.conn_str(user, app), NoTls)
+    }
+
+    /// Connects as postgres with the given application_name.
+    pub fn connect(&self, app: &str) -> Client {
+        self.connect_as("postgres", app)
+    }
+
+    pub fn connect_as(&self, user: &str, app: &str) -> Client {
+        // Right after a start the socket may lag slightly; retry within a bound.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.try_connect(user, app) {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline && e.as_db_error().is_none() => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => panic!("connect to port {} as {user}: {e}\n{}", self.port, self.log_tail()),
+            }
+        }
+    }
+}
+
+/// Polls `custody.status()->>'state'` until 'appending'.
+pub fn wait_ready(c: &mut Client) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let state: Option<String> =
+            c.query_one("SELECT custody.status()->>'state'", &[]).expect("custody.status()").get(0);
+        if state.as_deref() == Some("appending") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "writer not appending after {WAIT:?}: state {state:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until every record this session queued so far is stored.
+pub fn flush(c: &mut Client) {
+    let ok: bool = c.query_one("SELECT custody.flush()", &[]).expect("custody.flush()").get(0);
+    assert!(ok, "custody.flush() timed out");
+}
+
+/// Polls `sql` (one boolean column) until true; panics with `what` after WAIT.
+pub fn wait_until(c: &mut Client, sql: &str, params: &[&(dyn postgres::types::ToSql + Sync)], what: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let done: bool = c.query_one(sql, params).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0);
+        if done {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {WAIT:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn query_i64(c: &mut Client, sql: &str, params: &[&(dyn postgres::types::ToSql + Sync)]) -> i64 {
+    c.query_one(sql, params).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+/// The result of `custody.verify_audit_chain()`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verify {
+    pub ok: bool,
+    pub checked: i64,
+    pub first_bad_seq: Option<i64>,
+    pub reason: Option<String>,
+}
+
+pub fn verify(c: &mut Client) -> Verify {
+    let r = c
+        .query_one("SELECT ok, checked, first_bad_seq, reason FROM custody.verify_audit_chain()", &[])
+        .expect("verify_audit_chain()");
+    Verify { ok: r.get(0), checked: r.get(1), first_bad_seq: r.get(2), reason: r.get(3) }
+}
+
+/// Asserts the whole chain verifies and seq is exactly 1..max, without gaps.
+pub fn assert_chain_ok(c: &mut Client) {
+    let v = verify(c);
+    assert!(v.ok, "verify_audit_chain() failed: {v:?}");
+    let r = c
+        .query_one(
+            "SELECT count(*), coalesce(min(seq), 0), coalesce(max(seq), 0) FROM custody.audit_log",
+            &[],
+        )
+        .unwrap();
+    let (n, min, max): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+    assert_eq!(min, 1, "seq does not start at 1");
+    assert_eq!(n, max - min + 1, "seq has gaps or duplicates: count {n}, min {min}, max {max}");
+    assert!(v.checked >= n, "verify checked {} of {n} records", v.checked);
+}
+
+/// The SQLSTATE of a failed statement (panics if it succeeded or failed without one).
+pub fn sqlstate<T: std::fmt::Debug>(r: Result<T, postgres::Error>) -> String {
+    let e = r.expect_err("statement succeeded but should have failed");
+    e.code().unwrap_or_else(|| panic!("error without SQLSTATE: {e}")).code().to_string()
+}
+
+/// A token unique to this run, for statement texts and object names.
+pub fn marker(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{prefix}_{}_{}", std::process::id(), nanos % 1_000_000_000_000)
+}

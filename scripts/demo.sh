@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# A short tour of pg_custody in the throwaway cluster started by `make demo`.
+set -euo pipefail
+port=${1:?port}; dir=${2:?cluster dir}
+here=$(cd "$(dirname "$0")" && pwd)
+psql() { "$here/cluster.sh" psql "$port" -v ON_ERROR_STOP=1 "$@"; }
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+say "CREATE EXTENSION pg_custody (in custody.database = postgres)"
+psql -qc "CREATE EXTENSION IF NOT EXISTS pg_custody"
+psql -qAt -c "DO \$\$ BEGIN FOR i IN 1..200 LOOP EXIT WHEN custody.status()->>'state' = 'appending'; PERFORM pg_sleep(0.05); END LOOP; END \$\$" \
+     -c "SELECT 'writer: ' || (custody.status()->>'state')"
+
+say "Some activity: a table, writes, reads, a failure, a permission denial, a rollback"
+psql -q <<'SQL'
+CREATE TABLE IF NOT EXISTS demo_accounts (id int PRIMARY KEY, owner text, balance numeric);
+INSERT INTO demo_accounts VALUES (1, 'alice', 100), (2, 'bob', 50) ON CONFLICT DO NOTHING;
+UPDATE demo_accounts SET balance = balance - 10 WHERE owner = 'alice';
+SELECT owner, balance FROM demo_accounts ORDER BY id;
+BEGIN;
+SELECT balance FROM demo_accounts WHERE owner = 'bob';   -- recorded although rolled back
+ROLLBACK;
+DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'demo_intern') THEN CREATE ROLE demo_intern; END IF; END $$;
+SET ROLE demo_intern;
+\set ON_ERROR_STOP 0
+SELECT * FROM demo_accounts;                              -- permission denied, still recorded
+RESET ROLE;
+SELECT 1/0;                                               -- fails, still recorded
+\set ON_ERROR_STOP 1
+SQL
+
+say "Their records in custody.audit_log (the newest 12)"
+psql -c "SELECT custody.flush()" -qAt >/dev/null
+psql -c "SELECT seq, class, command, current_user_name AS role, rows, outcome, sqlstate, left(statement, 50) AS statement
+         FROM custody.audit_log ORDER BY seq DESC LIMIT 12"
+
+say "The chain verifies"
+psql -c "SELECT * FROM custody.verify_audit_chain()"
+
+say "Nobody may change the log, superusers included (and the attempt is recorded)"
+psql -c "DELETE FROM custody.audit_log WHERE seq = 1" || true
+psql -c "SELECT custody.flush()" -qAt >/dev/null
+psql -c "SELECT seq, command, outcome, sqlstate, message FROM custody.audit_log WHERE sqlstate = '42501' ORDER BY seq DESC LIMIT 1"
+
+say "Tampering with the library unloaded is detected: restart without pg_custody, edit one record"
+victim=$(psql -qAt -c "SELECT max(seq) - 3 FROM custody.audit_log")
+psql -qc "ALTER SYSTEM SET shared_preload_libraries = 'plpgsql'"
+"$here/cluster.sh" start "$dir" "$port"
+psql -qc "UPDATE custody.audit_log SET statement = 'SELECT ''nothing to see here''' WHERE seq = $victim"
+echo "edited record seq $victim as a superuser, with the library unloaded"
+psql -qc "ALTER SYSTEM RESET shared_preload_libraries"
+"$here/cluster.sh" start "$dir" "$port"
+psql -c "SELECT * FROM custody.verify_audit_chain()"
+
+say "Done. The cluster is still running:"
+echo "  psql -h /tmp -p $port -U postgres postgres"
+echo "  (stop it with: make stop; remove it with: make clean)"
+echo "  (its chain contains the tampered record above; every make demo starts a fresh cluster)"
