@@ -41,12 +41,46 @@ pub extern "C-unwind" fn _PG_init() {
 mod tests {
     use pgrx::prelude::*;
 
+    /// Waits until the writer has found the table created by the test framework.
+    fn wait_appending() {
+        for _ in 0..200 {
+            let s = Spi::get_one::<String>("SELECT custody.status()->>'state'").unwrap();
+            if s.as_deref() == Some("appending") {
+                return;
+            }
+            Spi::run("SELECT pg_sleep(0.05)").unwrap();
+        }
+        panic!("the custody writer did not start appending");
+    }
+
     #[pg_test]
     fn library_is_preloaded_and_settings_exist() {
         let db = Spi::get_one::<String>("SELECT current_setting('custody.database')").unwrap();
-        assert_eq!(db.as_deref(), Some("postgres"));
+        assert_eq!(db.as_deref(), Some("pgrx_tests"));
         let audit = Spi::get_one::<String>("SHOW custody.audit").unwrap();
         assert_eq!(audit.as_deref(), Some("all, -misc_set"));
+    }
+
+    #[pg_test]
+    fn statements_run_in_this_backend_are_recorded_and_chained() {
+        wait_appending();
+        Spi::run("SELECT 'pg_test marker 7f3a' AS marker").unwrap();
+        assert_eq!(Spi::get_one::<bool>("SELECT custody.flush()").unwrap(), Some(true));
+        let (class, outcome) = Spi::get_two::<String, String>(
+            "SELECT class, outcome FROM custody.audit_log \
+             WHERE statement = 'SELECT ''pg_test marker 7f3a'' AS marker' \
+             AND backend_pid = pg_backend_pid()",
+        )
+        .unwrap();
+        assert_eq!(class.as_deref(), Some("read"));
+        assert_eq!(outcome.as_deref(), Some("success"));
+        let ok = Spi::get_one::<bool>("SELECT ok FROM custody.verify_audit_chain()").unwrap();
+        assert_eq!(ok, Some(true));
+    }
+
+    #[pg_test(error = "DELETE on custody.audit_log is not allowed: it is append-only")]
+    fn superuser_cannot_delete_from_the_log() {
+        Spi::run("DELETE FROM custody.audit_log").unwrap();
     }
 
     #[pg_test(error = "invalid value for parameter \"custody.audit\": \"read, bogus\"")]
@@ -66,6 +100,7 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'pg_custody'"]
+        // pgrx creates the extension in its own database, pgrx_tests.
+        vec!["shared_preload_libraries = 'pg_custody'", "custody.database = 'pgrx_tests'"]
     }
 }

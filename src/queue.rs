@@ -15,13 +15,17 @@ use pgrx::pg_sys;
 use crate::settings;
 
 const TRANCHE: &std::ffi::CStr = c"pg_custody";
+/// Present in the data directory while an audit chain exists, so that after a restart
+/// sessions record from their first statement, before the writer has looked.
+const CHAIN_MARKER: &str = "pg_custody.chain";
 const WAIT_EVENT: u32 = pg_sys::PG_WAIT_EXTENSION;
 
 /// Whether the writer has found the audit log in `custody.database`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u32)]
 pub enum ChainState {
-    /// The writer has not looked yet (server start): sessions queue their records.
+    /// The chain existed when the server stopped and the writer has not attached yet:
+    /// sessions queue their records (and wait for them at commit) from the first statement.
     Unknown = 0,
     /// `pg_custody` is not created in `custody.database`: nothing is recorded.
     Absent = 1,
@@ -97,6 +101,13 @@ unsafe extern "C-unwind" fn shmem_startup() {
             std::ptr::write_bytes(p as *mut u8, 0, std::mem::size_of::<Shared>());
             (*p).lock = addr_of_mut!((*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock);
             (*p).capacity = settings::queue_size_bytes() as u64;
+            // The postmaster's working directory is the data directory.
+            let st = if std::path::Path::new(CHAIN_MARKER).exists() {
+                ChainState::Unknown
+            } else {
+                ChainState::Absent
+            };
+            (*p).state = AtomicU32::new(st as u32);
             pg_sys::ConditionVariableInit(addr_of_mut!((*p).space_cv));
             pg_sys::ConditionVariableInit(addr_of_mut!((*p).flush_cv));
         }
@@ -321,6 +332,13 @@ impl Consumer {
 
     pub fn set_state(&self, st: ChainState) {
         self.s.state.store(st as u32, Ordering::Release);
+        // The writer's working directory is the data directory. Failing to write the marker
+        // only means the first statements after a restart wait for the writer to look.
+        let _ = match st {
+            ChainState::Ready => std::fs::write(CHAIN_MARKER, b"pg_custody audit chain\n"),
+            ChainState::Absent => std::fs::remove_file(CHAIN_MARKER).or(Ok(())),
+            ChainState::Unknown => Ok(()),
+        };
     }
 
     pub fn set_head_seq(&self, seq: i64) {

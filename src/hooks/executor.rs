@@ -42,23 +42,22 @@ fn command_tag(op: pg_sys::CmdType::Type) -> (&'static str, Class) {
 /// # Safety
 /// `qd` must be the QueryDesc passed to ExecutorStart.
 unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) {
-    if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0 || !capture::active() {
+    if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0 {
         return;
     }
     let qd_ref = unsafe { &*qd };
     let pstmt = unsafe { &*qd_ref.plannedstmt };
-    let (tag, class) = command_tag(qd_ref.operation);
+    // Protection holds whether or not anything is being recorded.
     let violation = unsafe { protect::range_table_violation(pstmt.rtable) };
-    if !capture::wanted(class) && violation.is_none() {
-        return;
+    let (tag, class) = command_tag(qd_ref.operation);
+    if capture::active() && (violation.is_some() || capture::wanted(class)) {
+        let info = unsafe { objects::from_range_table(pstmt.rtable) };
+        if violation.is_some() || !info.catalog_only || settings::audit_catalog() {
+            let source = unsafe { objects::cstr(qd_ref.sourceText) };
+            let text = capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len);
+            capture::open(qd as usize, class, tag, objects::to_json(&info.objects), Some(text));
+        }
     }
-    let info = unsafe { objects::from_range_table(pstmt.rtable) };
-    if info.catalog_only && !settings::audit_catalog() && violation.is_none() {
-        return;
-    }
-    let source = unsafe { objects::cstr(qd_ref.sourceText) };
-    let text = capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len);
-    capture::open(qd as usize, class, tag, objects::to_json(&info.objects), Some(text));
     if let Some((relid, action)) = violation {
         protect::refuse(relid, action);
     }

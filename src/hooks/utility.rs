@@ -119,9 +119,10 @@ unsafe extern "C-unwind" fn custody_process_utility(
     // SAFETY: pstmt is the utility statement PostgreSQL is about to run.
     unsafe {
         let node = (*pstmt).utilityStmt;
+        // Protection holds whether or not anything is being recorded.
+        let violation = if node.is_null() { None } else { protect::utility_violation(node) };
         if capture::active() && !node.is_null() {
             let (class, forced) = classify(node);
-            let violation = protect::utility_violation(node);
             if forced || violation.is_some() || capture::wanted(class) {
                 key = capture::utility_token();
                 let tag = objects::cstr(pg_sys::GetCommandTagName(pg_sys::CreateCommandTag(node)));
@@ -130,9 +131,9 @@ unsafe extern "C-unwind" fn custody_process_utility(
                     capture::statement_slice(&source, (*pstmt).stmt_location, (*pstmt).stmt_len);
                 capture::open(key, class, &tag, utility_objects(node), Some(text));
             }
-            if let Some((relid, action)) = violation {
-                protect::refuse(relid, action);
-            }
+        }
+        if let Some((relid, action)) = violation {
+            protect::refuse(relid, action);
         }
         capture::depth_enter();
         match PREV_UTILITY {
