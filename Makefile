@@ -55,7 +55,7 @@ install: setup
 
 ## demo: a throwaway cluster with pg_custody, and a short tour of what it does
 demo: install
-	$(CLUSTER) stop $(DEMO_DIR) immediate; rm -rf $(DEMO_DIR)
+	$(CLUSTER) stop $(DEMO_DIR) immediate; rm -rf $(DEMO_DIR) $(DEMO_DIR).key $(DEMO_DIR).*.json*
 	$(CLUSTER) start $(DEMO_DIR) $(DEMO_PORT)
 	scripts/demo.sh $(DEMO_PORT) $(DEMO_DIR)
 

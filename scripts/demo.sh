@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
 # A short tour of pg_custody in the throwaway cluster started by `make demo`.
 set -euo pipefail
-port=${1:?port}; dir=${2:?cluster dir}
+port=${1:?port}; dir=$(realpath "${2:?cluster dir}")
 here=$(cd "$(dirname "$0")" && pwd)
 psql() { "$here/cluster.sh" psql "$port" -v ON_ERROR_STOP=1 "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+unloaded() { psql -qc "ALTER SYSTEM SET shared_preload_libraries = 'plpgsql'"; "$here/cluster.sh" start "$dir" "$port"; }
+loaded() { psql -qc "ALTER SYSTEM RESET shared_preload_libraries"; "$here/cluster.sh" start "$dir" "$port"; }
+
+say "A signing key for checkpoints (the database never sees the private key)"
+key="$dir.key"
+rm -f "$key"
+pub=$(custody keygen --out "$key" --name demo)
+chown postgres: "$key"
+echo "public key: $pub"
+printf "%s\n" "custody.signing_key_file = '$key'" "custody.checkpoint_interval = 1" >> "$dir/postgresql.conf"
+psql -qAtc "SELECT pg_reload_conf()" >/dev/null
 
 say "CREATE EXTENSION pg_custody (in custody.database = postgres)"
 psql -qc "CREATE EXTENSION IF NOT EXISTS pg_custody"
 psql -qAt -c "DO \$\$ BEGIN FOR i IN 1..200 LOOP EXIT WHEN custody.status()->>'state' = 'appending'; PERFORM pg_sleep(0.05); END LOOP; END \$\$" \
-     -c "SELECT 'writer: ' || (custody.status()->>'state')"
+     -c "SELECT 'writer: ' || (custody.status()->>'state') || '; signing key: ' || (custody.status()->>'signing_key')"
 
 say "Some activity: a table, writes, reads, a failure, a permission denial, a rollback"
 psql -q <<'SQL'
@@ -44,15 +55,35 @@ psql -c "SELECT seq, command, outcome, sqlstate, message FROM custody.audit_log 
 
 say "Tampering with the library unloaded is detected: restart without pg_custody, edit one record"
 victim=$(psql -qAt -c "SELECT max(seq) - 3 FROM custody.audit_log")
-psql -qc "ALTER SYSTEM SET shared_preload_libraries = 'plpgsql'"
-"$here/cluster.sh" start "$dir" "$port"
+unloaded
+psql -qc "CREATE TABLE demo_saved AS SELECT seq, statement FROM custody.audit_log WHERE seq = $victim"
 psql -qc "UPDATE custody.audit_log SET statement = 'SELECT ''nothing to see here''' WHERE seq = $victim"
 echo "edited record seq $victim as a superuser, with the library unloaded"
-psql -qc "ALTER SYSTEM RESET shared_preload_libraries"
-"$here/cluster.sh" start "$dir" "$port"
+loaded
 psql -c "SELECT * FROM custody.verify_audit_chain()"
+
+say "(putting the record back, again with the library unloaded, so the tour can go on)"
+unloaded
+psql -qc "UPDATE custody.audit_log l SET statement = s.statement FROM demo_saved s WHERE l.seq = s.seq; DROP TABLE demo_saved"
+loaded
+psql -c "SELECT * FROM custody.verify_audit_chain()"
+
+say "Signed checkpoints, and a digest to keep outside the database"
+for _ in $(seq 50); do   # wait for the next checkpoint (custody.checkpoint_interval = 1s here)
+    [ "$(psql -qAt -c "SELECT (custody.status()->>'last_checkpoint_seq')::int8 > 0")" = t ] && break
+    sleep 0.2
+done
+psql -c "SELECT seq, key_id, signed_at, note FROM custody.checkpoints ORDER BY seq DESC LIMIT 1"
+psql -qAt -c "SELECT custody.audit_digest()" > "$dir.digest.json"
+echo "digest: $(cat "$dir.digest.json")"
+psql -c "SELECT * FROM custody.verify_audit_chain(trusted_digests => jsonb_build_array(custody.audit_digest()), public_key => '$pub')"
+
+say "An auditor verifies an export offline, with only the public key and the digest"
+psql -qAt -c "SELECT * FROM custody.export_audit()" > "$dir.export.jsonl"
+echo "exported $(wc -l < "$dir.export.jsonl") lines to $dir.export.jsonl"
+echo "\$ custody verify --log $dir.export.jsonl --public-key '$pub' --digest $dir.digest.json"
+custody verify --log "$dir.export.jsonl" --public-key "$pub" --digest "$dir.digest.json"
 
 say "Done. The cluster is still running:"
 echo "  psql -h /tmp -p $port -U postgres postgres"
-echo "  (stop it with: make stop; remove it with: make clean)"
-echo "  (its chain contains the tampered record above; every make demo starts a fresh cluster)"
+echo "  (stop it with: make stop; remove it with: make clean; every make demo starts a fresh cluster)"

@@ -92,5 +92,44 @@ COMMENT ON COLUMN custody.audit_log.hash IS 'SHA-256 over prev_hash and the cano
 REVOKE ALL ON custody.audit_log FROM PUBLIC;
 GRANT SELECT ON custody.audit_log TO custody_auditor;
 
+-- Signed checkpoints: the writer signs the chain head and its Merkle root every
+-- custody.checkpoint_interval with the key in custody.signing_key_file.
+CREATE TABLE custody.checkpoints (
+    seq          bigint      NOT NULL PRIMARY KEY,
+    hash         bytea       NOT NULL,
+    merkle_root  bytea       NOT NULL,
+    key_id       text        NOT NULL,
+    signature    text        NOT NULL,
+    signed_at    timestamptz NOT NULL,
+    note         text        NOT NULL
+);
+COMMENT ON TABLE custody.checkpoints IS
+    'pg_custody: append-only signed checkpoints of custody.audit_log (C2SP tlog-checkpoint signed notes)';
+COMMENT ON COLUMN custody.checkpoints.seq IS 'The checkpoint covers records 1..seq (the tree size)';
+COMMENT ON COLUMN custody.checkpoints.hash IS 'Chain hash of record seq';
+COMMENT ON COLUMN custody.checkpoints.merkle_root IS 'RFC 6962 Merkle tree root over the hashes of records 1..seq';
+COMMENT ON COLUMN custody.checkpoints.key_id IS 'Key hash (hex) of the signing key: see custody.public_keys';
+COMMENT ON COLUMN custody.checkpoints.signature IS 'Ed25519 signature (base64) of the checkpoint body';
+COMMENT ON COLUMN custody.checkpoints.signed_at IS 'When the writer signed it';
+COMMENT ON COLUMN custody.checkpoints.note IS 'The checkpoint as a C2SP signed note: origin, tree size, root hash, signature line';
+
+CREATE TABLE custody.public_keys (
+    key_id      text        NOT NULL PRIMARY KEY,
+    public_key  text        NOT NULL,
+    first_used  timestamptz NOT NULL,
+    last_used   timestamptz NOT NULL
+);
+COMMENT ON TABLE custody.public_keys IS
+    'pg_custody: the public keys checkpoints were signed with, so that rotated keys still verify';
+COMMENT ON COLUMN custody.public_keys.key_id IS 'Key hash (hex), as named by custody.checkpoints.key_id';
+COMMENT ON COLUMN custody.public_keys.public_key IS 'Verifier key, C2SP signed-note form name+keyhash+base64';
+COMMENT ON COLUMN custody.public_keys.first_used IS 'First checkpoint signed with it';
+COMMENT ON COLUMN custody.public_keys.last_used IS 'Latest checkpoint signed with it';
+
+REVOKE ALL ON custody.checkpoints, custody.public_keys FROM PUBLIC;
+GRANT SELECT ON custody.checkpoints, custody.public_keys TO custody_auditor;
+
 -- pg_dump keeps the records (restoring them needs the library unloaded: the log is append-only).
 SELECT pg_catalog.pg_extension_config_dump('custody.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('custody.checkpoints', '');
+SELECT pg_catalog.pg_extension_config_dump('custody.public_keys', '');

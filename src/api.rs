@@ -2,9 +2,10 @@
 //! parallel safety. The logic they call lives in `custody_chain` (pure) and the modules above.
 
 use pgrx::prelude::*;
-use pgrx::JsonB;
+use pgrx::{pg_sys, JsonB, PgLogLevel, PgSqlErrorCode};
 
-use custody_chain::{ChainVerifier, Hash, Record};
+use custody_chain::export::{ChainHeader, CheckpointLine, RecordLine};
+use custody_chain::{parse_verifier_key, verify_export, ChainVerifier, Digest, ExportLine, Hash, Record};
 
 use crate::{capture, queue, writer};
 
@@ -25,11 +26,135 @@ fn json(text: Option<String>) -> Option<serde_json::Value> {
     text.map(|t| serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t)))
 }
 
-/// Recomputes every hash, checks every link and the seq sequence, in constant memory.
+/// Reads records from..=to (to = None: to the end) in seq order and hands each, with its
+/// stored prev_hash and hash, to `f`; stops when `f` returns false.
+fn for_each_record(
+    client: &pgrx::spi::SpiClient<'_>,
+    from_seq: i64,
+    to_seq: Option<i64>,
+    mut f: impl FnMut(Record, Vec<u8>, Vec<u8>) -> bool,
+) -> Result<(), pgrx::spi::Error> {
+    let mut cursor = client.open_cursor(SELECT_RECORDS, &[from_seq.into(), to_seq.into()]);
+    loop {
+        let table = cursor.fetch(FETCH)?;
+        if table.is_empty() {
+            return Ok(());
+        }
+        for row in table {
+            let rec = Record {
+                seq: row.get::<i64>(1)?.unwrap_or_default(),
+                event_time: row.get::<i64>(2)?.unwrap_or_default(),
+                logged_at: row.get::<i64>(3)?.unwrap_or_default(),
+                database_name: row.get::<String>(4)?.unwrap_or_default(),
+                session_user_name: row.get::<String>(5)?.unwrap_or_default(),
+                current_user_name: row.get::<String>(6)?.unwrap_or_default(),
+                client_addr: row.get::<String>(7)?,
+                application_name: row.get::<String>(8)?,
+                backend_pid: row.get::<i32>(9)?.unwrap_or_default(),
+                nesting_level: row.get::<i32>(10)?.unwrap_or_default(),
+                xid: row.get::<i64>(11)?,
+                class: row.get::<String>(12)?.unwrap_or_default(),
+                command: row.get::<String>(13)?.unwrap_or_default(),
+                objects: json(row.get::<String>(14)?).unwrap_or(serde_json::Value::Null),
+                statement: row.get::<String>(15)?,
+                statement_sha256: row.get::<Vec<u8>>(16)?,
+                rows: row.get::<i64>(17)?,
+                outcome: row.get::<String>(18)?.unwrap_or_default(),
+                sqlstate: row.get::<String>(19)?,
+                message: row.get::<String>(20)?,
+                decision: json(row.get::<String>(21)?),
+            };
+            let prev = row.get::<Vec<u8>>(22)?.unwrap_or_default();
+            let hash = row.get::<Vec<u8>>(23)?.unwrap_or_default();
+            if !f(rec, prev, hash) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The stored checkpoints from..=to, in seq order.
+fn checkpoints(
+    client: &pgrx::spi::SpiClient<'_>,
+    from_seq: i64,
+    to_seq: Option<i64>,
+) -> Result<Vec<CheckpointLine>, pgrx::spi::Error> {
+    let table = client.select(
+        "SELECT seq, hash, merkle_root, key_id, signature, \
+                (extract(epoch FROM signed_at) * 1000000)::int8, note \
+         FROM custody.checkpoints WHERE seq >= $1 AND ($2::int8 IS NULL OR seq <= $2) ORDER BY seq",
+        None,
+        &[from_seq.into(), to_seq.into()],
+    )?;
+    let mut out = Vec::new();
+    for row in table {
+        out.push(CheckpointLine {
+            seq: row.get::<i64>(1)?.unwrap_or_default(),
+            hash: to_hash(row.get::<Vec<u8>>(2)?.unwrap_or_default()),
+            merkle_root: to_hash(row.get::<Vec<u8>>(3)?.unwrap_or_default()),
+            key_id: row.get::<String>(4)?.unwrap_or_default(),
+            signature: row.get::<String>(5)?.unwrap_or_default(),
+            signed_at: row.get::<i64>(6)?.unwrap_or_default(),
+            note: row.get::<String>(7)?.unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+/// A stored hash of the wrong length (tampering) becomes all zeroes: it then fails to verify.
+fn to_hash(v: Vec<u8>) -> Hash {
+    v.try_into().unwrap_or([0u8; 32])
+}
+
+fn chain_header() -> ExportLine {
+    // SAFETY: plain reads of the control file's system identifier and this database's OID.
+    let (sysid, dboid) = unsafe { (pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId)) };
+    ExportLine::Chain(ChainHeader {
+        format: custody_chain::FORMAT_VERSION,
+        system_identifier: sysid,
+        database_oid: dboid,
+        database: crate::settings::database().to_string(),
+    })
+}
+
+/// Produces the export of records from..=to as JSON lines (a header, the records, each
+/// checkpoint right after the record it covers), handing each line to `emit`.
+fn export_lines(
+    client: &pgrx::spi::SpiClient<'_>,
+    from_seq: i64,
+    to_seq: Option<i64>,
+    mut emit: impl FnMut(String) -> bool,
+) -> Result<(), pgrx::spi::Error> {
+    let cps = checkpoints(client, from_seq, to_seq)?;
+    let mut next_cp = cps.into_iter().peekable();
+    if !emit(chain_header().to_json()) {
+        return Ok(());
+    }
+    for_each_record(client, from_seq, to_seq, |record, prev, hash| {
+        let seq = record.seq;
+        let line = ExportLine::Record(RecordLine { record, prev_hash: to_hash(prev), hash: to_hash(hash) });
+        if !emit(line.to_json()) {
+            return false;
+        }
+        while next_cp.peek().is_some_and(|c| c.seq <= seq) {
+            let c = next_cp.next().expect("peeked");
+            if !emit(ExportLine::Checkpoint(c).to_json()) {
+                return false;
+            }
+        }
+        true
+    })
+}
+
+/// Recomputes every hash, checks every link and the seq sequence in constant memory; with
+/// `trusted_digests` and/or `public_key`, also every checkpoint's Merkle root and signature
+/// and each digest (which needs the whole chain: from_seq = 1).
 #[pg_extern(volatile, parallel_unsafe, name = "verify_audit_chain")]
 fn verify_audit_chain(
     from_seq: default!(i64, 1),
     to_seq: default!(Option<i64>, "NULL"),
+    trusted_digests: default!(Option<JsonB>, "NULL"),
+    public_key: default!(Option<String>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -40,61 +165,29 @@ fn verify_audit_chain(
     ),
 > {
     let from_seq = from_seq.max(1);
+    if trusted_digests.is_some() || public_key.is_some() {
+        return TableIterator::once(verify_with_checkpoints(from_seq, to_seq, trusted_digests, public_key));
+    }
     let result = capture::internal(|| {
         Spi::connect(|client| {
             let start: Option<Hash> = if from_seq == 1 {
                 Some(writer::genesis())
             } else {
                 client
-                    .select(
-                        "SELECT hash FROM custody.audit_log WHERE seq = $1",
-                        None,
-                        &[(from_seq - 1).into()],
-                    )?
+                    .select("SELECT hash FROM custody.audit_log WHERE seq = $1", None, &[(from_seq - 1).into()])?
                     .first()
                     .get_one::<Vec<u8>>()?
                     .and_then(|h| h.try_into().ok())
             };
             let mut verifier = ChainVerifier::new(from_seq, start);
-            let mut cursor = client.open_cursor(SELECT_RECORDS, &[from_seq.into(), to_seq.into()]);
             let mut failure = None;
-            'outer: loop {
-                let table = cursor.fetch(FETCH)?;
-                if table.is_empty() {
-                    break;
+            for_each_record(client, from_seq, to_seq, |rec, prev, hash| match verifier.push(&rec, &prev, &hash) {
+                Ok(()) => true,
+                Err(f) => {
+                    failure = Some(f);
+                    false
                 }
-                for row in table {
-                    let rec = Record {
-                        seq: row.get::<i64>(1)?.unwrap_or_default(),
-                        event_time: row.get::<i64>(2)?.unwrap_or_default(),
-                        logged_at: row.get::<i64>(3)?.unwrap_or_default(),
-                        database_name: row.get::<String>(4)?.unwrap_or_default(),
-                        session_user_name: row.get::<String>(5)?.unwrap_or_default(),
-                        current_user_name: row.get::<String>(6)?.unwrap_or_default(),
-                        client_addr: row.get::<String>(7)?,
-                        application_name: row.get::<String>(8)?,
-                        backend_pid: row.get::<i32>(9)?.unwrap_or_default(),
-                        nesting_level: row.get::<i32>(10)?.unwrap_or_default(),
-                        xid: row.get::<i64>(11)?,
-                        class: row.get::<String>(12)?.unwrap_or_default(),
-                        command: row.get::<String>(13)?.unwrap_or_default(),
-                        objects: json(row.get::<String>(14)?).unwrap_or(serde_json::Value::Null),
-                        statement: row.get::<String>(15)?,
-                        statement_sha256: row.get::<Vec<u8>>(16)?,
-                        rows: row.get::<i64>(17)?,
-                        outcome: row.get::<String>(18)?.unwrap_or_default(),
-                        sqlstate: row.get::<String>(19)?,
-                        message: row.get::<String>(20)?,
-                        decision: json(row.get::<String>(21)?),
-                    };
-                    let prev = row.get::<Vec<u8>>(22)?.unwrap_or_default();
-                    let hash = row.get::<Vec<u8>>(23)?.unwrap_or_default();
-                    if let Err(f) = verifier.push(&rec, &prev, &hash) {
-                        failure = Some(f);
-                        break 'outer;
-                    }
-                }
-            }
+            })?;
             Ok::<_, pgrx::spi::Error>((verifier.checked(), failure))
         })
     });
@@ -104,6 +197,168 @@ fn verify_audit_chain(
         Some(f) => (false, checked, Some(f.seq), Some(f.kind.to_string())),
     };
     TableIterator::once(row)
+}
+
+fn bad_argument(message: String, hint: &str) -> ! {
+    pgrx::pg_sys::panic::ErrorReport::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, "pg_custody")
+        .set_hint(hint)
+        .report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
+/// The checkpoint/digest path: the export stream of the chain fed to the same verifier the
+/// command-line program uses (one implementation of the format).
+fn verify_with_checkpoints(
+    from_seq: i64,
+    to_seq: Option<i64>,
+    trusted_digests: Option<JsonB>,
+    public_key: Option<String>,
+) -> (bool, i64, Option<i64>, Option<String>) {
+    if from_seq != 1 {
+        bad_argument(
+            "checkpoint and digest verification needs the whole chain".into(),
+            "Call custody.verify_audit_chain(1, ...) with trusted_digests or public_key.",
+        );
+    }
+    let verifier = public_key.map(|k| {
+        parse_verifier_key(k.trim()).unwrap_or_else(|e| {
+            bad_argument(
+                format!("invalid public key: {e}"),
+                "Pass the verifier key printed by `custody keygen` (name+keyhash+base64).",
+            )
+        })
+    });
+    let digests: Vec<Digest> = match trusted_digests.map(|j| j.0) {
+        None => Vec::new(),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .map(|d| {
+                Digest::parse(&d.to_string()).unwrap_or_else(|e| {
+                    bad_argument(format!("invalid digest {d}: {e}"), "Pass digests as returned by custody.audit_digest().")
+                })
+            })
+            .collect(),
+        Some(one @ serde_json::Value::Object(_)) => vec![Digest::parse(&one.to_string())
+            .unwrap_or_else(|e| bad_argument(format!("invalid digest: {e}"), "Pass digests as returned by custody.audit_digest()."))],
+        Some(other) => bad_argument(
+            format!("trusted_digests must be a JSON array of digests, not {other}"),
+            "Pass an array of objects as returned by custody.audit_digest().",
+        ),
+    };
+    let report = capture::internal(|| {
+        Spi::connect(|client| {
+            // The export is produced FETCH records at a time as the verifier reads it.
+            let mut next_from = 1i64;
+            let mut finished = false;
+            let refill = |buf: &mut Vec<u8>| -> bool {
+                if finished {
+                    return false;
+                }
+                let to = Some(match to_seq {
+                    Some(t) => t.min(next_from + FETCH - 1),
+                    None => next_from + FETCH - 1,
+                });
+                let mut records = 0i64;
+                let first = next_from == 1;
+                export_lines(client, next_from, to, |l| {
+                    if l.starts_with("{\"type\":\"chain\"") && !first {
+                        return true; // the header once, at the top
+                    }
+                    if l.starts_with("{\"type\":\"record\"") {
+                        records += 1;
+                    }
+                    buf.extend_from_slice(l.as_bytes());
+                    buf.push(b'\n');
+                    true
+                })
+                .unwrap_or_else(|e| error!("could not read custody.audit_log: {e}"));
+                next_from += FETCH;
+                finished = records < FETCH || to_seq.is_some_and(|t| next_from > t);
+                true
+            };
+            let reader = LineReader { buf: Vec::new(), pos: 0, refill: Box::new(refill) };
+            Ok::<_, pgrx::spi::Error>(verify_export(reader, verifier.as_ref(), &digests))
+        })
+    })
+    .unwrap_or_else(|e| error!("could not read custody.audit_log: {e}"));
+    match report {
+        Ok(r) => match r.failure {
+            None => (true, r.records, None, None),
+            Some(f) => (false, r.records, Some(f.seq), Some(format!("{}: {}", f.class.as_str(), f.reason))),
+        },
+        Err(e) => (false, 0, None, Some(format!("export could not be read: {e}"))),
+    }
+}
+
+/// A BufRead over lines produced on demand by `refill`, which appends the next lines to the
+/// buffer and returns false when there are no more.
+struct LineReader<'a> {
+    buf: Vec<u8>,
+    pos: usize,
+    refill: Box<dyn FnMut(&mut Vec<u8>) -> bool + 'a>,
+}
+
+impl std::io::Read for LineReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let avail = std::io::BufRead::fill_buf(self)?;
+        let n = out.len().min(avail.len());
+        out[..n].copy_from_slice(&avail[..n]);
+        std::io::BufRead::consume(self, n);
+        Ok(n)
+    }
+}
+
+impl std::io::BufRead for LineReader<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.pos >= self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+            if !(self.refill)(&mut self.buf) {
+                break;
+            }
+        }
+        Ok(&self.buf[self.pos..])
+    }
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.buf.len());
+    }
+}
+
+/// The chain as JSON lines — a header, every record with all it takes to recompute its
+/// hash, and every checkpoint — for `custody verify`. Holds the lines in memory: export a
+/// large chain in ranges.
+#[pg_extern(volatile, parallel_unsafe)]
+fn export_audit(
+    from_seq: default!(i64, 1),
+    to_seq: default!(Option<i64>, "NULL"),
+) -> SetOfIterator<'static, String> {
+    let lines = capture::internal(|| {
+        Spi::connect(|client| {
+            let mut lines = Vec::new();
+            export_lines(client, from_seq.max(1), to_seq, |l| {
+                lines.push(l);
+                true
+            })?;
+            Ok::<_, pgrx::spi::Error>(lines)
+        })
+    })
+    .unwrap_or_else(|e| error!("could not read custody.audit_log: {e}"));
+    SetOfIterator::new(lines)
+}
+
+/// {seq, hash, merkle_root, signed_note} of the latest checkpoint: keep it outside the
+/// database, and pass it back to verify_audit_chain(trusted_digests => ...) later.
+#[pg_extern(stable, parallel_safe)]
+fn audit_digest() -> Option<JsonB> {
+    let cp = capture::internal(|| {
+        Spi::connect(|client| {
+            let all = checkpoints(client, 1, None)?;
+            Ok::<_, pgrx::spi::Error>(all.into_iter().next_back())
+        })
+    })
+    .unwrap_or_else(|e| error!("could not read custody.checkpoints: {e}"))?;
+    let d = Digest { seq: cp.seq, hash: cp.hash, merkle_root: cp.merkle_root, signed_note: Some(cp.note) };
+    Some(JsonB(serde_json::from_str(&d.to_json()).expect("digest JSON")))
 }
 
 /// The last record of the chain.
@@ -150,6 +405,8 @@ fn status() -> JsonB {
         queue::ChainState::Ready => "appending",
     };
     JsonB(serde_json::json!({
+        "signing_key": s.key_status,
+        "last_checkpoint_seq": s.last_checkpoint_seq,
         "writer_pid": if s.writer_pid == 0 { serde_json::Value::Null } else { s.writer_pid.into() },
         "state": state,
         "head_seq": s.head_seq,

@@ -61,8 +61,9 @@ impl CustodyError {
                 "pg_custody",
             )
             .set_detail(
-                "Only the custody writer appends to the audit log, and nobody, superusers \
-                 included, may change it while pg_custody is loaded. This attempt is recorded.",
+                "Only the custody writer appends to the audit log and its checkpoints, and \
+                 nobody, superusers included, may change them while pg_custody is loaded. This \
+                 attempt is recorded.",
             ),
             DropRefused { object } => ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,

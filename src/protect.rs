@@ -15,11 +15,11 @@ use crate::error::CustodyError;
 use crate::settings;
 
 /// Tables pg_custody protects, in schema `custody`.
-const PROTECTED: [&CStr; 1] = [c"audit_log"];
+const PROTECTED: [&CStr; 3] = [c"audit_log", c"checkpoints", c"public_keys"];
 
 static mut IS_WRITER: bool = false;
 /// Cached OIDs of the protected tables in this database (None = not looked up yet).
-static mut CACHE: Option<[pg_sys::Oid; 1]> = None;
+static mut CACHE: Option<[pg_sys::Oid; 3]> = None;
 static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
 
 /// Marks this process as the custody writer, the one allowed to append.
@@ -47,7 +47,7 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, _relid: pg_sy
     unsafe { CACHE = None };
 }
 
-fn protected_oids() -> [pg_sys::Oid; 1] {
+fn protected_oids() -> [pg_sys::Oid; 3] {
     // SAFETY: syscache lookups inside a transaction; missing objects give InvalidOid.
     unsafe {
         if let Some(c) = CACHE {
@@ -55,7 +55,7 @@ fn protected_oids() -> [pg_sys::Oid; 1] {
         }
         let nsp = pg_sys::get_namespace_oid(c"custody".as_ptr(), true);
         let oids = if nsp == pg_sys::InvalidOid {
-            [pg_sys::InvalidOid; 1]
+            [pg_sys::InvalidOid; 3]
         } else {
             PROTECTED.map(|name| pg_sys::get_relname_relid(name.as_ptr(), nsp))
         };
@@ -137,7 +137,7 @@ unsafe fn check_rv(rv: *mut pg_sys::RangeVar, action: &'static str) -> Option<(p
 /// # Safety
 /// `node` must be a valid parse tree node.
 pub unsafe fn utility_violation(node: *mut pg_sys::Node) -> Option<(pg_sys::Oid, &'static str)> {
-    if is_writer() || node.is_null() || protected_oids() == [pg_sys::InvalidOid; 1] {
+    if is_writer() || node.is_null() || protected_oids() == [pg_sys::InvalidOid; 3] {
         return None;
     }
     // Our own extension scripts (CREATE/ALTER EXTENSION pg_custody) may alter the tables.

@@ -51,6 +51,10 @@ struct Shared {
     /// the writer turns each increase into a `system` gap record.
     lost: AtomicU64,
     head_seq: AtomicI64,
+    last_checkpoint_seq: AtomicI64,
+    /// The signing key's state as text (under `lock`), for custody.status().
+    key_status_len: u32,
+    key_status: [u8; 256],
     // the ring of `capacity` bytes follows
 }
 
@@ -285,6 +289,8 @@ pub fn note_lost() {
 
 /// What `custody.status()` shows of the queue.
 pub struct Status {
+    pub key_status: String,
+    pub last_checkpoint_seq: i64,
     pub capacity: u64,
     pub used: u64,
     pub writer_pid: i32,
@@ -297,13 +303,17 @@ pub fn status() -> Option<Status> {
     let s = shared()?;
     let sp = s as *const Shared;
     // SAFETY: a consistent read of head/tail needs the lock.
-    let used = unsafe {
+    let (used, key_status) = unsafe {
         pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_SHARED);
         let u = (*sp).head - (*sp).tail;
+        let n = ((*sp).key_status_len as usize).min(256);
+        let k = String::from_utf8_lossy(&(&(*sp).key_status)[..n]).into_owned();
         pg_sys::LWLockRelease(s.lock);
-        u
+        (u, k)
     };
     Some(Status {
+        key_status,
+        last_checkpoint_seq: s.last_checkpoint_seq.load(Ordering::Acquire),
         capacity: s.capacity,
         used,
         writer_pid: s.writer_pid.load(Ordering::Acquire),
@@ -343,6 +353,26 @@ impl Consumer {
 
     pub fn set_head_seq(&self, seq: i64) {
         self.s.head_seq.store(seq, Ordering::Release);
+    }
+
+    pub fn set_last_checkpoint(&self, seq: i64) {
+        self.s.last_checkpoint_seq.store(seq, Ordering::Release);
+    }
+
+    /// Publishes the signing key's state (truncated to 256 bytes) for custody.status().
+    pub fn set_key_status(&self, text: &str) {
+        let sp = self.s as *const Shared as *mut Shared;
+        let mut n = text.len().min(256);
+        while !text.is_char_boundary(n) {
+            n -= 1;
+        }
+        // SAFETY: the status text is written under the lock and read under it.
+        unsafe {
+            pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            (&mut (*sp).key_status)[..n].copy_from_slice(&text.as_bytes()[..n]);
+            (*sp).key_status_len = n as u32;
+            pg_sys::LWLockRelease(self.s.lock);
+        }
     }
 
     pub fn lost(&self) -> u64 {

@@ -35,6 +35,10 @@ static mut FAILURE_TIMEOUT_MS: c_int = 5000;
 static mut ON_FAILURE: c_int = OnFailure::Block as c_int;
 /// `custody.allow_drop` — allow dropping the audit log (postgresql.conf only).
 static mut ALLOW_DROP: bool = false;
+/// `custody.signing_key_file` — Ed25519 private key the writer signs checkpoints with.
+static mut SIGNING_KEY_FILE: *mut c_char = std::ptr::null_mut();
+/// `custody.checkpoint_interval` — seconds between signed checkpoints.
+static mut CHECKPOINT_INTERVAL_S: c_int = 60;
 
 /// Bumped by every custody setting's assign hook; compared at statement boundaries so that
 /// any change of a custody setting in a session is recorded (see `capture::settings_changed`).
@@ -71,6 +75,8 @@ pub const RECORDED_SETTINGS: &[&str] = &[
     "custody.failure_timeout",
     "custody.on_failure",
     "custody.allow_drop",
+    "custody.signing_key_file",
+    "custody.checkpoint_interval",
 ];
 
 // The enum option tables must outlive the GUCs: statics of raw pointers to C strings.
@@ -245,6 +251,34 @@ pub fn init() {
             Some(assign_bool),
             None,
         );
+        pg_sys::DefineCustomStringVariable(
+            c"custody.signing_key_file".as_ptr(),
+            c"File holding the Ed25519 private key that signs audit checkpoints.".as_ptr(),
+            c"Read by the custody writer at start and on reload; never stored in the database. \
+              Empty: checkpoints are not written."
+                .as_ptr(),
+            addr_of_mut!(SIGNING_KEY_FILE),
+            c"".as_ptr(),
+            PGC_SIGHUP,
+            su,
+            None,
+            Some(assign_string),
+            None,
+        );
+        pg_sys::DefineCustomIntVariable(
+            c"custody.checkpoint_interval".as_ptr(),
+            c"Time between signed checkpoints of the audit chain (when new records exist).".as_ptr(),
+            std::ptr::null(),
+            addr_of_mut!(CHECKPOINT_INTERVAL_S),
+            60,
+            1,
+            86_400,
+            PGC_SIGHUP,
+            su | pg_sys::GUC_UNIT_S as c_int,
+            None,
+            Some(assign_int),
+            None,
+        );
         pg_sys::MarkGUCPrefixReserved(c"custody".as_ptr());
     }
 }
@@ -311,6 +345,11 @@ unsafe extern "C-unwind" fn assign_bool(_newval: bool, _extra: *mut c_void) {
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn assign_int(_newval: c_int, _extra: *mut c_void) {
+    bump();
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn assign_string(_newval: *const c_char, _extra: *mut c_void) {
     bump();
 }
 
@@ -382,6 +421,20 @@ pub fn on_failure() -> OnFailure {
 
 pub fn allow_drop() -> bool {
     unsafe { ALLOW_DROP }
+}
+
+/// The signing key file, or None when unset.
+pub fn signing_key_file() -> Option<String> {
+    let p = unsafe { SIGNING_KEY_FILE };
+    if p.is_null() {
+        return None;
+    }
+    let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().trim().to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+pub fn checkpoint_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(unsafe { CHECKPOINT_INTERVAL_S }.max(1) as u64)
 }
 
 pub fn generation() -> u64 {

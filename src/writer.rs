@@ -14,7 +14,8 @@ use pgrx::spi::OwnedPreparedStatement;
 use pgrx::datum::DatumWithOid;
 use pgrx::{pg_sys, PgOid};
 
-use custody_chain::{genesis_hash, Hash, Record};
+use custody_chain::export::CheckpointLine;
+use custody_chain::{checkpoint_origin, genesis_hash, parse_private_key, Hash, MerkleBuilder, PrivateKey, Record};
 
 use crate::capture::class::Class;
 use crate::capture::wire::{Captured, Outcome};
@@ -40,6 +41,49 @@ pub fn init() {
 struct Chain {
     seq: i64,
     hash: Hash,
+    /// RFC 6962 Merkle tree over every record hash, 1..=seq (O(log n) state).
+    merkle: MerkleBuilder,
+    /// seq of the last checkpoint (0: none).
+    checkpointed: i64,
+}
+
+/// The signing key, loaded from custody.signing_key_file at start and on reload.
+struct Signer {
+    key: Option<PrivateKey>,
+    origin: String,
+}
+
+impl Signer {
+    fn load(queue: &Consumer) -> Signer {
+        // SAFETY: plain reads of the control file's system identifier and this database's OID.
+        let origin = unsafe {
+            checkpoint_origin(pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId))
+        };
+        let key = match settings::signing_key_file() {
+            None => {
+                queue.set_key_status("none: custody.signing_key_file is not set; checkpoints are not written");
+                None
+            }
+            Some(path) => match std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| parse_private_key(t.trim()).map_err(|e| e.to_string()))
+            {
+                Ok(k) => {
+                    let id = custody_chain::hex::encode(&k.key_id());
+                    queue.set_key_status(&format!("loaded: key {} ({id}) from {path}", k.name()));
+                    log!("pg_custody writer: signing checkpoints with key {} ({id})", k.name());
+                    Some(k)
+                }
+                Err(e) => {
+                    let msg = format!("error: cannot use custody.signing_key_file \"{path}\": {e}; the chain is written unsigned");
+                    warning!("pg_custody writer: {msg}");
+                    queue.set_key_status(&msg);
+                    None
+                }
+            },
+        };
+        Signer { key, origin }
+    }
 }
 
 static mut INSERT: Option<OwnedPreparedStatement> = None;
@@ -76,6 +120,8 @@ fn run() {
     let mut lost_recorded = queue.lost();
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH_RECORDS);
     let mut last_settings = settings::generation();
+    let mut signer = Signer::load(&queue);
+    let mut last_checkpoint = std::time::Instant::now();
 
     loop {
         if chain.is_none() {
@@ -84,6 +130,7 @@ fn run() {
                 Some(c) => {
                     queue.set_state(ChainState::Ready);
                     queue.set_head_seq(c.seq);
+                    queue.set_last_checkpoint(c.checkpointed);
                     log!("pg_custody writer: appending to custody.audit_log after seq {}", c.seq);
                     let c = chain.as_mut().expect("just set");
                     append(c, vec![system_record("WRITER START", None)]);
@@ -99,6 +146,7 @@ fn run() {
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reading postgresql.conf in this process, as every worker does.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            signer = Signer::load(&queue);
         }
 
         let Some(c) = chain.as_mut() else {
@@ -130,6 +178,11 @@ fn run() {
             lost_recorded = lost;
         }
 
+        if c.seq > c.checkpointed && last_checkpoint.elapsed() >= settings::checkpoint_interval() {
+            checkpoint(c, &signer, &queue);
+            last_checkpoint = std::time::Instant::now();
+        }
+
         batch.clear();
         let end = queue.peek(BATCH_RECORDS, BATCH_BYTES, &mut batch);
         if !batch.is_empty() {
@@ -143,7 +196,9 @@ fn run() {
             continue;
         }
 
-        let stop = !BackgroundWorker::wait_latch(Some(Duration::from_millis(1000)));
+        let stop = !BackgroundWorker::wait_latch(Some(Duration::from_millis(
+            settings::checkpoint_interval().as_millis().min(1000) as u64,
+        )));
         if stop {
             // Clean shutdown: drain what is queued, then say so in the chain.
             batch.clear();
@@ -155,6 +210,7 @@ fn run() {
             records.push(system_record("WRITER STOP", None));
             append(c, records);
             queue.advance(end);
+            checkpoint(c, &signer, &queue);
             return;
         }
     }
@@ -182,7 +238,8 @@ fn system_record(command: &str, objects: Option<serde_json::Value>) -> Captured 
     }
 }
 
-/// Reads the chain head, or None when the audit log does not exist in this database.
+/// Reads the chain head and rebuilds the Merkle tree over every record hash, or None when
+/// the audit log does not exist in this database.
 fn load_head() -> Option<Chain> {
     Spi::connect(|client| {
         let exists = client
@@ -196,21 +253,79 @@ fn load_head() -> Option<Chain> {
         if !exists {
             return None;
         }
-        let row = client
-            .select("SELECT seq, hash FROM custody.audit_log ORDER BY seq DESC LIMIT 1", None, &[])
-            .ok()?
-            .first();
-        let seq = row.get::<i64>(1).ok().flatten();
-        let hash = row.get::<Vec<u8>>(2).ok().flatten();
-        Some(match (seq, hash) {
-            (Some(seq), Some(h)) if h.len() == 32 => {
-                let mut hash = [0u8; 32];
-                hash.copy_from_slice(&h);
-                Chain { seq, hash }
+        let mut chain = Chain { seq: 0, hash: genesis(), merkle: MerkleBuilder::new(), checkpointed: 0 };
+        let mut cursor = client.open_cursor("SELECT seq, hash FROM custody.audit_log ORDER BY seq", &[]);
+        loop {
+            let table = cursor.fetch(10_000).expect("read custody.audit_log");
+            if table.is_empty() {
+                break;
             }
-            _ => Chain { seq: 0, hash: genesis() },
-        })
+            for row in table {
+                let seq = row.get::<i64>(1).ok().flatten().unwrap_or_default();
+                let h = row.get::<Vec<u8>>(2).ok().flatten().unwrap_or_default();
+                let hash: Hash = h.try_into().unwrap_or([0u8; 32]);
+                chain.merkle.push(&hash);
+                chain.seq = seq;
+                chain.hash = hash;
+            }
+        }
+        chain.checkpointed = client
+            .select("SELECT coalesce(max(seq), 0)::int8 FROM custody.checkpoints", None, &[])
+            .ok()
+            .and_then(|t| t.first().get_one::<i64>().ok().flatten())
+            .unwrap_or(0);
+        Some(chain)
     })
+}
+
+/// Signs and stores a checkpoint of the chain as it stands (when a key is loaded and
+/// there is something new to cover).
+fn checkpoint(chain: &mut Chain, signer: &Signer, queue: &Consumer) {
+    let Some(key) = &signer.key else { return };
+    if chain.seq <= chain.checkpointed {
+        return;
+    }
+    let now = now_unix_us();
+    let line = match CheckpointLine::sign(&signer.origin, chain.seq, chain.hash, chain.merkle.root(), key, now) {
+        Ok(l) => l,
+        Err(e) => {
+            warning!("pg_custody writer: could not sign a checkpoint: {e}");
+            return;
+        }
+    };
+    let verifier = key.verifier().to_text();
+    BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+        Spi::connect_mut(|client| {
+            let ts = |us: i64| unsafe { DatumWithOid::new(us - PG_EPOCH_OFFSET_US, pg_sys::TIMESTAMPTZOID) };
+            client
+                .update(
+                    "INSERT INTO custody.checkpoints (seq, hash, merkle_root, key_id, signature, signed_at, note) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    None,
+                    &[
+                        line.seq.into(),
+                        line.hash.to_vec().into(),
+                        line.merkle_root.to_vec().into(),
+                        line.key_id.as_str().into(),
+                        line.signature.as_str().into(),
+                        ts(now),
+                        line.note.as_str().into(),
+                    ],
+                )
+                .expect("insert checkpoint");
+            client
+                .update(
+                    "INSERT INTO custody.public_keys (key_id, public_key, first_used, last_used) \
+                     VALUES ($1, $2, $3, $3) \
+                     ON CONFLICT (key_id) DO UPDATE SET last_used = excluded.last_used",
+                    None,
+                    &[line.key_id.as_str().into(), verifier.as_str().into(), ts(now)],
+                )
+                .expect("record public key");
+        })
+    }));
+    chain.checkpointed = chain.seq;
+    queue.set_last_checkpoint(chain.seq);
 }
 
 /// The prev_hash of record 1: binds the chain to this cluster and database.
@@ -225,6 +340,7 @@ pub fn genesis() -> Hash {
 fn append(chain: &mut Chain, records: Vec<Captured>) {
     let logged_at = now_unix_us();
     let (mut seq, mut prev) = (chain.seq, chain.hash);
+    let mut hashes: Vec<Hash> = Vec::with_capacity(records.len());
     let mut buf = Vec::with_capacity(1024);
     BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
         Spi::connect_mut(|client| {
@@ -280,12 +396,16 @@ fn append(chain: &mut Chain, records: Vec<Captured>) {
                     hash.to_vec().into(),
                 ];
                 client.update(stmt, None, &args).expect("insert audit record");
+                hashes.push(hash);
                 prev = hash;
             }
         })
     }));
     chain.seq = seq;
     chain.hash = prev;
+    for h in &hashes {
+        chain.merkle.push(h);
+    }
 }
 
 fn to_record(seq: i64, logged_at: i64, c: Captured) -> Record {
