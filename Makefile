@@ -15,6 +15,8 @@ REGRESS_PORT:= 54330
 CLIENT_DIR  := target/client-cluster
 CLIENT_PORT := 54331
 BINDIR      ?= /usr/local/bin
+BENCH_SECONDS ?= 20
+BENCH_ROUNDS  ?= 3
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
@@ -95,9 +97,11 @@ test-client:
 	    cargo test -p pg_custody_client_tests -- --test-threads=1
 	$(CLUSTER) stop $(CLIENT_DIR)
 
-## bench: what auditing costs (pgbench with and without the library)
-bench: install
-	scripts/bench.sh
+## bench: what auditing costs (pgbench with and without the library, pgAudit alongside);
+## release build. Measures and prints; never part of `make test`.
+bench: setup
+	$(SUDO) env PATH="$(PATH)" cargo pgrx install --release --pg-config $(PG_CONFIG)
+	scripts/bench.sh $(BENCH_SECONDS) $(BENCH_ROUNDS)
 
 ## stop / clean: the throwaway clusters
 stop:

@@ -79,7 +79,7 @@ echo "digest: $(cat "$dir.digest.json")"
 psql -c "SELECT * FROM custody.verify_audit_chain(trusted_digests => jsonb_build_array(custody.audit_digest()), public_key => '$pub')"
 
 say "An auditor verifies an export offline, with only the public key and the digest"
-psql -qAt -c "SELECT * FROM custody.export_audit()" > "$dir.export.jsonl"
+psql -q -c "COPY (SELECT * FROM custody.export_audit()) TO STDOUT" > "$dir.export.jsonl"
 echo "exported $(wc -l < "$dir.export.jsonl") lines to $dir.export.jsonl"
 echo "\$ custody verify --log $dir.export.jsonl --public-key '$pub' --digest $dir.digest.json"
 custody verify --log "$dir.export.jsonl" --public-key "$pub" --digest "$dir.digest.json"

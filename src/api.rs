@@ -114,6 +114,7 @@ fn chain_header() -> ExportLine {
         system_identifier: sysid,
         database_oid: dboid,
         database: crate::settings::database().to_string(),
+        escape: Some("\\".into()),
     })
 }
 

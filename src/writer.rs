@@ -11,7 +11,7 @@ use std::time::Duration;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
-use pgrx::datum::DatumWithOid;
+use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
 use pgrx::{pg_sys, PgOid};
 
 use custody_chain::export::CheckpointLine;
@@ -91,9 +91,16 @@ static mut INSERT: Option<OwnedPreparedStatement> = None;
 const INSERT_SQL: &str = "INSERT INTO custody.audit_log (seq, event_time, logged_at, \
     database_name, session_user_name, current_user_name, client_addr, application_name, \
     backend_pid, nesting_level, xid, class, command, objects, statement, statement_sha256, \
-    rows, outcome, sqlstate, message, decision, prev_hash, hash) VALUES ($1, \
-    $2, $3, $4, $5, $6, $7::inet, $8, \
-    $9, $10, $11, $12, $13, $14::jsonb, $15, $16, $17, $18, $19, $20, $21::jsonb, $22, $23)";
+    rows, outcome, sqlstate, message, decision, prev_hash, hash) \
+    SELECT seq, event_time, logged_at, database_name, session_user_name, current_user_name, \
+    client_addr::inet, application_name, backend_pid, nesting_level, xid, class, command, \
+    objects::jsonb, statement, statement_sha256, rows, outcome, sqlstate, message, \
+    decision::jsonb, prev_hash, hash \
+    FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+    $18, $19, $20, $21, $22, $23) AS r(seq, event_time, logged_at, database_name, \
+    session_user_name, current_user_name, client_addr, application_name, backend_pid, \
+    nesting_level, xid, class, command, objects, statement, statement_sha256, rows, outcome, \
+    sqlstate, message, decision, prev_hash, hash)";
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -342,69 +349,161 @@ fn append(chain: &mut Chain, records: Vec<Captured>) {
     let (mut seq, mut prev) = (chain.seq, chain.hash);
     let mut hashes: Vec<Hash> = Vec::with_capacity(records.len());
     let mut buf = Vec::with_capacity(1024);
+    let mut cols = Columns::with_capacity(records.len());
+    for c in records {
+        seq += 1;
+        let rec = to_record(seq, logged_at, c);
+        let hash = rec.chain_hash_with(&prev, &mut buf);
+        cols.push(rec, prev, hash);
+        hashes.push(hash);
+        prev = hash;
+    }
     BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
         Spi::connect_mut(|client| {
             #[allow(static_mut_refs)]
             // SAFETY: the writer is single-threaded; the plan is kept across transactions.
             let stmt = unsafe {
                 if INSERT.is_none() {
-                    let types: Vec<PgOid> = [
-                        pg_sys::INT8OID, pg_sys::TIMESTAMPTZOID, pg_sys::TIMESTAMPTZOID, pg_sys::TEXTOID,
-                        pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID,
-                        pg_sys::INT4OID, pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::TEXTOID,
-                        pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::BYTEAOID,
-                        pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID,
-                        pg_sys::TEXTOID, pg_sys::BYTEAOID, pg_sys::BYTEAOID,
-                    ]
-                    .into_iter()
-                    .map(PgOid::from)
-                    .collect();
+                    let types: Vec<PgOid> = Columns::TYPES.into_iter().map(PgOid::from).collect();
                     let p = client.prepare_mut(INSERT_SQL, &types).expect("prepare insert");
                     INSERT = Some(p.keep());
                 }
                 INSERT.as_ref().expect("just prepared")
             };
-            for c in records {
-                seq += 1;
-                let rec = to_record(seq, logged_at, c);
-                let hash = rec.chain_hash_with(&prev, &mut buf);
-                let decision = rec.decision.as_ref().map(|d| d.to_string());
-                let args = [
-                    rec.seq.into(),
-                    // SAFETY: a timestamptz Datum is an int64 of µs since 2000-01-01.
-                    unsafe { DatumWithOid::new(rec.event_time - PG_EPOCH_OFFSET_US, pg_sys::TIMESTAMPTZOID) },
-                    unsafe { DatumWithOid::new(rec.logged_at - PG_EPOCH_OFFSET_US, pg_sys::TIMESTAMPTZOID) },
-                    rec.database_name.as_str().into(),
-                    rec.session_user_name.as_str().into(),
-                    rec.current_user_name.as_str().into(),
-                    rec.client_addr.as_deref().into(),
-                    rec.application_name.as_deref().into(),
-                    rec.backend_pid.into(),
-                    rec.nesting_level.into(),
-                    rec.xid.into(),
-                    rec.class.as_str().into(),
-                    rec.command.as_str().into(),
-                    rec.objects.to_string().into(),
-                    rec.statement.as_deref().into(),
-                    rec.statement_sha256.clone().into(),
-                    rec.rows.into(),
-                    rec.outcome.as_str().into(),
-                    rec.sqlstate.as_deref().into(),
-                    rec.message.as_deref().into(),
-                    decision.into(),
-                    prev.to_vec().into(),
-                    hash.to_vec().into(),
-                ];
-                client.update(stmt, None, &args).expect("insert audit record");
-                hashes.push(hash);
-                prev = hash;
-            }
+            // One INSERT ... SELECT FROM unnest(arrays) per batch: one executor run instead
+            // of one per record.
+            client.update(stmt, None, &cols.into_args()).expect("insert audit records");
         })
     }));
     chain.seq = seq;
     chain.hash = prev;
     for h in &hashes {
         chain.merkle.push(h);
+    }
+}
+
+/// A batch of records, column by column, for the unnest() insert.
+struct Columns {
+    seq: Vec<i64>,
+    event_time: Vec<TimestampWithTimeZone>,
+    logged_at: Vec<TimestampWithTimeZone>,
+    database_name: Vec<String>,
+    session_user_name: Vec<String>,
+    current_user_name: Vec<String>,
+    client_addr: Vec<Option<String>>,
+    application_name: Vec<Option<String>>,
+    backend_pid: Vec<i32>,
+    nesting_level: Vec<i32>,
+    xid: Vec<Option<i64>>,
+    class: Vec<String>,
+    command: Vec<String>,
+    objects: Vec<String>,
+    statement: Vec<Option<String>>,
+    statement_sha256: Vec<Option<Vec<u8>>>,
+    rows: Vec<Option<i64>>,
+    outcome: Vec<String>,
+    sqlstate: Vec<Option<String>>,
+    message: Vec<Option<String>>,
+    decision: Vec<Option<String>>,
+    prev_hash: Vec<Vec<u8>>,
+    hash: Vec<Vec<u8>>,
+}
+
+fn pg_timestamp(unix_us: i64) -> TimestampWithTimeZone {
+    // A timestamptz is µs since 2000-01-01; every value we produce is in range.
+    TimestampWithTimeZone::try_from(unix_us - PG_EPOCH_OFFSET_US).expect("timestamp in range")
+}
+
+impl Columns {
+    const TYPES: [pg_sys::Oid; 23] = [
+        pg_sys::INT8ARRAYOID, pg_sys::TIMESTAMPTZARRAYOID, pg_sys::TIMESTAMPTZARRAYOID,
+        pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID,
+        pg_sys::TEXTARRAYOID, pg_sys::INT4ARRAYOID, pg_sys::INT4ARRAYOID, pg_sys::INT8ARRAYOID,
+        pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID,
+        pg_sys::BYTEAARRAYOID, pg_sys::INT8ARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID,
+        pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::BYTEAARRAYOID, pg_sys::BYTEAARRAYOID,
+    ];
+
+    fn with_capacity(n: usize) -> Columns {
+        Columns {
+            seq: Vec::with_capacity(n),
+            event_time: Vec::with_capacity(n),
+            logged_at: Vec::with_capacity(n),
+            database_name: Vec::with_capacity(n),
+            session_user_name: Vec::with_capacity(n),
+            current_user_name: Vec::with_capacity(n),
+            client_addr: Vec::with_capacity(n),
+            application_name: Vec::with_capacity(n),
+            backend_pid: Vec::with_capacity(n),
+            nesting_level: Vec::with_capacity(n),
+            xid: Vec::with_capacity(n),
+            class: Vec::with_capacity(n),
+            command: Vec::with_capacity(n),
+            objects: Vec::with_capacity(n),
+            statement: Vec::with_capacity(n),
+            statement_sha256: Vec::with_capacity(n),
+            rows: Vec::with_capacity(n),
+            outcome: Vec::with_capacity(n),
+            sqlstate: Vec::with_capacity(n),
+            message: Vec::with_capacity(n),
+            decision: Vec::with_capacity(n),
+            prev_hash: Vec::with_capacity(n),
+            hash: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, rec: Record, prev: Hash, hash: Hash) {
+        self.seq.push(rec.seq);
+        self.event_time.push(pg_timestamp(rec.event_time));
+        self.logged_at.push(pg_timestamp(rec.logged_at));
+        self.database_name.push(rec.database_name);
+        self.session_user_name.push(rec.session_user_name);
+        self.current_user_name.push(rec.current_user_name);
+        self.client_addr.push(rec.client_addr);
+        self.application_name.push(rec.application_name);
+        self.backend_pid.push(rec.backend_pid);
+        self.nesting_level.push(rec.nesting_level);
+        self.xid.push(rec.xid);
+        self.class.push(rec.class);
+        self.command.push(rec.command);
+        self.objects.push(rec.objects.to_string());
+        self.statement.push(rec.statement);
+        self.statement_sha256.push(rec.statement_sha256);
+        self.rows.push(rec.rows);
+        self.outcome.push(rec.outcome);
+        self.sqlstate.push(rec.sqlstate);
+        self.message.push(rec.message);
+        self.decision.push(rec.decision.map(|d| d.to_string()));
+        self.prev_hash.push(prev.to_vec());
+        self.hash.push(hash.to_vec());
+    }
+
+    fn into_args(self) -> Vec<DatumWithOid<'static>> {
+        vec![
+            self.seq.into(),
+            self.event_time.into(),
+            self.logged_at.into(),
+            self.database_name.into(),
+            self.session_user_name.into(),
+            self.current_user_name.into(),
+            self.client_addr.into(),
+            self.application_name.into(),
+            self.backend_pid.into(),
+            self.nesting_level.into(),
+            self.xid.into(),
+            self.class.into(),
+            self.command.into(),
+            self.objects.into(),
+            self.statement.into(),
+            self.statement_sha256.into(),
+            self.rows.into(),
+            self.outcome.into(),
+            self.sqlstate.into(),
+            self.message.into(),
+            self.decision.into(),
+            self.prev_hash.into(),
+            self.hash.into(),
+        ]
     }
 }
 

@@ -232,3 +232,140 @@ pub fn marker(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{prefix}_{}_{}", std::process::id(), nanos % 1_000_000_000_000)
 }
+
+// ---- Signing keys, checkpoints and exports (tests/checkpoints.rs, tests/offline_verify.rs) ----
+
+/// Stops the cluster when dropped, also when the test panics.
+pub struct StopOnDrop(pub Cluster);
+
+impl std::ops::Deref for StopOnDrop {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.0
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let dir = self.0.dir.to_str().unwrap().to_string();
+        let script = repo_root().join("scripts").join("cluster.sh");
+        let _ = Command::new("bash").arg(&script).args(["stop", &dir, "fast"]).output();
+    }
+}
+
+/// The `custody` command-line tool: the workspace build if present, else the installed one.
+pub fn custody_bin() -> PathBuf {
+    let local = repo_root().join("target").join("debug").join("custody");
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from("custody")
+    }
+}
+
+/// Runs `custody args...`; returns (exit code, stdout, stderr).
+pub fn run_custody(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(custody_bin()).args(args).output().expect("run custody");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `custody keygen --out path --name name`, the file then owned by postgres (the server reads
+/// it); returns the verifier key printed on stdout.
+pub fn keygen(path: &std::path::Path, name: &str) -> String {
+    let (code, out, err) = run_custody(&["keygen", "--out", path.to_str().unwrap(), "--name", name]);
+    assert_eq!(code, 0, "custody keygen failed: {out}\n{err}");
+    chown_postgres(path);
+    let key = out.trim().to_string();
+    assert!(key.starts_with(&format!("{name}+")), "unexpected verifier key {key:?}");
+    key
+}
+
+pub fn chown_postgres(path: &std::path::Path) {
+    let st = Command::new("chown").arg("postgres:").arg(path).status().expect("chown");
+    assert!(st.success(), "chown postgres: {}", path.display());
+}
+
+/// Appends settings to the cluster's postgresql.conf (later lines win) and reloads.
+pub fn set_and_reload(cluster: &Cluster, c: &mut Client, settings: &[&str]) {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(cluster.dir.join("postgresql.conf"))
+        .expect("open postgresql.conf");
+    for s in settings {
+        writeln!(f, "{s}").unwrap();
+    }
+    drop(f);
+    let ok: bool = c.query_one("SELECT pg_reload_conf()", &[]).unwrap().get(0);
+    assert!(ok, "pg_reload_conf() failed");
+}
+
+/// `custody.status()->>'signing_key'`.
+pub fn signing_key_status(c: &mut Client) -> String {
+    c.query_one("SELECT custody.status()->>'signing_key'", &[]).expect("custody.status()").get::<_, Option<String>>(0)
+        .unwrap_or_default()
+}
+
+/// Polls until the signing_key status starts with `prefix` and contains `needle`; returns it.
+pub fn wait_key_status(c: &mut Client, prefix: &str, needle: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = signing_key_status(c);
+        if s.starts_with(prefix) && s.contains(needle) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "signing_key status {s:?} did not become {prefix}...{needle}... within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls until `custody.status()->>'last_checkpoint_seq'` is at least `min_seq`; returns it.
+pub fn wait_checkpoint(c: &mut Client, min_seq: i64) -> i64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s: Option<i64> = c
+            .query_one("SELECT (custody.status()->>'last_checkpoint_seq')::int8", &[])
+            .expect("custody.status()")
+            .get(0);
+        if let Some(s) = s.filter(|&s| s >= min_seq && s > 0) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint at seq >= {min_seq} within {WAIT:?}: last {s:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `custody.audit_digest()` as JSON text (panics if there is no checkpoint).
+pub fn audit_digest(c: &mut Client) -> String {
+    let d: Option<String> = c.query_one("SELECT custody.audit_digest()::text", &[]).expect("audit_digest()").get(0);
+    d.expect("audit_digest() is NULL: no checkpoint")
+}
+
+/// `verify_audit_chain(trusted_digests => digests, public_key => key)`.
+pub fn verify_with(c: &mut Client, digests: Option<&str>, key: Option<&str>) -> Verify {
+    let r = c
+        .query_one(
+            "SELECT ok, checked, first_bad_seq, reason FROM custody.verify_audit_chain(\
+             trusted_digests => $1::text::jsonb, public_key => $2)",
+            &[&digests, &key],
+        )
+        .expect("verify_audit_chain(trusted_digests, public_key)");
+    Verify { ok: r.get(0), checked: r.get(1), first_bad_seq: r.get(2), reason: r.get(3) }
+}
+
+/// Writes `custody.export_audit()` to `path`, one line each, trailing newline.
+pub fn export_to_file(c: &mut Client, path: &std::path::Path) -> Vec<String> {
+    let lines: Vec<String> =
+        c.query("SELECT * FROM custody.export_audit()", &[]).expect("export_audit()").iter().map(|r| r.get(0)).collect();
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(path, text).expect("write export");
+    lines
+}

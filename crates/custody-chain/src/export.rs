@@ -25,6 +25,11 @@ pub struct ChainHeader {
     pub system_identifier: u64,
     pub database_oid: u32,
     pub database: String,
+    /// Always a single backslash. Makes the export self-describing when it went through
+    /// PostgreSQL's `COPY ... TO STDOUT` text format, which doubles every backslash: the
+    /// verifier then sees two here and undoes COPY's escaping on every line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escape: Option<String>,
 }
 
 /// A record as stored, with its stored prev_hash and hash.
@@ -81,6 +86,29 @@ impl CheckpointLine {
             note: note::sign_note(&body, key)?,
         })
     }
+}
+
+/// Undoes the escaping of PostgreSQL's COPY text format (backslash sequences).
+pub fn unescape_copy_text(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('b') => out.push('\u{8}'),
+            Some('f') => out.push('\u{c}'),
+            Some('v') => out.push('\u{b}'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
 }
 
 /// One line of an export.
@@ -287,6 +315,7 @@ pub fn verify_export(
     let mut wrong_key: Option<ExportFailure> = None;
     let mut text = String::new();
     let mut lineno = 0u64;
+    let mut copy_text = false;
 
     loop {
         text.clear();
@@ -300,6 +329,16 @@ pub fn verify_export(
         }
         let line = text.strip_suffix('\n').unwrap_or(&text);
         let line = line.strip_suffix('\r').unwrap_or(line);
+        if lineno == 1 && line.contains(r#""escape":"\\\\""#) {
+            copy_text = true;
+        }
+        let unescaped;
+        let line = if copy_text {
+            unescaped = unescape_copy_text(line);
+            unescaped.as_str()
+        } else {
+            line
+        };
         let parsed = ExportLine::parse(line).map_err(|m| ExportError { line: lineno, message: m })?;
         let malformed = |m: &str| ExportError { line: lineno, message: m.to_string() };
         match parsed {
@@ -446,7 +485,7 @@ mod tests {
     /// An export of `n` records with checkpoints after every `every`th
     /// record; also returns a digest at each checkpoint.
     fn build(n: i64, every: i64, key: &PrivateKey) -> (Vec<String>, Vec<Digest>) {
-        let header = ChainHeader { format: 1, system_identifier: SYSID, database_oid: OID, database: "app".into() };
+        let header = ChainHeader { format: 1, system_identifier: SYSID, database_oid: OID, database: "app".into(), escape: None };
         let origin = note::checkpoint_origin(SYSID, OID);
         let mut lines = vec![ExportLine::Chain(header).to_json()];
         let mut digests = Vec::new();
@@ -618,5 +657,71 @@ mod tests {
         assert_eq!(run(&lines[1..2], None, &[]).unwrap_err().line, 1);
         let wrong_format = lines[0].replace("\"format\":1", "\"format\":2");
         assert!(run(&[wrong_format], None, &[]).unwrap_err().message.contains("unsupported format"));
+    }
+
+    #[test]
+    fn an_export_that_went_through_copy_text_format_still_verifies() {
+        let (sk, vk) = test_keys_for_copy();
+        let header = ChainHeader {
+            format: 1,
+            system_identifier: SYSID,
+            database_oid: OID,
+            database: "app".into(),
+            escape: Some("\\".into()),
+        };
+        let mut prev = genesis_hash(SYSID, OID);
+        let mut m = MerkleBuilder::new();
+        let mut lines = vec![ExportLine::Chain(header).to_json()];
+        for seq in 1..=3 {
+            let mut rec = sample_record_for_copy(seq);
+            rec.statement = Some(format!("SELECT 'a\\b \"q\"' -- {seq}"));
+            let hash = rec.chain_hash(&prev);
+            lines.push(ExportLine::Record(RecordLine { record: rec, prev_hash: prev, hash }).to_json());
+            m.push(&hash);
+            prev = hash;
+        }
+        let origin = note::checkpoint_origin(SYSID, OID);
+        let cp = CheckpointLine::sign(&origin, 3, prev, m.root(), &sk, 0).unwrap();
+        lines.push(ExportLine::Checkpoint(cp).to_json());
+        // COPY ... TO STDOUT (text format) doubles every backslash.
+        let copied: String = lines.iter().map(|l| l.replace('\\', "\\\\") + "\n").collect();
+        assert_ne!(copied, lines.join("\n") + "\n");
+        let report = verify_export(copied.as_bytes(), Some(&vk), &[]).unwrap();
+        assert!(report.ok, "{:?}", report.failure);
+        assert_eq!(report.records, 3);
+        let plain = lines.join("\n") + "\n";
+        assert!(verify_export(plain.as_bytes(), Some(&vk), &[]).unwrap().ok);
+    }
+
+    fn test_keys_for_copy() -> (PrivateKey, VerifierKey) {
+        let sk = PrivateKey::from_seed("copy-test", &[9u8; 32]).unwrap();
+        let vk = sk.verifier();
+        (sk, vk)
+    }
+
+    fn sample_record_for_copy(seq: i64) -> Record {
+        Record {
+            seq,
+            event_time: 1,
+            logged_at: 2,
+            database_name: "app".into(),
+            session_user_name: "u".into(),
+            current_user_name: "u".into(),
+            client_addr: None,
+            application_name: None,
+            backend_pid: 1,
+            nesting_level: 0,
+            xid: None,
+            class: "read".into(),
+            command: "SELECT".into(),
+            objects: serde_json::json!([]),
+            statement: None,
+            statement_sha256: None,
+            rows: None,
+            outcome: "success".into(),
+            sqlstate: None,
+            message: None,
+            decision: None,
+        }
     }
 }

@@ -77,6 +77,7 @@ fn write_export(path: &Path, n: i64, cp: i64, key: &PrivateKey) -> Digest {
         system_identifier: SYSID,
         database_oid: OID,
         database: "app".into(),
+        escape: None,
     })
     .to_json()];
     let mut prev = genesis_hash(SYSID, OID);
