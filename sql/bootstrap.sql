@@ -2,36 +2,55 @@
 -- CREATE EXTENSION runs this with search_path = custody (and the implicit pg_catalog);
 -- every name below is qualified anyway.
 
--- The audit chain lives in exactly one database of the cluster.
-DO $bootstrap$
-DECLARE
-    chain_db text := current_setting('custody.database', true);
+-- Roles are cluster-wide: created once, by whichever database installs pg_custody first.
+DO $roles$
 BEGIN
-    IF chain_db IS NULL THEN
+    IF current_setting('custody.database', true) IS NULL THEN
         RAISE EXCEPTION USING
             ERRCODE = '55000',
             MESSAGE = 'pg_custody must be loaded via shared_preload_libraries',
             HINT = 'Add pg_custody to shared_preload_libraries in postgresql.conf and restart the server.';
     END IF;
-    IF current_database() OPERATOR(pg_catalog.<>) chain_db THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '55000',
-            MESSAGE = format('pg_custody can only be created in the database named by custody.database (%I), not in %I',
-                             chain_db, current_database()),
-            HINT = format('Connect to database %I and run CREATE EXTENSION pg_custody there, or set custody.database in postgresql.conf and restart.',
-                          chain_db);
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'custody_auditor') THEN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'custody_auditor') THEN
         CREATE ROLE custody_auditor NOLOGIN;
     END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'custody_admin') THEN
+        CREATE ROLE custody_admin NOLOGIN;
+    END IF;
 END
-$bootstrap$;
+$roles$;
 
 COMMENT ON ROLE custody_auditor IS
     'pg_custody: may read custody.audit_log and run the verification functions';
+COMMENT ON ROLE custody_admin IS
+    'pg_custody: may manage policies, attributes, suspensions and row policies';
 
-GRANT USAGE ON SCHEMA custody TO custody_auditor;
+GRANT USAGE ON SCHEMA custody TO custody_auditor, custody_admin;
 
+-- Row policies live with their table, in every database where pg_custody is created.
+CREATE TABLE custody.row_policies (
+    name        text        NOT NULL PRIMARY KEY,
+    table_name  text        NOT NULL,
+    command     text        NOT NULL,
+    using_expr  text,
+    check_expr  text,
+    version     integer     NOT NULL,
+    sha256      bytea       NOT NULL,
+    updated_at  timestamptz NOT NULL,
+    updated_by  text        NOT NULL
+);
+COMMENT ON TABLE custody.row_policies IS
+    'pg_custody: row policies created with custody.create_row_policy() in this database (versioned; each change is in the audit chain)';
+REVOKE ALL ON custody.row_policies FROM PUBLIC;
+GRANT SELECT ON custody.row_policies TO custody_auditor, custody_admin;
+SELECT pg_catalog.pg_extension_config_dump('custody.row_policies', '');
+
+-- The audit chain and the policy store live in exactly one database of the cluster, the one
+-- named by custody.database; elsewhere pg_custody provides the row-policy functions only.
+DO $chain$
+BEGIN
+IF current_database() OPERATOR(pg_catalog.=) current_setting('custody.database') THEN
+EXECUTE $ddl$
 CREATE TABLE custody.audit_log (
     seq               bigint      NOT NULL PRIMARY KEY,
     event_time        timestamptz NOT NULL,
@@ -133,3 +152,63 @@ GRANT SELECT ON custody.checkpoints, custody.public_keys TO custody_auditor;
 SELECT pg_catalog.pg_extension_config_dump('custody.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('custody.checkpoints', '');
 SELECT pg_catalog.pg_extension_config_dump('custody.public_keys', '');
+
+-- The policy store: Rego policies, attributes, suspensions. Changed only through the
+-- custody.* management functions, which record every change and publish it at commit.
+CREATE TABLE custody.policy_store (
+    name        text        NOT NULL PRIMARY KEY,
+    source      text        NOT NULL,
+    version     integer     NOT NULL,
+    sha256      bytea       NOT NULL,
+    enabled     boolean     NOT NULL,
+    updated_at  timestamptz NOT NULL,
+    updated_by  text        NOT NULL
+);
+COMMENT ON TABLE custody.policy_store IS 'pg_custody: Rego policies (package custody); see the view custody.policies';
+
+CREATE TABLE custody.attribute_store (
+    role        text        NOT NULL,
+    key         text        NOT NULL,
+    value       jsonb       NOT NULL,
+    valid_from  timestamptz NOT NULL,
+    valid_until timestamptz,
+    set_at      timestamptz NOT NULL,
+    set_by      text        NOT NULL,
+    PRIMARY KEY (role, key)
+);
+COMMENT ON TABLE custody.attribute_store IS 'pg_custody: role attributes with validity windows; see the view custody.attributes';
+
+CREATE TABLE custody.suspensions (
+    role         text        NOT NULL PRIMARY KEY,
+    reason       text        NOT NULL,
+    suspended_at timestamptz NOT NULL,
+    suspended_by text        NOT NULL
+);
+COMMENT ON TABLE custody.suspensions IS 'pg_custody: suspended roles: every statement of theirs is denied until custody.resume()';
+
+CREATE VIEW custody.policies AS
+    SELECT name, 'rego'::text AS kind, version, encode(sha256, 'hex') AS sha256, enabled, updated_at, updated_by
+    FROM custody.policy_store
+    UNION ALL
+    SELECT name, 'row'::text, version, encode(sha256, 'hex'), true, updated_at, updated_by
+    FROM custody.row_policies;
+COMMENT ON VIEW custody.policies IS 'pg_custody: Rego policies (cluster-wide) and the row policies of this database';
+
+CREATE VIEW custody.attributes AS
+    SELECT role, key, value, valid_from, valid_until,
+           valid_from <= now() AND (valid_until IS NULL OR now() < valid_until) AS valid_now,
+           set_at, set_by
+    FROM custody.attribute_store;
+COMMENT ON VIEW custody.attributes IS 'pg_custody: role attributes; valid_now says whether policies see them now';
+
+REVOKE ALL ON custody.policy_store, custody.attribute_store, custody.suspensions FROM PUBLIC;
+REVOKE ALL ON custody.policies, custody.attributes FROM PUBLIC;
+GRANT SELECT ON custody.policy_store, custody.attribute_store, custody.suspensions,
+                custody.policies, custody.attributes TO custody_auditor, custody_admin;
+SELECT pg_catalog.pg_extension_config_dump('custody.policy_store', '');
+SELECT pg_catalog.pg_extension_config_dump('custody.attribute_store', '');
+SELECT pg_catalog.pg_extension_config_dump('custody.suspensions', '');
+$ddl$;
+END IF;
+END
+$chain$;

@@ -24,3 +24,30 @@ GRANT EXECUTE ON FUNCTION custody.audit_head() TO custody_auditor;
 GRANT EXECUTE ON FUNCTION custody.audit_digest() TO custody_auditor;
 GRANT EXECUTE ON FUNCTION custody.export_audit(bigint, bigint) TO custody_auditor;
 GRANT EXECUTE ON FUNCTION custody.status() TO custody_auditor;
+
+-- Row policies take the table as regclass; the implementation takes its OID.
+CREATE FUNCTION custody.create_row_policy(name text, tbl regclass, command text DEFAULT 'all',
+                                          using_expr text DEFAULT NULL, check_expr text DEFAULT NULL)
+RETURNS void LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT custody._create_row_policy(name, tbl::oid, command, using_expr, check_expr) $$;
+
+COMMENT ON FUNCTION custody.create_row_policy(text, regclass, text, text, text) IS
+    'Creates a RESTRICTIVE row-security policy on tbl, enables and forces row security, and records it (superusers and custody_admin)';
+COMMENT ON FUNCTION custody._create_row_policy(text, oid, text, text, text) IS
+    'Implementation of custody.create_row_policy(); call that instead';
+COMMENT ON FUNCTION custody.drop_row_policy(text) IS 'Drops a row policy created by custody.create_row_policy()';
+COMMENT ON FUNCTION custody.set_policy(text, text) IS
+    'Compiles a Rego module (package custody) and stores it as the next version of the named policy; in force at the next statement of every session (superusers and custody_admin)';
+COMMENT ON FUNCTION custody.drop_policy(text) IS 'Removes a Rego policy';
+COMMENT ON FUNCTION custody.enable_policy(text, boolean) IS 'Turns a Rego policy on or off (a new version)';
+COMMENT ON FUNCTION custody.set_attribute(text, text, jsonb, timestamptz, timestamptz) IS
+    'Gives a role an attribute, valid from valid_from until valid_until (policies see only valid attributes)';
+COMMENT ON FUNCTION custody.clear_attribute(text, text) IS 'Removes an attribute of a role';
+COMMENT ON FUNCTION custody.suspend(text, text) IS
+    'Denies every statement of the role (and of roles acting through it), in every session, from the next statement on';
+COMMENT ON FUNCTION custody.resume(text) IS 'Lifts a suspension';
+COMMENT ON FUNCTION custody.attribute(text) IS 'The current user''s attribute, if valid now';
+COMMENT ON FUNCTION custody.current_subject() IS '{session_user, current_user, roles, attributes} as policies see them';
+COMMENT ON FUNCTION custody.check(text, jsonb) IS
+    'Evaluates data.custody.row_allow for {subject, action, resource}; memoized within a statement; for row policies';

@@ -12,6 +12,7 @@ mod api;
 mod capture;
 mod error;
 mod hooks;
+mod policy;
 mod protect;
 mod queue;
 mod settings;
@@ -30,6 +31,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     settings::init();
     queue::init();
+    policy::init();
     hooks::init();
     protect::init();
     capture::init();

@@ -15,11 +15,21 @@ use crate::error::CustodyError;
 use crate::settings;
 
 /// Tables pg_custody protects, in schema `custody`.
-const PROTECTED: [&CStr; 3] = [c"audit_log", c"checkpoints", c"public_keys"];
+/// The first three are the evidence (only the writer appends); the others are changed only
+/// by pg_custody's own functions (which run as internal work).
+const PROTECTED: [&CStr; 7] = [
+    c"audit_log",
+    c"checkpoints",
+    c"public_keys",
+    c"policy_store",
+    c"attribute_store",
+    c"suspensions",
+    c"row_policies",
+];
 
 static mut IS_WRITER: bool = false;
 /// Cached OIDs of the protected tables in this database (None = not looked up yet).
-static mut CACHE: Option<[pg_sys::Oid; 3]> = None;
+static mut CACHE: Option<[pg_sys::Oid; 7]> = None;
 static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
 
 /// Marks this process as the custody writer, the one allowed to append.
@@ -28,8 +38,9 @@ pub fn set_writer() {
     unsafe { IS_WRITER = true };
 }
 
+/// The writer, and pg_custody's own functions, may change the protected tables.
 pub fn is_writer() -> bool {
-    unsafe { IS_WRITER }
+    (unsafe { IS_WRITER }) || crate::capture::is_internal()
 }
 
 pub fn init() {
@@ -47,7 +58,7 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, _relid: pg_sy
     unsafe { CACHE = None };
 }
 
-fn protected_oids() -> [pg_sys::Oid; 3] {
+fn protected_oids() -> [pg_sys::Oid; 7] {
     // SAFETY: syscache lookups inside a transaction; missing objects give InvalidOid.
     unsafe {
         if let Some(c) = CACHE {
@@ -55,7 +66,7 @@ fn protected_oids() -> [pg_sys::Oid; 3] {
         }
         let nsp = pg_sys::get_namespace_oid(c"custody".as_ptr(), true);
         let oids = if nsp == pg_sys::InvalidOid {
-            [pg_sys::InvalidOid; 3]
+            [pg_sys::InvalidOid; 7]
         } else {
             PROTECTED.map(|name| pg_sys::get_relname_relid(name.as_ptr(), nsp))
         };
@@ -137,7 +148,7 @@ unsafe fn check_rv(rv: *mut pg_sys::RangeVar, action: &'static str) -> Option<(p
 /// # Safety
 /// `node` must be a valid parse tree node.
 pub unsafe fn utility_violation(node: *mut pg_sys::Node) -> Option<(pg_sys::Oid, &'static str)> {
-    if is_writer() || node.is_null() || protected_oids() == [pg_sys::InvalidOid; 3] {
+    if is_writer() || node.is_null() || protected_oids() == [pg_sys::InvalidOid; 7] {
         return None;
     }
     // Our own extension scripts (CREATE/ALTER EXTENSION pg_custody) may alter the tables.

@@ -39,6 +39,12 @@ static mut ALLOW_DROP: bool = false;
 static mut SIGNING_KEY_FILE: *mut c_char = std::ptr::null_mut();
 /// `custody.checkpoint_interval` — seconds between signed checkpoints.
 static mut CHECKPOINT_INTERVAL_S: c_int = 60;
+/// `custody.enforce` — on, dry_run or off.
+static mut ENFORCE: c_int = Enforce::On as c_int;
+/// `custody.exempt_roles` — roles not gated (still audited), text form.
+static mut EXEMPT_ROLES: *mut c_char = std::ptr::null_mut();
+/// `custody.exempt_roles` parsed by its assign hook.
+static mut EXEMPT_LIST: Vec<String> = Vec::new();
 
 /// Bumped by every custody setting's assign hook; compared at statement boundaries so that
 /// any change of a custody setting in a session is recorded (see `capture::settings_changed`).
@@ -60,6 +66,24 @@ pub enum Durability {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(i32)]
+pub enum Enforce {
+    On = 0,
+    DryRun = 1,
+    Off = 2,
+}
+
+impl Enforce {
+    pub fn name(self) -> &'static str {
+        match self {
+            Enforce::On => "on",
+            Enforce::DryRun => "dry_run",
+            Enforce::Off => "off",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(i32)]
 pub enum OnFailure {
     Block = 0,
     Continue = 1,
@@ -77,6 +101,8 @@ pub const RECORDED_SETTINGS: &[&str] = &[
     "custody.allow_drop",
     "custody.signing_key_file",
     "custody.checkpoint_interval",
+    "custody.enforce",
+    "custody.exempt_roles",
 ];
 
 // The enum option tables must outlive the GUCs: statics of raw pointers to C strings.
@@ -98,6 +124,12 @@ static STATEMENT_OPTIONS: EnumTable<3> = EnumTable([
 static DURABILITY_OPTIONS: EnumTable<3> = EnumTable([
     entry(c"commit", Durability::Commit as c_int),
     entry(c"async", Durability::Async as c_int),
+    END,
+]);
+static ENFORCE_OPTIONS: EnumTable<4> = EnumTable([
+    entry(c"on", Enforce::On as c_int),
+    entry(c"dry_run", Enforce::DryRun as c_int),
+    entry(c"off", Enforce::Off as c_int),
     END,
 ]);
 static ON_FAILURE_OPTIONS: EnumTable<3> = EnumTable([
@@ -279,6 +311,35 @@ pub fn init() {
             Some(assign_int),
             None,
         );
+        pg_sys::DefineCustomEnumVariable(
+            c"custody.enforce".as_ptr(),
+            c"on: statements denied by policy fail; dry_run: they run and the would-be denial is \
+              recorded; off: no policy is evaluated."
+                .as_ptr(),
+            std::ptr::null(),
+            addr_of_mut!(ENFORCE),
+            Enforce::On as c_int,
+            ENFORCE_OPTIONS.0.as_ptr(),
+            PGC_SUSET,
+            su,
+            None,
+            Some(assign_enum),
+            None,
+        );
+        pg_sys::DefineCustomStringVariable(
+            c"custody.exempt_roles".as_ptr(),
+            c"Roles whose statements are not gated by policies (they are still audited).".as_ptr(),
+            c"Comma-separated role names; a statement is exempt when its session user or current \
+              user is listed. Superusers are gated unless listed."
+                .as_ptr(),
+            addr_of_mut!(EXEMPT_ROLES),
+            c"".as_ptr(),
+            PGC_SIGHUP,
+            su | pg_sys::GUC_LIST_INPUT as c_int,
+            None,
+            Some(assign_exempt),
+            None,
+        );
         pg_sys::MarkGUCPrefixReserved(c"custody".as_ptr());
     }
 }
@@ -350,6 +411,25 @@ unsafe extern "C-unwind" fn assign_int(_newval: c_int, _extra: *mut c_void) {
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn assign_string(_newval: *const c_char, _extra: *mut c_void) {
+    bump();
+}
+
+#[allow(static_mut_refs)]
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn assign_exempt(newval: *const c_char, _extra: *mut c_void) {
+    let text = if newval.is_null() {
+        String::new()
+    } else {
+        unsafe { CStr::from_ptr(newval) }.to_string_lossy().into_owned()
+    };
+    // SAFETY: single-threaded; assign hooks may not fail, and parsing cannot.
+    unsafe {
+        EXEMPT_LIST = text
+            .split(',')
+            .map(|r| r.trim().trim_matches('"').to_string())
+            .filter(|r| !r.is_empty())
+            .collect();
+    }
     bump();
 }
 
@@ -435,6 +515,20 @@ pub fn signing_key_file() -> Option<String> {
 
 pub fn checkpoint_interval() -> std::time::Duration {
     std::time::Duration::from_secs(unsafe { CHECKPOINT_INTERVAL_S }.max(1) as u64)
+}
+
+pub fn enforce() -> Enforce {
+    match unsafe { ENFORCE } {
+        1 => Enforce::DryRun,
+        2 => Enforce::Off,
+        _ => Enforce::On,
+    }
+}
+
+/// Whether `role` is listed in custody.exempt_roles.
+#[allow(static_mut_refs)]
+pub fn is_exempt(role: &str) -> bool {
+    unsafe { EXEMPT_LIST.iter().any(|r| r == role) }
 }
 
 pub fn generation() -> u64 {

@@ -141,6 +141,11 @@ fn run() {
                     log!("pg_custody writer: appending to custody.audit_log after seq {}", c.seq);
                     let c = chain.as_mut().expect("just set");
                     append(c, vec![system_record("WRITER START", None)]);
+                    // Policies, attributes and suspensions in force for every backend.
+                    let snap = BackgroundWorker::transaction(crate::policy::store::load_snapshot);
+                    if !crate::policy::publish(&snap) {
+                        warning!("pg_custody writer: the policy store does not fit in shared memory");
+                    }
                     queue.set_head_seq(c.seq);
                 }
                 None => {

@@ -229,7 +229,10 @@ pub fn fail_open(subid: Option<pg_sys::SubTransactionId>) {
     }
     // innermost first, as they finished
     for mut rec in failed.into_iter().rev() {
-        rec.outcome = Outcome::Error;
+        // A policy denial keeps its outcome; everything else failed with the error.
+        if rec.outcome != Outcome::Denied {
+            rec.outcome = Outcome::Error;
+        }
         rec.sqlstate = sqlstate.clone();
         rec.message = message.clone();
         rec.xid = xid;
@@ -247,6 +250,56 @@ pub fn current_query_text() -> Option<String> {
     let t = unsafe { CStr::from_ptr(p) }.to_string_lossy();
     let t = t.trim().trim_end_matches(';').trim_end().to_string();
     (!t.is_empty()).then_some(t)
+}
+
+/// Attaches an authorization decision to the open record `key`; `denied` marks it so that
+/// the error raised next closes it as `denied` rather than `error`.
+pub fn set_decision(key: usize, decision: String, denied: bool) {
+    if let Some(o) = state().open.iter_mut().rev().find(|o| o.key == key) {
+        o.rec.decision = Some(decision);
+        if denied {
+            o.rec.outcome = Outcome::Denied;
+        }
+    }
+}
+
+/// Queues a record of something pg_custody itself did in this session (a policy change).
+pub fn record_event(class: Class, command: &str, objects: &str) {
+    if queue::state() == ChainState::Absent {
+        return;
+    }
+    let mut rec = fill_who(Captured {
+        event_time: now_unix_us(),
+        class: class as u8,
+        command: command.to_string(),
+        objects: objects.to_string(),
+        nesting_level: state().depth,
+        ..Default::default()
+    });
+    rec.xid = current_xid();
+    submit(rec, false);
+}
+
+/// Who is running the current statement, as the records name them.
+pub struct Who {
+    pub database_name: String,
+    pub session_user: String,
+    pub current_user: String,
+    pub client_addr: Option<String>,
+    pub application_name: Option<String>,
+    pub pid: i32,
+}
+
+pub fn who() -> Who {
+    let r = fill_who(Captured::default());
+    Who {
+        database_name: r.database_name,
+        session_user: r.session_user_name,
+        current_user: r.current_user_name,
+        client_addr: r.client_addr,
+        application_name: r.application_name,
+        pid: r.backend_pid,
+    }
 }
 
 /// Remembers the error being reported (from emit_log_hook: copy only, never raise).

@@ -4,7 +4,7 @@
 use pgrx::pg_sys;
 
 use crate::capture::{self, class::Class, objects};
-use crate::{protect, settings};
+use crate::{policy, protect, settings};
 
 static mut PREV_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREV_RUN: pg_sys::ExecutorRun_hook_type = None;
@@ -50,16 +50,32 @@ unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) {
     // Protection holds whether or not anything is being recorded.
     let violation = unsafe { protect::range_table_violation(pstmt.rtable) };
     let (tag, class) = command_tag(qd_ref.operation);
-    if capture::active() && (violation.is_some() || capture::wanted(class)) {
-        let info = unsafe { objects::from_range_table(pstmt.rtable) };
-        if violation.is_some() || !info.catalog_only || settings::audit_catalog() {
-            let source = unsafe { objects::cstr(qd_ref.sourceText) };
-            let text = capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len);
-            capture::open(qd as usize, class, tag, objects::to_json(&info.objects), Some(text));
+    if !capture::active() {
+        if let Some((relid, action)) = violation {
+            protect::refuse(relid, action);
         }
+        return;
+    }
+    let info = unsafe { objects::from_range_table(pstmt.rtable) };
+    let objects_json = objects::to_json(&info.objects);
+    // Every statement passes the policy gate; every decision is recorded.
+    let verdict = policy::decide(tag, &objects_json);
+    if verdict.is_some()
+        || violation.is_some()
+        || (capture::wanted(class) && (!info.catalog_only || settings::audit_catalog()))
+    {
+        let source = unsafe { objects::cstr(qd_ref.sourceText) };
+        let text = capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len);
+        capture::open(qd as usize, class, tag, objects_json, Some(text));
     }
     if let Some((relid, action)) = violation {
         protect::refuse(relid, action);
+    }
+    if let Some(v) = verdict {
+        capture::set_decision(qd as usize, v.record_json(), v.denies());
+        if v.denies() {
+            policy::raise_denied(&v);
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::ffi::CStr;
 use pgrx::pg_sys;
 
 use crate::capture::{self, class::Class, objects};
-use crate::protect;
+use crate::{policy, protect};
 
 static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
@@ -121,19 +121,29 @@ unsafe extern "C-unwind" fn custody_process_utility(
         let node = (*pstmt).utilityStmt;
         // Protection holds whether or not anything is being recorded.
         let violation = if node.is_null() { None } else { protect::utility_violation(node) };
+        let mut verdict = None;
         if capture::active() && !node.is_null() {
             let (class, forced) = classify(node);
-            if forced || violation.is_some() || capture::wanted(class) {
+            let tag = objects::cstr(pg_sys::GetCommandTagName(pg_sys::CreateCommandTag(node)));
+            let objects_json = utility_objects(node);
+            // Utility statements pass the same gate (DDL, GRANT, COPY, SET ROLE, ...).
+            verdict = policy::decide(&tag, &objects_json);
+            if verdict.is_some() || forced || violation.is_some() || capture::wanted(class) {
                 key = capture::utility_token();
-                let tag = objects::cstr(pg_sys::GetCommandTagName(pg_sys::CreateCommandTag(node)));
                 let source = objects::cstr(query_string);
                 let text =
                     capture::statement_slice(&source, (*pstmt).stmt_location, (*pstmt).stmt_len);
-                capture::open(key, class, &tag, utility_objects(node), Some(text));
+                capture::open(key, class, &tag, objects_json, Some(text));
             }
         }
         if let Some((relid, action)) = violation {
             protect::refuse(relid, action);
+        }
+        if let Some(v) = verdict {
+            capture::set_decision(key, v.record_json(), v.denies());
+            if v.denies() {
+                policy::raise_denied(&v);
+            }
         }
         capture::depth_enter();
         match PREV_UTILITY {

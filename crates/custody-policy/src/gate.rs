@@ -1,0 +1,363 @@
+//! The per-backend gate: one compiled engine per snapshot generation, asked
+//! once per statement (`decide`) and once per distinct row resource
+//! (`row_allow`).
+//!
+//! Fail closed everywhere: a policy that errors at run time denies the
+//! statement; a `row_allow` that errors is an error for the caller to raise.
+
+use std::collections::{BTreeMap, HashMap};
+
+use regorus::{Engine, Value};
+use sha2::{Digest, Sha256};
+
+use crate::compile::{add_module, new_engine, prepare, LocatedError};
+use crate::input::{write_canonical_json, Keys, StatementInput, SubjectInput};
+use crate::snapshot::Snapshot;
+
+const DENY: &str = "data.custody.deny";
+const ALLOW: &str = "data.custody.allow";
+const ROW_ALLOW: &str = "data.custody.row_allow";
+
+/// The outcome of one statement, as recorded in the audit chain.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Why it was denied (policy messages, a suspension, an error); empty when allowed.
+    pub reasons: Vec<String>,
+    /// Enabled policies in force, (name, version), sorted by name.
+    pub policies: Vec<(String, i64)>,
+    /// The suspended role that denied the statement, if that is why.
+    pub suspended_role: Option<String>,
+    /// Short id of the policy set, as `Gate::policy_set`.
+    pub policy_set: String,
+}
+
+impl Decision {
+    /// `{"allowed":bool,"reasons":[...],"policies":[{"name":..,"version":..}],"policy_set":"<short id>"}`,
+    /// plus `"suspended_role"` when a suspension decided.
+    pub fn to_json(&self) -> serde_json::Value {
+        let policies: Vec<serde_json::Value> = self
+            .policies
+            .iter()
+            .map(|(name, version)| serde_json::json!({"name": name, "version": version}))
+            .collect();
+        let mut v = serde_json::json!({
+            "allowed": self.allowed,
+            "reasons": self.reasons,
+            "policies": policies,
+            "policy_set": self.policy_set,
+        });
+        if let Some(role) = &self.suspended_role {
+            v["suspended_role"] = serde_json::Value::from(role.as_str());
+        }
+        v
+    }
+}
+
+/// An attribute with its value already converted for the engine.
+struct HeldAttribute {
+    key: String,
+    json: serde_json::Value,
+    value: Value,
+    valid_from: i64,
+    valid_until: Option<i64>,
+}
+
+impl HeldAttribute {
+    fn is_valid_at(&self, now: i64) -> bool {
+        self.valid_from <= now && self.valid_until.is_none_or(|end| now < end)
+    }
+}
+
+/// Which of the contract's rules some enabled module declares.
+#[derive(Clone, Copy, Default)]
+struct Declared {
+    deny: bool,
+    allow: bool,
+    row_allow: bool,
+}
+
+pub struct Gate {
+    generation: u64,
+    policy_set: String,
+    policies: Vec<(String, i64)>,
+    /// None when no policy is enabled.
+    engine: Option<Engine>,
+    declared: Declared,
+    /// role -> attributes, ordered by valid_from so a later grant of the same key wins.
+    attributes: HashMap<String, Vec<HeldAttribute>>,
+    /// role -> reason.
+    suspensions: HashMap<String, String>,
+    keys: Keys,
+    /// The last `objects_json` text and its parsed value: consecutive
+    /// statements often touch the same objects.
+    objects_cache: Option<(String, Value)>,
+    /// (subject, action, canonical resource) -> row_allow, for this statement.
+    row_memo: HashMap<String, bool>,
+    row_key: String,
+    row_evaluations: u64,
+}
+
+impl Gate {
+    /// Compiles every enabled policy of the snapshot into one engine (done once per snapshot generation per backend).
+    pub fn build(snapshot: &Snapshot) -> Result<Gate, String> {
+        let mut enabled: Vec<_> = snapshot.policies.iter().filter(|p| p.enabled).collect();
+        enabled.sort_by(|a, b| a.name.cmp(&b.name));
+        let policies: Vec<(String, i64)> =
+            enabled.iter().map(|p| (p.name.clone(), p.version)).collect();
+
+        let mut declared = Declared::default();
+        let engine = if enabled.is_empty() {
+            None
+        } else {
+            let mut engine = new_engine();
+            for p in &enabled {
+                add_module(&mut engine, &p.name, &p.source)
+                    .map_err(|e| format!("policy {} (version {}): {e}", p.name, p.version))?;
+                let has = |rule: &str| engine.has_declared_rule_rooted_at(&p.name, rule).unwrap_or(false);
+                declared.deny |= has("deny");
+                declared.allow |= has("allow");
+                declared.row_allow |= has("row_allow");
+            }
+            // Analyse now, so that the first statement does not pay for it
+            // and a set that does not compile together is refused here.
+            prepare(&mut engine).map_err(|e| format!("policy set does not compile: {}", e.one_line()))?;
+            Some(engine)
+        };
+
+        let mut attributes: HashMap<String, Vec<HeldAttribute>> = HashMap::new();
+        for a in &snapshot.attributes {
+            attributes.entry(a.role.clone()).or_default().push(HeldAttribute {
+                key: a.key.clone(),
+                json: a.value.clone(),
+                value: Value::from(a.value.clone()),
+                valid_from: a.valid_from,
+                valid_until: a.valid_until,
+            });
+        }
+        for list in attributes.values_mut() {
+            list.sort_by_key(|a| a.valid_from);
+        }
+
+        Ok(Gate {
+            generation: snapshot.generation,
+            policy_set: policy_set_id(&policies),
+            policies,
+            engine,
+            declared,
+            attributes,
+            suspensions: snapshot.suspensions.iter().map(|s| (s.role.clone(), s.reason.clone())).collect(),
+            keys: Keys::new(),
+            objects_cache: None,
+            row_memo: HashMap::new(),
+            row_key: String::new(),
+            row_evaluations: 0,
+        })
+    }
+
+    /// True when there is nothing to check (no enabled policy, no suspension): the statement path then skips everything.
+    /// (Enabled policies that declare neither `deny` nor `allow` only serve `row_allow`.)
+    pub fn is_trivial(&self) -> bool {
+        self.suspensions.is_empty() && !self.declared.deny && !self.declared.allow
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// A short stable identifier of the policy set in force: the first 12 hex
+    /// digits of SHA-256 over the sorted enabled (name, version) pairs.
+    pub fn policy_set(&self) -> &str {
+        &self.policy_set
+    }
+
+    /// Decides one statement: suspended if any of session_user/current_user/roles is suspended;
+    /// else deny if data.custody.deny is non-empty; else if any enabled module defines
+    /// data.custody.allow, it must be true.
+    pub fn decide(&mut self, input: &StatementInput) -> Decision {
+        let mut decision = Decision {
+            allowed: true,
+            reasons: Vec::new(),
+            policies: self.policies.clone(),
+            suspended_role: None,
+            policy_set: self.policy_set.clone(),
+        };
+        if let Some((role, reason)) = self.suspended(input.subject) {
+            decision.allowed = false;
+            decision.reasons.push(format!("role {role} is suspended: {reason}"));
+            decision.suspended_role = Some(role);
+            return decision;
+        }
+        if !self.declared.deny && !self.declared.allow {
+            return decision;
+        }
+        if let Err(reasons) = self.evaluate_statement(input) {
+            decision.allowed = false;
+            decision.reasons = reasons;
+        }
+        decision
+    }
+
+    /// The first of session_user, current_user, roles that is suspended.
+    fn suspended(&self, s: &SubjectInput) -> Option<(String, String)> {
+        if self.suspensions.is_empty() {
+            return None;
+        }
+        std::iter::once(&s.session_user)
+            .chain(std::iter::once(&s.current_user))
+            .chain(s.roles.iter())
+            .find_map(|r| self.suspensions.get(r).map(|reason| (r.clone(), reason.clone())))
+    }
+
+    /// Ok when the policies let the statement through, else the reasons.
+    fn evaluate_statement(&mut self, st: &StatementInput) -> Result<(), Vec<String>> {
+        let objects = self.objects_value(st.objects_json).map_err(|e| vec![e])?;
+        let subject = self.keys.subject(st.subject, self.attribute_value(&st.subject.current_user, st.now_unix_us));
+        let doc = self.keys.statement(st, subject, objects);
+        let engine = self.engine.as_mut().expect("rules are declared only when an engine exists");
+        engine.set_input(doc);
+        let eval_error = |e| vec![evaluation_error(e)];
+
+        if self.declared.deny {
+            let deny = engine.eval_rule(DENY.to_string()).map_err(eval_error)?;
+            let messages = deny_messages(&deny);
+            if !messages.is_empty() {
+                return Err(messages);
+            }
+        }
+        if self.declared.allow {
+            let allow = engine.eval_rule(ALLOW.to_string()).map_err(eval_error)?;
+            if allow != Value::Bool(true) {
+                return Err(vec!["not allowed: data.custody.allow is not true".to_string()]);
+            }
+        }
+        Ok(())
+    }
+
+    fn objects_value(&mut self, json: &str) -> Result<Value, String> {
+        if let Some((text, value)) = &self.objects_cache {
+            if text == json {
+                return Ok(value.clone());
+            }
+        }
+        let value = Value::from_json_str(json).map_err(|e| format!("invalid objects JSON in policy input: {e}"))?;
+        self.objects_cache = Some((json.to_string(), value.clone()));
+        Ok(value)
+    }
+
+    /// Valid attributes of `role` as an engine object.
+    fn attribute_value(&self, role: &str, now: i64) -> Value {
+        let mut m = BTreeMap::new();
+        for a in self.attributes.get(role).into_iter().flatten().filter(|a| a.is_valid_at(now)) {
+            m.insert(Value::from(a.key.as_str()), a.value.clone());
+        }
+        Value::from(m)
+    }
+
+    /// Attributes of `role` valid at `now` as a JSON object {key: value}.
+    pub fn attributes_of(&self, role: &str, now_unix_us: i64) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for a in self.attributes.get(role).into_iter().flatten().filter(|a| a.is_valid_at(now_unix_us)) {
+            m.insert(a.key.clone(), a.json.clone());
+        }
+        serde_json::Value::Object(m)
+    }
+
+    /// `input.subject` as policies see it, for `custody.current_subject()`.
+    pub fn subject_json(&self, subject: &SubjectInput, now_unix_us: i64) -> serde_json::Value {
+        serde_json::json!({
+            "session_user": subject.session_user,
+            "current_user": subject.current_user,
+            "roles": subject.roles,
+            "attributes": self.attributes_of(&subject.current_user, now_unix_us),
+        })
+    }
+
+    /// Row-level check for custody.check(action, resource): evaluates data.custody.row_allow with input {subject, action, resource};
+    /// false when undefined. Memoized on (subject, action, canonical resource JSON) until `new_statement()` is called.
+    pub fn row_allow(
+        &mut self,
+        subject: &SubjectInput,
+        now_unix_us: i64,
+        action: &str,
+        resource: &serde_json::Value,
+    ) -> Result<bool, String> {
+        if !self.declared.row_allow {
+            return Ok(false);
+        }
+        // Key layout: subject fields, action, then the resource last so that
+        // its canonical text can be sliced back out for parsing on a miss.
+        let key = &mut self.row_key;
+        key.clear();
+        for part in [&subject.session_user, &subject.current_user].into_iter().chain(&subject.roles) {
+            key.push_str(part);
+            key.push('\u{1f}');
+        }
+        key.push('\u{1e}');
+        key.push_str(action);
+        key.push('\u{1e}');
+        let resource_at = key.len();
+        write_canonical_json(resource, key);
+        if let Some(&hit) = self.row_memo.get(key.as_str()) {
+            return Ok(hit);
+        }
+
+        self.row_evaluations += 1;
+        let resource_value = Value::from_json_str(&key[resource_at..]).map_err(|e| e.to_string())?;
+        let subject_value = self.keys.subject(subject, self.attribute_value(&subject.current_user, now_unix_us));
+        let doc = self.keys.row(subject_value, action, resource_value);
+        let engine = self.engine.as_mut().expect("rules are declared only when an engine exists");
+        engine.set_input(doc);
+        let result = engine
+            .eval_rule(ROW_ALLOW.to_string())
+            .map_err(evaluation_error)?;
+        let allowed = result == Value::Bool(true);
+        self.row_memo.insert(self.row_key.clone(), allowed);
+        Ok(allowed)
+    }
+
+    /// Forgets row decisions: call at the start of each statement.
+    pub fn new_statement(&mut self) {
+        self.row_memo.clear();
+    }
+
+    /// How many times `row_allow` actually evaluated Rego (for tests of the memo).
+    #[doc(hidden)]
+    pub fn row_evaluations(&self) -> u64 {
+        self.row_evaluations
+    }
+}
+
+/// Messages of `data.custody.deny`. The contract says a set of messages, but
+/// a boolean `deny if ...` or an array is what people write too: a true
+/// boolean denies with a generic message; non-string members are shown as JSON.
+fn deny_messages(deny: &Value) -> Vec<String> {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.to_string(),
+        other => other.to_json_str().unwrap_or_else(|_| format!("{other:?}")),
+    };
+    match deny {
+        Value::Undefined | Value::Null | Value::Bool(false) => Vec::new(),
+        Value::Bool(true) => vec!["denied by data.custody.deny".to_string()],
+        Value::Set(s) => s.iter().map(text).collect(),
+        Value::Array(a) => a.iter().map(text).collect(),
+        Value::Object(o) => o.keys().map(text).collect(),
+        other => vec![text(other)],
+    }
+}
+
+/// `policy evaluation error: NAME:LINE:COL: MESSAGE` from a regorus error.
+fn evaluation_error(e: impl std::fmt::Display) -> String {
+    format!("policy evaluation error: {}", LocatedError::parse(&e.to_string()).one_line())
+}
+
+fn policy_set_id(policies: &[(String, i64)]) -> String {
+    let mut h = Sha256::new();
+    for (name, version) in policies {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(version.to_string().as_bytes());
+        h.update([b'\n']);
+    }
+    h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,330 @@
+//! Behaviour of the gate as the extension sees it.
+
+use serde_json::json;
+
+use crate::*;
+
+const US: i64 = 1_000_000;
+/// 2026-11-28T14:00:00.123456Z, a Saturday.
+const NOW: i64 = 1_795_874_400 * US + 123_456;
+
+fn policy(name: &str, version: i64, source: &str) -> PolicySource {
+    PolicySource { name: name.into(), version, source: source.into(), enabled: true }
+}
+
+fn gate(policies: Vec<PolicySource>) -> Gate {
+    Gate::build(&Snapshot { generation: 1, policies, ..Default::default() }).unwrap()
+}
+
+fn alice() -> SubjectInput {
+    SubjectInput {
+        session_user: "alice".into(),
+        current_user: "alice".into(),
+        roles: vec!["alice".into(), "analysts".into()],
+    }
+}
+
+fn stmt<'a>(subject: &'a SubjectInput, command: &'a str, objects: &'a str) -> StatementInput<'a> {
+    StatementInput {
+        subject,
+        command,
+        objects_json: objects,
+        client_addr: Some("10.1.2.3"),
+        application_name: Some("psql"),
+        now_unix_us: NOW,
+        pid: 4242,
+        backend_start_unix_us: NOW - 3_600 * US,
+        statements: 7,
+    }
+}
+
+const OBJECTS: &str = r#"[{"schema":"public","name":"salaries","kind":"table","privileges":["SELECT"],"columns":["id","amount"]}]"#;
+
+#[test]
+fn no_policies_is_trivial_and_allows() {
+    let mut g = gate(vec![]);
+    assert!(g.is_trivial());
+    let s = alice();
+    let d = g.decide(&stmt(&s, "DROP TABLE", "[]"));
+    assert!(d.allowed && d.reasons.is_empty() && d.policies.is_empty());
+    // Disabled policies do not count either.
+    let mut p = policy("p", 1, "package custody\ndeny contains \"no\" if true\n");
+    p.enabled = false;
+    let mut g = gate(vec![p]);
+    assert!(g.is_trivial());
+    assert!(g.decide(&stmt(&s, "SELECT", "[]")).allowed);
+}
+
+#[test]
+fn deny_messages_are_the_reasons() {
+    let src = r#"package custody
+
+deny contains msg if {
+    input.command == "DROP TABLE"
+    msg := "drops are forbidden"
+}
+
+deny contains msg if {
+    some o in input.objects
+    o.name == "salaries"
+    not "hr" in input.subject.roles
+    msg := sprintf("%s.%s is for hr only", [o.schema, o.name])
+}
+"#;
+    let mut g = gate(vec![policy("guard", 3, src)]);
+    assert!(!g.is_trivial());
+    let s = alice();
+    let d = g.decide(&stmt(&s, "SELECT", OBJECTS));
+    assert!(!d.allowed);
+    assert_eq!(d.reasons, vec!["public.salaries is for hr only"]);
+    assert_eq!(d.policies, vec![("guard".to_string(), 3)]);
+    let d = g.decide(&stmt(&s, "DROP TABLE", OBJECTS));
+    assert_eq!(d.reasons.len(), 2, "{d:?}");
+    assert!(d.reasons.contains(&"drops are forbidden".to_string()));
+    assert!(g.decide(&stmt(&s, "SELECT", "[]")).allowed);
+    let hr = SubjectInput { roles: vec!["alice".into(), "hr".into()], ..alice() };
+    assert!(g.decide(&stmt(&hr, "SELECT", OBJECTS)).allowed);
+}
+
+#[test]
+fn allow_must_be_true_when_declared() {
+    let src = "package custody\n\nallow if input.command == \"SELECT\"\n";
+    let mut g = gate(vec![policy("reads_only", 1, src)]);
+    let s = alice();
+    assert!(g.decide(&stmt(&s, "SELECT", "[]")).allowed);
+    // allow undefined for an INSERT.
+    let d = g.decide(&stmt(&s, "INSERT", "[]"));
+    assert!(!d.allowed);
+    assert_eq!(d.reasons, vec!["not allowed: data.custody.allow is not true"]);
+
+    // allow defined and false.
+    let src = "package custody\n\ndefault allow := false\nallow if input.command == \"SELECT\"\n";
+    let mut g = gate(vec![policy("p", 1, src)]);
+    assert!(!g.decide(&stmt(&s, "UPDATE", "[]")).allowed);
+    assert!(g.decide(&stmt(&s, "SELECT", "[]")).allowed);
+}
+
+#[test]
+fn deny_wins_over_allow_across_modules() {
+    let allow = policy("a_allow", 1, "package custody\n\nallow := true\n");
+    let deny = policy("b_deny", 2, "package custody\n\ndeny contains \"weekend\" if input.time.weekday == \"saturday\"\n");
+    let mut g = gate(vec![deny, allow]);
+    let s = alice();
+    let d = g.decide(&stmt(&s, "SELECT", "[]"));
+    assert_eq!((d.allowed, d.reasons.clone()), (false, vec!["weekend".to_string()]));
+    assert_eq!(d.policies, vec![("a_allow".to_string(), 1), ("b_deny".to_string(), 2)]);
+    // A Monday (two days later) is fine.
+    let mut monday = stmt(&s, "SELECT", "[]");
+    monday.now_unix_us = NOW + 2 * 86_400 * US;
+    assert!(g.decide(&monday).allowed);
+}
+
+#[test]
+fn a_boolean_deny_rule_denies() {
+    let mut g = gate(vec![policy("p", 1, "package custody\n\ndeny if input.command == \"TRUNCATE\"\n")]);
+    let s = alice();
+    assert!(!g.decide(&stmt(&s, "TRUNCATE", "[]")).allowed);
+    assert!(g.decide(&stmt(&s, "SELECT", "[]")).allowed);
+}
+
+#[test]
+fn suspension_of_a_role_acted_through_denies() {
+    let snapshot = Snapshot {
+        generation: 9,
+        suspensions: vec![Suspension { role: "analysts".into(), reason: "incident 12".into() }],
+        ..Default::default()
+    };
+    let mut g = Gate::build(&snapshot).unwrap();
+    assert!(!g.is_trivial());
+    assert_eq!(g.generation(), 9);
+    let s = alice();
+    let d = g.decide(&stmt(&s, "SELECT", "[]"));
+    assert!(!d.allowed);
+    assert_eq!(d.reasons, vec!["role analysts is suspended: incident 12"]);
+    assert_eq!(d.suspended_role.as_deref(), Some("analysts"));
+    // session_user counts too (SET ROLE does not escape a suspension).
+    let bob = SubjectInput { session_user: "analysts".into(), current_user: "bob".into(), roles: vec!["bob".into()] };
+    assert!(!g.decide(&stmt(&bob, "SELECT", "[]")).allowed);
+    let carol = SubjectInput { session_user: "carol".into(), current_user: "carol".into(), roles: vec!["carol".into()] };
+    assert!(g.decide(&stmt(&carol, "SELECT", "[]")).allowed);
+}
+
+#[test]
+fn attributes_apply_only_inside_their_window() {
+    let attr = |key: &str, value: serde_json::Value, from: i64, until: Option<i64>| Attribute {
+        role: "alice".into(),
+        key: key.into(),
+        value,
+        valid_from: from,
+        valid_until: until,
+    };
+    let src = "package custody\n\ndeny contains \"needs clearance\" if not input.subject.attributes.clearance\n";
+    let snapshot = Snapshot {
+        generation: 1,
+        policies: vec![policy("p", 1, src)],
+        attributes: vec![
+            attr("clearance", json!(true), NOW - 60 * US, Some(NOW + 60 * US)),
+            attr("tenant", json!({"id": 7}), NOW + 10 * US, None),
+            attr("team", json!("blue"), 0, Some(NOW)),
+        ],
+        ..Default::default()
+    };
+    let mut g = Gate::build(&snapshot).unwrap();
+    let s = alice();
+    assert_eq!(g.attributes_of("alice", NOW), json!({"clearance": true}));
+    assert_eq!(g.attributes_of("alice", NOW - 1), json!({"clearance": true, "team": "blue"}));
+    assert_eq!(g.attributes_of("alice", NOW + 10 * US), json!({"clearance": true, "tenant": {"id": 7}}));
+    assert_eq!(g.attributes_of("bob", NOW), json!({}));
+
+    assert!(g.decide(&stmt(&s, "SELECT", "[]")).allowed);
+    for t in [NOW - 60 * US - 1, NOW + 60 * US] {
+        let mut st = stmt(&s, "SELECT", "[]");
+        st.now_unix_us = t;
+        let d = g.decide(&st);
+        assert_eq!(d.reasons, vec!["needs clearance"], "at {t}");
+    }
+    let subject = g.subject_json(&s, NOW);
+    assert_eq!(subject["attributes"], json!({"clearance": true}));
+    assert_eq!(subject["roles"], json!(["alice", "analysts"]));
+}
+
+#[test]
+fn input_document_fields() {
+    // Deny with the whole input so the test sees what policies see.
+    let mut g = gate(vec![policy("echo", 1, "package custody\n\ndeny contains json.marshal(input) if true\n")]);
+    let s = alice();
+    let d = g.decide(&stmt(&s, "SELECT", OBJECTS));
+    let input: serde_json::Value = serde_json::from_str(&d.reasons[0]).unwrap();
+    assert_eq!(
+        input,
+        json!({
+            "subject": {"session_user": "alice", "current_user": "alice", "roles": ["alice", "analysts"], "attributes": {}},
+            "command": "SELECT",
+            "objects": serde_json::from_str::<serde_json::Value>(OBJECTS).unwrap(),
+            "client": {"addr": "10.1.2.3", "application_name": "psql"},
+            "time": {"now": "2026-11-28T14:00:00.123456Z", "unix": 1_795_874_400, "hour": 14, "weekday": "saturday"},
+            "session": {"pid": 4242, "backend_start": "2026-11-28T13:00:00.123456Z", "statements": 7},
+        })
+    );
+    let mut st = stmt(&s, "SELECT", "[]");
+    st.client_addr = None;
+    st.application_name = None;
+    // Leap day 2024, 23h, a Thursday.
+    st.now_unix_us = 1_709_251_199 * US + 999_999;
+    let d = g.decide(&st);
+    let input: serde_json::Value = serde_json::from_str(&d.reasons[0]).unwrap();
+    assert_eq!(input["client"], json!({"addr": null, "application_name": null}));
+    assert_eq!(
+        input["time"],
+        json!({"now": "2024-02-29T23:59:59.999999Z", "unix": 1_709_251_199, "hour": 23, "weekday": "thursday"})
+    );
+}
+
+#[test]
+fn runtime_errors_fail_closed() {
+    let sources = [
+        // Division by zero in a deny rule.
+        "package custody\n\ndeny contains msg if {\n  x := 1 / count(input.objects)\n  msg := sprintf(\"%v\", [x])\n}\n",
+        // Conflicting values of a complete rule.
+        "package custody\n\nallow := true if input.command == \"SELECT\"\nallow := false if input.session.pid > 0\n",
+        // A function that does not exist is only found when called.
+        "package custody\n\ndeny contains \"x\" if no_such_function(input.command)\n",
+    ];
+    for src in sources {
+        let mut g = gate(vec![policy("broken", 1, src)]);
+        let s = alice();
+        let d = g.decide(&stmt(&s, "SELECT", "[]"));
+        assert!(!d.allowed, "{src}");
+        assert_eq!(d.reasons.len(), 1, "{d:?}");
+        assert!(d.reasons[0].starts_with("policy evaluation error: broken:"), "{d:?}");
+    }
+    // Malformed objects JSON from the caller also denies.
+    let mut g = gate(vec![policy("p", 1, "package custody\n\ndeny contains \"x\" if false\n")]);
+    let s = alice();
+    assert!(!g.decide(&stmt(&s, "SELECT", "[{")).allowed);
+    assert!(g.decide(&stmt(&s, "SELECT", "[]")).allowed);
+}
+
+#[test]
+fn build_refuses_what_compile_check_refuses() {
+    let snapshot = Snapshot { policies: vec![policy("bad", 1, "package custody\nallow if {\n")], ..Default::default() };
+    let err = Gate::build(&snapshot).err().unwrap();
+    assert!(err.starts_with("policy bad (version 1): line "), "{err}");
+}
+
+#[test]
+fn policy_set_id_follows_names_and_versions() {
+    let src = "package custody\n\ndeny contains \"x\" if false\n";
+    let a = gate(vec![policy("p", 1, src), policy("q", 1, src)]);
+    let b = gate(vec![policy("q", 1, src), policy("p", 1, src)]);
+    let c = gate(vec![policy("p", 2, src), policy("q", 1, src)]);
+    assert_eq!(a.policy_set(), b.policy_set());
+    assert_ne!(a.policy_set(), c.policy_set());
+    assert_eq!(a.policy_set().len(), 12);
+    assert!(a.policy_set().bytes().all(|b| b.is_ascii_hexdigit()));
+}
+
+#[test]
+fn decision_json() {
+    let mut g = gate(vec![policy("p", 4, "package custody\n\ndeny contains \"nope\" if true\n")]);
+    let s = alice();
+    let d = g.decide(&stmt(&s, "SELECT", "[]"));
+    assert_eq!(
+        d.to_json(),
+        json!({"allowed": false, "reasons": ["nope"], "policies": [{"name": "p", "version": 4}], "policy_set": g.policy_set()})
+    );
+}
+
+#[test]
+fn row_allow_is_memoized_per_statement() {
+    let src = r#"package custody
+
+row_allow if {
+    input.action == "read"
+    input.resource.tenant == input.subject.attributes.tenant
+}
+"#;
+    let snapshot = Snapshot {
+        generation: 1,
+        policies: vec![policy("rows", 1, src)],
+        attributes: vec![Attribute { role: "alice".into(), key: "tenant".into(), value: json!(7), valid_from: 0, valid_until: None }],
+        ..Default::default()
+    };
+    let mut g = Gate::build(&snapshot).unwrap();
+    // Only row_allow is declared: statements have nothing to check.
+    assert!(g.is_trivial());
+    let s = alice();
+    let r7 = json!({"tenant": 7, "table": "orders"});
+    let r7_reordered: serde_json::Value = serde_json::from_str(r#"{"table":"orders","tenant":7}"#).unwrap();
+    let r8 = json!({"tenant": 8, "table": "orders"});
+
+    assert_eq!(g.row_allow(&s, NOW, "read", &r7), Ok(true));
+    assert_eq!(g.row_allow(&s, NOW, "read", &r8), Ok(false));
+    assert_eq!(g.row_evaluations(), 2);
+    for _ in 0..100 {
+        assert_eq!(g.row_allow(&s, NOW, "read", &r7_reordered), Ok(true));
+        assert_eq!(g.row_allow(&s, NOW, "read", &r8), Ok(false));
+    }
+    assert_eq!(g.row_evaluations(), 2);
+    // Another action or subject is another entry.
+    assert_eq!(g.row_allow(&s, NOW, "write", &r7), Ok(false));
+    let bob = SubjectInput { session_user: "bob".into(), current_user: "bob".into(), roles: vec!["bob".into()] };
+    assert_eq!(g.row_allow(&bob, NOW, "read", &r7), Ok(false));
+    assert_eq!(g.row_evaluations(), 4);
+
+    g.new_statement();
+    assert_eq!(g.row_allow(&s, NOW, "read", &r7), Ok(true));
+    assert_eq!(g.row_evaluations(), 5);
+}
+
+#[test]
+fn row_allow_undefined_is_false_and_errors_surface() {
+    let mut g = gate(vec![policy("p", 1, "package custody\n\ndeny contains \"x\" if false\n")]);
+    let s = alice();
+    assert_eq!(g.row_allow(&s, NOW, "read", &json!({})), Ok(false));
+    assert_eq!(g.row_evaluations(), 0);
+    let mut g = gate(vec![policy("p", 1, "package custody\n\nrow_allow if 1 / input.resource.n > 0\n")]);
+    assert_eq!(g.row_allow(&s, NOW, "read", &json!({"n": 2})), Ok(true));
+    let err = g.row_allow(&s, NOW, "read", &json!({"n": 0})).unwrap_err();
+    assert!(err.starts_with("policy evaluation error: p:3:"), "{err}");
+}

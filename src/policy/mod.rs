@@ -1,0 +1,324 @@
+//! Continuous authorization on the statement path: the policy snapshot every backend of the
+//! cluster shares (published in shared memory at commit of a change), the compiled gate each
+//! backend keeps until the snapshot's generation changes, and the decision for a statement.
+//!
+//! The per-statement path never reads the catalog: policies, attributes and suspensions come
+//! from shared memory; the roles of the current user are cached per backend and looked up
+//! again only after a change to role memberships (a syscache invalidation).
+
+pub mod rows;
+pub mod store;
+
+use std::ffi::CStr;
+use std::ptr::{addr_of_mut, null_mut};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use custody_policy::{Decision, Gate, Snapshot, StatementInput, SubjectInput};
+
+use crate::capture;
+use crate::settings::{self, Enforce};
+
+/// Bytes of shared memory for the published snapshot (policies, attributes, suspensions).
+pub const SNAPSHOT_CAPACITY: usize = 2 * 1024 * 1024;
+const TRANCHE: &CStr = c"pg_custody policy";
+
+#[repr(C)]
+struct Shared {
+    lock: *mut pg_sys::LWLock,
+    generation: AtomicU64,
+    len: usize,
+    // SNAPSHOT_CAPACITY bytes follow
+}
+
+static mut SHARED: *mut Shared = null_mut();
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+
+fn shmem_size() -> usize {
+    std::mem::size_of::<Shared>() + SNAPSHOT_CAPACITY
+}
+
+pub fn init() {
+    // SAFETY: _PG_init in the postmaster; chaining the previous hooks.
+    unsafe {
+        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+        pg_sys::CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::AUTHMEMMEMROLE as i32,
+            Some(roles_changed),
+            pg_sys::Datum::from(0),
+        );
+        pg_sys::CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::AUTHOID as i32,
+            Some(roles_changed),
+            pg_sys::Datum::from(0),
+        );
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(shmem_size());
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            prev();
+        }
+        let init_lock = addr_of_mut!((*pg_sys::MainLWLockArray.add(21)).lock);
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let p = pg_sys::ShmemInitStruct(c"pg_custody policy".as_ptr(), shmem_size(), &mut found)
+            as *mut Shared;
+        if !found {
+            std::ptr::write_bytes(p as *mut u8, 0, std::mem::size_of::<Shared>());
+            (*p).lock = addr_of_mut!((*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock);
+        }
+        SHARED = p;
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+fn shared() -> Option<&'static Shared> {
+    // SAFETY: set once in shmem_startup before any backend forks.
+    unsafe { SHARED.as_ref() }
+}
+
+/// Publishes a snapshot for every backend; bumps the generation they compare against.
+/// Returns false if it does not fit (the caller refuses the change before commit).
+pub fn publish(snapshot: &Snapshot) -> bool {
+    let Some(s) = shared() else { return false };
+    let sp = s as *const Shared as *mut Shared;
+    let mut snap = snapshot.clone();
+    // SAFETY: the lock serializes writers and readers of the bytes.
+    unsafe {
+        pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        snap.generation = s.generation.load(Ordering::Acquire) + 1;
+        let bytes = snap.encode();
+        let fits = bytes.len() <= SNAPSHOT_CAPACITY;
+        if fits {
+            let dst = (sp as *mut u8).add(std::mem::size_of::<Shared>());
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len());
+            (*sp).len = bytes.len();
+            s.generation.store(snap.generation, Ordering::Release);
+        }
+        pg_sys::LWLockRelease(s.lock);
+        fits
+    }
+}
+
+/// Whether a snapshot of this size can be published.
+pub fn fits(snapshot: &Snapshot) -> bool {
+    snapshot.encode().len() <= SNAPSHOT_CAPACITY
+}
+
+fn published_generation() -> u64 {
+    shared().map_or(0, |s| s.generation.load(Ordering::Acquire))
+}
+
+fn read_published() -> Option<Snapshot> {
+    let s = shared()?;
+    let sp = s as *const Shared;
+    // SAFETY: copy under the lock, decode outside it.
+    let bytes = unsafe {
+        pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_SHARED);
+        let src = (sp as *const u8).add(std::mem::size_of::<Shared>());
+        let v = std::slice::from_raw_parts(src, (*sp).len).to_vec();
+        pg_sys::LWLockRelease(s.lock);
+        v
+    };
+    if bytes.is_empty() {
+        return None;
+    }
+    Snapshot::decode(&bytes).ok()
+}
+
+// ---- the per-backend gate ---------------------------------------------------------------
+
+struct Local {
+    gate: Option<Gate>,
+    /// Generation the gate was built from (0: none yet).
+    generation: u64,
+    /// Roles of a user (transitively), cached until role memberships change.
+    roles: Option<(pg_sys::Oid, Vec<String>)>,
+    statements: u64,
+    build_error: Option<String>,
+}
+
+static mut LOCAL: Local =
+    Local { gate: None, generation: 0, roles: None, statements: 0, build_error: None };
+
+#[allow(static_mut_refs)]
+fn local() -> &'static mut Local {
+    // SAFETY: backends are single-threaded; no reference is held across re-entry.
+    unsafe { &mut LOCAL }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn roles_changed(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+    local().roles = None;
+    capture::forget_role_names();
+}
+
+/// The compiled gate for the snapshot in force, rebuilt when a change was published.
+fn current_gate() -> Option<&'static mut Gate> {
+    let l = local();
+    let generation = published_generation();
+    if generation != l.generation {
+        l.generation = generation;
+        l.gate = None;
+        l.build_error = None;
+        if let Some(snap) = read_published() {
+            match Gate::build(&snap) {
+                Ok(g) => l.gate = Some(g),
+                Err(e) => l.build_error = Some(e),
+            }
+        }
+    }
+    l.gate.as_mut()
+}
+
+/// Every role `user` is a member of, transitively, itself included. Cached; a cache miss
+/// (first statement, or after GRANT/REVOKE of a role) asks pg_roles, a shared catalog.
+fn roles_of(user: pg_sys::Oid) -> Vec<String> {
+    let l = local();
+    if let Some((u, r)) = &l.roles {
+        if *u == user {
+            return r.clone();
+        }
+    }
+    let roles: Vec<String> = capture::internal(|| {
+        Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT coalesce(array_agg(rolname::text ORDER BY rolname), '{}') FROM pg_catalog.pg_roles \
+                     WHERE pg_catalog.pg_has_role($1, oid, 'MEMBER')",
+                    None,
+                    &[user.into()],
+                )
+                .ok()
+                .and_then(|t| t.first().get_one::<Vec<String>>().ok().flatten())
+                .unwrap_or_default()
+        })
+    });
+    l.roles = Some((user, roles.clone()));
+    roles
+}
+
+/// What the gate said about a statement, for its record and for raising the denial.
+pub struct Verdict {
+    pub decision: Decision,
+    pub enforce: Enforce,
+}
+
+impl Verdict {
+    pub fn denies(&self) -> bool {
+        !self.decision.allowed && self.enforce == Enforce::On
+    }
+
+    pub fn record_json(&self) -> String {
+        let mut j = self.decision.to_json();
+        if let serde_json::Value::Object(m) = &mut j {
+            m.insert("enforce".into(), self.enforce.name().into());
+        }
+        j.to_string()
+    }
+}
+
+/// Decides a statement, or None when nothing is to be checked (enforce = off, an exempt
+/// role, no policy and no suspension in force).
+pub fn decide(command: &str, objects_json: &str) -> Option<Verdict> {
+    let gate = current_gate();
+    let l = local();
+    let enforce = settings::enforce();
+    if enforce == Enforce::Off {
+        if let Some(g) = gate {
+            g.new_statement(); // custody.check() memoizes per statement
+        }
+        return None;
+    }
+    if let Some(err) = &l.build_error {
+        // A snapshot that does not compile cannot be published (set_policy checks first),
+        // but fail closed if it ever happens.
+        return Some(Verdict {
+            decision: Decision {
+                allowed: false,
+                reasons: vec![format!("policies in force could not be compiled: {err}")],
+                policies: Vec::new(),
+                suspended_role: None,
+                policy_set: String::new(),
+            },
+            enforce,
+        });
+    }
+    let gate = gate?;
+    gate.new_statement(); // custody.check() memoizes per statement
+    if gate.is_trivial() {
+        return None;
+    }
+    let who = capture::who();
+    if settings::is_exempt(&who.session_user) || settings::is_exempt(&who.current_user) {
+        return None;
+    }
+    // SAFETY: plain read of the current user id.
+    let user = unsafe { pg_sys::GetUserId() };
+    let subject = SubjectInput {
+        session_user: who.session_user,
+        current_user: who.current_user,
+        roles: roles_of(user),
+    };
+    l.statements += 1;
+    let input = StatementInput {
+        subject: &subject,
+        command,
+        objects_json,
+        client_addr: who.client_addr.as_deref(),
+        application_name: who.application_name.as_deref(),
+        now_unix_us: capture::now_unix_us(),
+        pid: who.pid,
+        // SAFETY: set at backend start.
+        backend_start_unix_us: unsafe { pg_sys::MyStartTimestamp } + capture::PG_EPOCH_OFFSET_US,
+        statements: l.statements,
+    };
+    Some(Verdict { decision: gate.decide(&input), enforce })
+}
+
+/// The subject of the current statement, for custody.current_subject() and custody.check().
+pub fn current_subject() -> SubjectInput {
+    let who = capture::who();
+    // SAFETY: plain read of the current user id.
+    let user = unsafe { pg_sys::GetUserId() };
+    SubjectInput { session_user: who.session_user, current_user: who.current_user, roles: roles_of(user) }
+}
+
+/// The gate for row checks and attribute lookups (None: no snapshot published yet).
+pub fn gate_for_functions() -> Option<&'static mut Gate> {
+    current_gate()
+}
+
+/// Raises the denial of a statement (its record was marked denied by the caller).
+pub fn raise_denied(verdict: &Verdict) -> ! {
+    let detail = verdict.decision.reasons.join("; ");
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        "statement denied by pg_custody policy",
+        "pg_custody",
+    )
+    .set_detail(if detail.is_empty() { "no policy allowed it".to_string() } else { detail })
+    .set_hint("The decision is recorded in custody.audit_log (outcome denied).")
+    .report(PgLogLevel::ERROR);
+    unreachable!()
+}

@@ -1,0 +1,185 @@
+//! Row policies written as SQL: native RESTRICTIVE row-security policies created, versioned
+//! and audited by pg_custody in the table's own database, and the functions usable in their
+//! expressions (custody.attribute, custody.current_subject, custody.check).
+
+use pgrx::prelude::*;
+use pgrx::{pg_sys, JsonB};
+use sha2::{Digest as _, Sha256};
+
+use crate::capture::{self, class::Class};
+
+/// Superusers and members of custody_admin only; the refused call is recorded.
+fn check_row_manager() {
+    // SAFETY: catalog lookups in a transaction.
+    let ok = unsafe {
+        let admin = pg_sys::get_role_oid(c"custody_admin".as_ptr(), true);
+        pg_sys::superuser()
+            || (admin != pg_sys::InvalidOid && pg_sys::is_member_of_role(pg_sys::GetUserId(), admin))
+    };
+    if !ok {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied to manage pg_custody row policies",
+            "pg_custody",
+        )
+        .set_detail("Only superusers and members of custody_admin may. This attempt is recorded.")
+        .report(PgLogLevel::ERROR);
+    }
+}
+
+fn run(sql: &str) {
+    capture::internal(|| Spi::run(sql)).unwrap_or_else(|e| error!("{e}"));
+}
+
+/// Creates a RESTRICTIVE row-security policy on `tbl` and forces row security there.
+/// (SQL: custody.create_row_policy(name, tbl regclass, ...) calls this with the OID.)
+#[pg_extern(volatile, parallel_unsafe, name = "_create_row_policy")]
+fn create_row_policy(
+    name: &str,
+    tbl: pg_sys::Oid,
+    command: default!(&str, "'all'"),
+    using_expr: default!(Option<&str>, "NULL"),
+    check_expr: default!(Option<&str>, "NULL"),
+) {
+    check_row_manager();
+    let cmd = command.trim().to_ascii_lowercase();
+    if !["all", "select", "insert", "update", "delete"].contains(&cmd.as_str()) {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid command \"{command}\" for a row policy"),
+            "pg_custody",
+        )
+        .set_hint("Use all, select, insert, update or delete.")
+        .report(PgLogLevel::ERROR);
+    }
+    if using_expr.is_none() && check_expr.is_none() {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "a row policy needs using_expr, check_expr or both",
+            "pg_custody",
+        )
+        .report(PgLogLevel::ERROR);
+    }
+    let table = capture::internal(|| {
+        Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[tbl.into()])
+    })
+    .unwrap_or_else(|e| error!("{e}"))
+    .unwrap_or_default();
+    let mut sql = format!(
+        "CREATE POLICY {} ON {table} AS RESTRICTIVE FOR {cmd} TO PUBLIC",
+        pgrx::spi::quote_identifier(name)
+    );
+    if let Some(u) = using_expr {
+        sql.push_str(&format!(" USING ({u})"));
+    }
+    if let Some(c) = check_expr {
+        sql.push_str(&format!(" WITH CHECK ({c})"));
+    }
+    // PostgreSQL's own errors (an invalid expression) abort the whole call: nothing remains.
+    run(&sql);
+    // Restrictive policies only narrow what permissive ones allow: without any permissive
+    // policy every row would be hidden, so add one that allows all if the table has none.
+    let has_permissive = capture::internal(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_policy WHERE polrelid = $1 AND polpermissive)",
+            &[tbl.into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("{e}"))
+    .unwrap_or(false);
+    if !has_permissive {
+        run(&format!(
+            "CREATE POLICY custody_permit_all ON {table} AS PERMISSIVE FOR ALL TO PUBLIC USING (true) WITH CHECK (true)"
+        ));
+    }
+    run(&format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"));
+    run(&format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"));
+    let definition = format!("{cmd}|{}|{}", using_expr.unwrap_or(""), check_expr.unwrap_or(""));
+    let sha = custody_chain::hex::encode(&Sha256::digest(definition.as_bytes()));
+    let version = capture::internal(|| {
+        Spi::get_one_with_args::<i32>(
+            "INSERT INTO custody.row_policies AS p (name, table_name, command, using_expr, check_expr, version, sha256, updated_at, updated_by) \
+             VALUES ($1, $2, $3, $4, $5, 1, decode($6, 'hex'), now(), session_user) \
+             ON CONFLICT (name) DO UPDATE SET table_name = excluded.table_name, command = excluded.command, \
+               using_expr = excluded.using_expr, check_expr = excluded.check_expr, version = p.version + 1, \
+               sha256 = excluded.sha256, updated_at = now(), updated_by = session_user \
+             RETURNING version",
+            &[name.into(), table.as_str().into(), cmd.as_str().into(), using_expr.into(), check_expr.into(), sha.as_str().into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("{e}"))
+    .unwrap_or(0);
+    super::store::event(
+        Class::Policy,
+        "CREATE ROW POLICY",
+        serde_json::json!({"kind": "row policy", "name": name, "table": table, "command": cmd,
+                           "using": using_expr, "check": check_expr, "version": version, "sha256": sha}),
+    );
+}
+
+/// Drops a row policy created by create_row_policy.
+#[pg_extern(volatile, parallel_unsafe)]
+fn drop_row_policy(name: &str) {
+    check_row_manager();
+    let table = capture::internal(|| {
+        Spi::get_one_with_args::<String>("DELETE FROM custody.row_policies WHERE name = $1 RETURNING table_name", &[name.into()])
+    })
+    .unwrap_or_else(|e| error!("{e}"));
+    let Some(table) = table else {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("row policy \"{name}\" does not exist"),
+            "pg_custody",
+        )
+        .set_hint("See custody.row_policies.")
+        .report(PgLogLevel::ERROR);
+        unreachable!()
+    };
+    run(&format!("DROP POLICY IF EXISTS {} ON {table}", pgrx::spi::quote_identifier(name)));
+    super::store::event(Class::Policy, "DROP ROW POLICY", serde_json::json!({"kind": "row policy", "name": name, "table": table}));
+}
+
+/// The current user's attribute `key`, if valid now.
+#[pg_extern(volatile, parallel_safe)]
+fn attribute(key: &str) -> Option<JsonB> {
+    let gate = super::gate_for_functions()?;
+    let who = capture::who();
+    let attrs = gate.attributes_of(&who.current_user, capture::now_unix_us());
+    attrs.get(key).cloned().map(JsonB)
+}
+
+/// {session_user, current_user, roles, attributes} as policies see them.
+#[pg_extern(volatile, parallel_safe)]
+fn current_subject() -> JsonB {
+    let s = super::current_subject();
+    let attributes = super::gate_for_functions()
+        .map(|g| g.attributes_of(&s.current_user, capture::now_unix_us()))
+        .unwrap_or_else(|| serde_json::json!({}));
+    JsonB(serde_json::json!({
+        "session_user": s.session_user,
+        "current_user": s.current_user,
+        "roles": s.roles,
+        "attributes": attributes,
+    }))
+}
+
+/// Evaluates data.custody.row_allow for {subject, action, resource}; memoized within a
+/// statement for identical inputs. False when no policy defines it.
+#[pg_extern(volatile, parallel_safe)]
+fn check(action: &str, resource: JsonB) -> bool {
+    let Some(gate) = super::gate_for_functions() else { return false };
+    let subject = super::current_subject();
+    match gate.row_allow(&subject, capture::now_unix_us(), action, &resource.0) {
+        Ok(b) => b,
+        Err(e) => {
+            pgrx::pg_sys::panic::ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "custody.check could not evaluate data.custody.row_allow",
+                "pg_custody",
+            )
+            .set_detail(e)
+            .report(PgLogLevel::ERROR);
+            false
+        }
+    }
+}

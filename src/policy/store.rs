@@ -1,0 +1,362 @@
+//! The policy store in `custody.database` and the functions that manage it: Rego policies,
+//! attributes that expire, suspensions. Each change is versioned, recorded in the audit chain
+//! (class `policy`) and, at commit, published to every backend of the cluster.
+
+use pgrx::prelude::*;
+use pgrx::{pg_sys, JsonB};
+use sha2::{Digest as _, Sha256};
+
+use custody_policy::{compile_check, Attribute, Gate, PolicySource, Snapshot, Suspension};
+
+use crate::capture::{self, class::Class};
+
+/// Changes made by this transaction: publish at commit, record before it.
+struct Pending {
+    dirty: bool,
+    events: Vec<(String, serde_json::Value)>,
+    snapshot: Option<Snapshot>,
+}
+
+static mut PENDING: Pending = Pending { dirty: false, events: Vec::new(), snapshot: None };
+
+#[allow(static_mut_refs)]
+fn pending() -> &'static mut Pending {
+    // SAFETY: single-threaded backend.
+    unsafe { &mut PENDING }
+}
+
+const LOCK_KEY: i64 = 0x6375_7374_6f64_79; // "custody": serializes changes to the store
+
+/// Refuses callers that are neither superuser nor members of custody_admin, and calls made
+/// outside custody.database. The refused call is recorded like any failed statement.
+fn check_manager() {
+    // SAFETY: catalog lookups in a transaction.
+    let (is_super, is_admin) = unsafe {
+        let user = pg_sys::GetUserId();
+        let admin = pg_sys::get_role_oid(c"custody_admin".as_ptr(), true);
+        (
+            pg_sys::superuser(),
+            admin != pg_sys::InvalidOid && pg_sys::is_member_of_role(user, admin),
+        )
+    };
+    if !(is_super || is_admin) {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied to manage pg_custody policies",
+            "pg_custody",
+        )
+        .set_detail("Only superusers and members of custody_admin may change policies, attributes and suspensions. This attempt is recorded.")
+        .report(PgLogLevel::ERROR);
+    }
+    let here = capture::who().database_name;
+    if here != crate::settings::database() {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("pg_custody policies are managed in database {}", crate::settings::database()),
+            "pg_custody",
+        )
+        .set_hint("Connect to the database named by custody.database; policies there govern every database.")
+        .report(PgLogLevel::ERROR);
+    }
+    capture::internal(|| {
+        Spi::run_with_args("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[LOCK_KEY.into()])
+    })
+    .unwrap_or_else(|e| error!("{e}"));
+}
+
+fn changed(command: &str, object: serde_json::Value) {
+    let p = pending();
+    p.dirty = true;
+    p.events.push((command.to_string(), object));
+}
+
+/// Records a `policy` event at commit without republishing the store (row policies live in
+/// their own database, not in the store).
+pub fn event(_class: Class, command: &str, object: serde_json::Value) {
+    pending().events.push((command.to_string(), object));
+}
+
+fn sha256_hex(text: &str) -> String {
+    custody_chain::hex::encode(&Sha256::digest(text.as_bytes()))
+}
+
+fn bad(code: PgSqlErrorCode, message: String, detail: Option<String>, hint: &str) -> ! {
+    let mut e = pgrx::pg_sys::panic::ErrorReport::new(code, message, "pg_custody").set_hint(hint);
+    if let Some(d) = detail {
+        e = e.set_detail(d);
+    }
+    e.report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
+/// Compiles a Rego module (package custody) and stores it as the next version of `name`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn set_policy(name: &str, source: &str) {
+    check_manager();
+    if let Err(e) = compile_check(name, source) {
+        bad(
+            PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
+            format!("policy \"{name}\" does not compile: {e}"),
+            None,
+            "Policies are Rego modules in package custody; the policies in force are unchanged.",
+        );
+    }
+    // The new module must also compile together with the others in force.
+    let mut snap = load_snapshot();
+    snap.policies.retain(|p| p.name != name);
+    snap.policies.push(PolicySource { name: name.into(), version: 0, source: source.into(), enabled: true });
+    if let Err(e) = Gate::build(&snap) {
+        bad(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("policy \"{name}\" conflicts with the policies in force: {e}"),
+            None,
+            "The policies in force are unchanged.",
+        );
+    }
+    let sha = sha256_hex(source);
+    let version = capture::internal(|| {
+        Spi::get_one_with_args::<i32>(
+            "INSERT INTO custody.policy_store AS p (name, source, version, sha256, enabled, updated_at, updated_by) \
+             VALUES ($1, $2, 1, decode($3, 'hex'), true, now(), session_user) \
+             ON CONFLICT (name) DO UPDATE SET source = excluded.source, version = p.version + 1, \
+               sha256 = excluded.sha256, enabled = true, updated_at = now(), updated_by = session_user \
+             RETURNING version",
+            &[name.into(), source.into(), sha.as_str().into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("{e}"))
+    .unwrap_or(0);
+    changed("SET POLICY", serde_json::json!({"kind": "policy", "name": name, "version": version, "sha256": sha}));
+}
+
+/// Removes a policy.
+#[pg_extern(volatile, parallel_unsafe)]
+fn drop_policy(name: &str) {
+    check_manager();
+    let dropped = capture::internal(|| {
+        Spi::get_one_with_args::<String>(
+            "DELETE FROM custody.policy_store WHERE name = $1 RETURNING encode(sha256, 'hex')",
+            &[name.into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("{e}"));
+    let Some(sha) = dropped else {
+        bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("policy \"{name}\" does not exist"), None, "See custody.policies.");
+    };
+    changed("DROP POLICY", serde_json::json!({"kind": "policy", "name": name, "sha256": sha}));
+}
+
+/// Turns a policy on or off (a new version either way).
+#[pg_extern(volatile, parallel_unsafe)]
+fn enable_policy(name: &str, on: bool) {
+    check_manager();
+    let row = capture::internal(|| {
+        Spi::get_two_with_args::<i32, String>(
+            "UPDATE custody.policy_store SET enabled = $2, version = version + 1, updated_at = now(), \
+             updated_by = session_user WHERE name = $1 RETURNING version, encode(sha256, 'hex')",
+            &[name.into(), on.into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("{e}"));
+    let (Some(version), Some(sha)) = row else {
+        bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("policy \"{name}\" does not exist"), None, "See custody.policies.");
+    };
+    let command = if on { "ENABLE POLICY" } else { "DISABLE POLICY" };
+    changed(command, serde_json::json!({"kind": "policy", "name": name, "version": version, "sha256": sha}));
+}
+
+fn check_role(role: &str) {
+    let c = std::ffi::CString::new(role).unwrap_or_default();
+    // SAFETY: syscache lookup; missing_ok.
+    if unsafe { pg_sys::get_role_oid(c.as_ptr(), true) } == pg_sys::InvalidOid {
+        bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("role \"{role}\" does not exist"), None, "Attributes and suspensions name existing roles.");
+    }
+}
+
+/// Gives `role` the attribute `key` = `value`, valid from `valid_from` until `valid_until`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn set_attribute(
+    role: &str,
+    key: &str,
+    value: JsonB,
+    valid_from: default!(pgrx::datum::TimestampWithTimeZone, "now()"),
+    valid_until: default!(Option<pgrx::datum::TimestampWithTimeZone>, "NULL"),
+) {
+    check_manager();
+    check_role(role);
+    if let Some(until) = valid_until {
+        if until <= valid_from {
+            bad(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "valid_until must be after valid_from".into(), None, "Pass NULL for an attribute that does not expire.");
+        }
+    }
+    capture::internal(|| {
+        Spi::run_with_args(
+            "INSERT INTO custody.attribute_store (role, key, value, valid_from, valid_until, set_at, set_by) \
+             VALUES ($1, $2, $3, $4, $5, now(), session_user) \
+             ON CONFLICT (role, key) DO UPDATE SET value = excluded.value, valid_from = excluded.valid_from, \
+               valid_until = excluded.valid_until, set_at = now(), set_by = session_user",
+            &[role.into(), key.into(), JsonB(value.0.clone()).into(), valid_from.into(), valid_until.into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("{e}"));
+    changed(
+        "SET ATTRIBUTE",
+        serde_json::json!({"kind": "attribute", "role": role, "name": key, "value": value.0,
+                           "valid_from": valid_from.to_iso_string(), "valid_until": valid_until.map(|u| u.to_iso_string())}),
+    );
+}
+
+/// Removes an attribute.
+#[pg_extern(volatile, parallel_unsafe)]
+fn clear_attribute(role: &str, key: &str) {
+    check_manager();
+    let n = capture::internal(|| {
+        Spi::get_one_with_args::<i64>(
+            "WITH d AS (DELETE FROM custody.attribute_store WHERE role = $1 AND key = $2 RETURNING 1) SELECT count(*) FROM d",
+            &[role.into(), key.into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("{e}"))
+    .unwrap_or(0);
+    if n == 0 {
+        bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("role \"{role}\" has no attribute \"{key}\""), None, "See custody.attributes.");
+    }
+    changed("CLEAR ATTRIBUTE", serde_json::json!({"kind": "attribute", "role": role, "name": key}));
+}
+
+/// Denies every statement of `role` (and of roles acting through it) until resumed.
+#[pg_extern(volatile, parallel_unsafe)]
+fn suspend(role: &str, reason: &str) {
+    check_manager();
+    check_role(role);
+    capture::internal(|| {
+        Spi::run_with_args(
+            "INSERT INTO custody.suspensions (role, reason, suspended_at, suspended_by) VALUES ($1, $2, now(), session_user) \
+             ON CONFLICT (role) DO UPDATE SET reason = excluded.reason, suspended_at = now(), suspended_by = session_user",
+            &[role.into(), reason.into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("{e}"));
+    changed("SUSPEND", serde_json::json!({"kind": "role", "name": role, "reason": reason}));
+}
+
+/// Lifts a suspension.
+#[pg_extern(volatile, parallel_unsafe)]
+fn resume(role: &str) {
+    check_manager();
+    let n = capture::internal(|| {
+        Spi::get_one_with_args::<i64>(
+            "WITH d AS (DELETE FROM custody.suspensions WHERE role = $1 RETURNING 1) SELECT count(*) FROM d",
+            &[role.into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("{e}"))
+    .unwrap_or(0);
+    if n == 0 {
+        bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("role \"{role}\" is not suspended"), None, "See custody.suspensions.");
+    }
+    changed("RESUME", serde_json::json!({"kind": "role", "name": role}));
+}
+
+/// Reads policies, attributes and suspensions from the store (in custody.database).
+pub fn load_snapshot() -> Snapshot {
+    capture::internal(|| {
+        Spi::connect(|client| {
+            let mut snap = Snapshot::default();
+            let exists = client
+                .select("SELECT to_regclass('custody.policy_store') IS NOT NULL", None, &[])?
+                .first()
+                .get_one::<bool>()?
+                .unwrap_or(false);
+            if !exists {
+                return Ok::<_, pgrx::spi::Error>(snap);
+            }
+            for row in client.select(
+                "SELECT name, version::int8, source, enabled FROM custody.policy_store ORDER BY name",
+                None,
+                &[],
+            )? {
+                snap.policies.push(PolicySource {
+                    name: row.get::<String>(1)?.unwrap_or_default(),
+                    version: row.get::<i64>(2)?.unwrap_or_default(),
+                    source: row.get::<String>(3)?.unwrap_or_default(),
+                    enabled: row.get::<bool>(4)?.unwrap_or(false),
+                });
+            }
+            for row in client.select(
+                "SELECT role, key, value::text, (extract(epoch FROM valid_from) * 1000000)::int8, \
+                        (extract(epoch FROM valid_until) * 1000000)::int8 \
+                 FROM custody.attribute_store ORDER BY role, key",
+                None,
+                &[],
+            )? {
+                snap.attributes.push(Attribute {
+                    role: row.get::<String>(1)?.unwrap_or_default(),
+                    key: row.get::<String>(2)?.unwrap_or_default(),
+                    value: serde_json::from_str(&row.get::<String>(3)?.unwrap_or_default()).unwrap_or_default(),
+                    valid_from: row.get::<i64>(4)?.unwrap_or_default(),
+                    valid_until: row.get::<i64>(5)?,
+                });
+            }
+            for row in client.select("SELECT role, reason FROM custody.suspensions ORDER BY role", None, &[])? {
+                snap.suspensions.push(Suspension {
+                    role: row.get::<String>(1)?.unwrap_or_default(),
+                    reason: row.get::<String>(2)?.unwrap_or_default(),
+                });
+            }
+            Ok(snap)
+        })
+    })
+    .unwrap_or_else(|e| error!("could not read the pg_custody policy store: {e}"))
+}
+
+/// Before commit: read the store as this transaction leaves it, refuse what cannot be
+/// published, and queue the `policy` records (so they are stored before COMMIT returns).
+pub fn pre_commit() {
+    let p = pending();
+    if !p.dirty {
+        for (command, object) in p.events.drain(..) {
+            capture::record_event(Class::Policy, &command, &serde_json::json!([object]).to_string());
+        }
+        return;
+    }
+    // At PRE_COMMIT the statement's snapshot is gone: read the store under a fresh one,
+    // which sees this transaction's own changes.
+    // SAFETY: push/pop pair around the SPI reads, inside the still-open transaction.
+    let snap = unsafe {
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let s = load_snapshot();
+        pg_sys::PopActiveSnapshot();
+        s
+    };
+    if !super::fits(&snap) {
+        p.dirty = false;
+        p.events.clear();
+        bad(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            "pg_custody policies, attributes and suspensions exceed the shared memory reserved for them".into(),
+            Some(format!("The limit is {} bytes.", super::SNAPSHOT_CAPACITY)),
+            "Remove unused policies or attributes.",
+        );
+    }
+    p.snapshot = Some(snap);
+    for (command, object) in p.events.drain(..) {
+        capture::record_event(Class::Policy, &command, &serde_json::json!([object]).to_string());
+    }
+}
+
+/// After commit: every backend sees the change from its next statement on.
+pub fn commit() {
+    let p = pending();
+    if let Some(snap) = p.snapshot.take() {
+        super::publish(&snap);
+    }
+    p.dirty = false;
+}
+
+pub fn abort() {
+    let p = pending();
+    p.dirty = false;
+    p.events.clear();
+    p.snapshot = None;
+}
