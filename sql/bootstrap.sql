@@ -25,7 +25,10 @@ COMMENT ON ROLE custody_auditor IS
 COMMENT ON ROLE custody_admin IS
     'pg_custody: may manage policies, attributes, suspensions and row policies';
 
-GRANT USAGE ON SCHEMA custody TO custody_auditor, custody_admin;
+-- Everyone may use the schema: custody.check(), custody.attribute() and
+-- custody.current_subject() appear in row policies that apply to every role. The tables
+-- are not readable by PUBLIC, and the verification functions are revoked from it.
+GRANT USAGE ON SCHEMA custody TO PUBLIC;
 
 -- Row policies live with their table, in every database where pg_custody is created.
 CREATE TABLE custody.row_policies (

@@ -77,6 +77,25 @@ unsafe fn classify(node: *mut pg_sys::Node) -> (Class, bool) {
     }
 }
 
+/// Statements that are never gated: transaction control (denying ROLLBACK protects nothing)
+/// and giving up a role (RESET ROLE, RESET SESSION AUTHORIZATION), so that a session that
+/// assumed a suspended role can always return to its own identity, which is gated itself.
+unsafe fn gate_exempt(node: *mut pg_sys::Node) -> bool {
+    use pg_sys::NodeTag::*;
+    unsafe {
+        match (*node).type_ {
+            T_TransactionStmt => true,
+            T_VariableSetStmt => {
+                let s = &*(node as *mut pg_sys::VariableSetStmt);
+                let name = if s.name.is_null() { &b""[..] } else { CStr::from_ptr(s.name).to_bytes() };
+                (name == b"role" || name == b"session_authorization")
+                    && s.kind == pg_sys::VariableSetKind::VAR_RESET
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Objects named by the few utility statements whose target is a relation being read or
 /// written (COPY, TRUNCATE). DDL names its object in the statement text.
 unsafe fn utility_objects(node: *mut pg_sys::Node) -> String {
@@ -127,7 +146,9 @@ unsafe extern "C-unwind" fn custody_process_utility(
             let tag = objects::cstr(pg_sys::GetCommandTagName(pg_sys::CreateCommandTag(node)));
             let objects_json = utility_objects(node);
             // Utility statements pass the same gate (DDL, GRANT, COPY, SET ROLE, ...).
-            verdict = policy::decide(&tag, &objects_json);
+            if !gate_exempt(node) {
+                verdict = policy::decide(&tag, &objects_json);
+            }
             if verdict.is_some() || forced || violation.is_some() || capture::wanted(class) {
                 key = capture::utility_token();
                 let source = objects::cstr(query_string);

@@ -204,8 +204,12 @@ fn roles_of(user: pg_sys::Oid) -> Vec<String> {
         Spi::connect(|client| {
             client
                 .select(
-                    "SELECT coalesce(array_agg(rolname::text ORDER BY rolname), '{}') FROM pg_catalog.pg_roles \
-                     WHERE pg_catalog.pg_has_role($1, oid, 'MEMBER')",
+                    // Granted memberships, transitively: not pg_has_role(), which makes a
+                    // superuser a member of every role (and so of every suspended one).
+                    "WITH RECURSIVE r(oid) AS (SELECT $1::oid UNION \
+                       SELECT m.roleid FROM pg_catalog.pg_auth_members m JOIN r ON m.member = r.oid) \
+                     SELECT coalesce(array_agg(a.rolname::text ORDER BY a.rolname), '{}') \
+                     FROM pg_catalog.pg_roles a JOIN r ON a.oid = r.oid",
                     None,
                     &[user.into()],
                 )

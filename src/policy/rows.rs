@@ -121,11 +121,11 @@ fn create_row_policy(
 #[pg_extern(volatile, parallel_unsafe)]
 fn drop_row_policy(name: &str) {
     check_row_manager();
-    let table = capture::internal(|| {
-        Spi::get_one_with_args::<String>("DELETE FROM custody.row_policies WHERE name = $1 RETURNING table_name", &[name.into()])
-    })
-    .unwrap_or_else(|e| error!("{e}"));
-    let Some(table) = table else {
+    let table = super::store::first_row::<String, String>(
+        "DELETE FROM custody.row_policies WHERE name = $1 RETURNING table_name, name",
+        &[name.into()],
+    );
+    let Some((Some(table), _)) = table else {
         pgrx::pg_sys::panic::ErrorReport::new(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             format!("row policy \"{name}\" does not exist"),

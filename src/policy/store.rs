@@ -76,6 +76,25 @@ pub fn event(_class: Class, command: &str, object: serde_json::Value) {
     pending().events.push((command.to_string(), object));
 }
 
+/// The first row of a statement that returns at most one (None when it returns none).
+pub(super) fn first_row<A, B>(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Option<(Option<A>, Option<B>)>
+where
+    A: pgrx::FromDatum + pgrx::IntoDatum,
+    B: pgrx::FromDatum + pgrx::IntoDatum,
+{
+    capture::internal(|| {
+        Spi::connect_mut(|client| {
+            let t = client.update(sql, Some(1), args)?;
+            if t.is_empty() {
+                return Ok::<_, pgrx::spi::Error>(None);
+            }
+            let t = t.first();
+            Ok(Some((t.get::<A>(1)?, t.get::<B>(2).unwrap_or(None))))
+        })
+    })
+    .unwrap_or_else(|e| error!("{e}"))
+}
+
 fn sha256_hex(text: &str) -> String {
     custody_chain::hex::encode(&Sha256::digest(text.as_bytes()))
 }
@@ -133,14 +152,11 @@ fn set_policy(name: &str, source: &str) {
 #[pg_extern(volatile, parallel_unsafe)]
 fn drop_policy(name: &str) {
     check_manager();
-    let dropped = capture::internal(|| {
-        Spi::get_one_with_args::<String>(
-            "DELETE FROM custody.policy_store WHERE name = $1 RETURNING encode(sha256, 'hex')",
-            &[name.into()],
-        )
-    })
-    .unwrap_or_else(|e| error!("{e}"));
-    let Some(sha) = dropped else {
+    let dropped = first_row::<String, String>(
+        "DELETE FROM custody.policy_store WHERE name = $1 RETURNING encode(sha256, 'hex'), name",
+        &[name.into()],
+    );
+    let Some((Some(sha), _)) = dropped else {
         bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("policy \"{name}\" does not exist"), None, "See custody.policies.");
     };
     changed("DROP POLICY", serde_json::json!({"kind": "policy", "name": name, "sha256": sha}));
@@ -150,15 +166,12 @@ fn drop_policy(name: &str) {
 #[pg_extern(volatile, parallel_unsafe)]
 fn enable_policy(name: &str, on: bool) {
     check_manager();
-    let row = capture::internal(|| {
-        Spi::get_two_with_args::<i32, String>(
-            "UPDATE custody.policy_store SET enabled = $2, version = version + 1, updated_at = now(), \
-             updated_by = session_user WHERE name = $1 RETURNING version, encode(sha256, 'hex')",
-            &[name.into(), on.into()],
-        )
-    })
-    .unwrap_or_else(|e| error!("{e}"));
-    let (Some(version), Some(sha)) = row else {
+    let row = first_row::<i32, String>(
+        "UPDATE custody.policy_store SET enabled = $2, version = version + 1, updated_at = now(), \
+         updated_by = session_user WHERE name = $1 RETURNING version, encode(sha256, 'hex')",
+        &[name.into(), on.into()],
+    );
+    let Some((Some(version), Some(sha))) = row else {
         bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("policy \"{name}\" does not exist"), None, "See custody.policies.");
     };
     let command = if on { "ENABLE POLICY" } else { "DISABLE POLICY" };
