@@ -84,6 +84,59 @@ echo "exported $(wc -l < "$dir.export.jsonl") lines to $dir.export.jsonl"
 echo "\$ custody verify --log $dir.export.jsonl --public-key '$pub' --digest $dir.digest.json"
 custody verify --log "$dir.export.jsonl" --public-key "$pub" --digest "$dir.digest.json"
 
+say "Continuous authorization: a Rego policy, checked on every statement"
+psql -q <<'SQL'
+DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'demo_contractor') THEN CREATE ROLE demo_contractor LOGIN; END IF; END $$;
+GRANT SELECT ON demo_accounts TO demo_contractor;
+SELECT custody.set_policy('demo_rules', $rego$
+package custody
+
+# contractors read only while their engagement attribute is valid
+deny contains msg if {
+    input.subject.current_user == "demo_contractor"
+    not input.subject.attributes.engagement
+    msg := "demo_contractor has no valid engagement"
+}
+
+# nobody reads balances outside the finance roles
+deny contains "balance is for finance only" if {
+    some o in input.objects
+    o.name == "demo_accounts"
+    "balance" in o.columns
+    not "finance" in input.subject.roles
+}
+$rego$);
+SELECT custody.set_attribute('demo_contractor', 'engagement', '"ACME-42"',
+                             valid_until => now() + interval '1 hour');
+SQL
+psql -c "SELECT name, kind, version, left(sha256, 16) AS sha256, enabled FROM custody.policies"
+
+say "demo_contractor opens ONE session; an admin suspends the role while it is open"
+cat > "$dir.session.sql" <<SQL
+\echo '-- in the open session: allowed'
+SELECT owner FROM demo_accounts ORDER BY id;
+\echo '-- in the open session: denied by policy (balance column)'
+SELECT owner, balance FROM demo_accounts ORDER BY id;
+\echo '-- meanwhile, another session: SELECT custody.suspend(''demo_contractor'', ''offboarding'')'
+\! /usr/lib/postgresql/15/bin/psql -X -q -h /tmp -p $port -U postgres -d postgres -c "SELECT custody.suspend('demo_contractor', 'offboarding')" >/dev/null
+\echo '-- the same open session, next statement: denied'
+SELECT owner FROM demo_accounts ORDER BY id;
+\! /usr/lib/postgresql/15/bin/psql -X -q -h /tmp -p $port -U postgres -d postgres -c "SELECT custody.resume('demo_contractor')" >/dev/null
+\echo '-- after custody.resume(), same session: allowed again'
+SELECT owner FROM demo_accounts ORDER BY id;
+SQL
+chmod 644 "$dir.session.sql"
+"$here/cluster.sh" psql "$port" -U demo_contractor -d postgres -f "$dir.session.sql" 2>&1 || true
+
+say "Every decision is in the chain"
+psql -c "SELECT custody.flush()" -qAt >/dev/null
+psql -c "SELECT seq, current_user_name AS role, class, command, outcome,
+                coalesce(decision->>'reasons', objects->0->>'name') AS reasons_or_object
+         FROM custody.audit_log
+         WHERE class = 'policy' OR outcome = 'denied'
+         ORDER BY seq DESC LIMIT 8"
+psql -q -c "SELECT custody.drop_policy('demo_rules')"
+
 say "Done. The cluster is still running:"
 echo "  psql -h /tmp -p $port -U postgres postgres"
 echo "  (stop it with: make stop; remove it with: make clean; every make demo starts a fresh cluster)"

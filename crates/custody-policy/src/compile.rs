@@ -112,13 +112,14 @@ impl From<LocatedError> for CompileError {
     }
 }
 
+pub(crate) fn timer_config() -> ExecutionTimerConfig {
+    ExecutionTimerConfig { limit: EVAL_TIME_LIMIT, check_interval: NonZeroU32::new(256).expect("non-zero") }
+}
+
 /// A fresh engine with the settings every custody engine uses.
 pub(crate) fn new_engine() -> Engine {
     let mut engine = Engine::new();
-    engine.set_execution_timer_config(ExecutionTimerConfig {
-        limit: EVAL_TIME_LIMIT,
-        check_interval: NonZeroU32::new(256).expect("non-zero"),
-    });
+    engine.set_execution_timer_config(timer_config());
     engine
 }
 
