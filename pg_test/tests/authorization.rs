@@ -186,6 +186,7 @@ deny contains "authz_t needs clearance high" if {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    eprintln!("clearance ended at {until:.3}; allowed {allowed_while_valid} times before, denied at {:.3}", unix_now());
     assert!(allowed_while_valid >= 1, "A was never allowed while its clearance was valid");
     let valid_now: bool = b
         .query_one("SELECT valid_now FROM custody.attributes WHERE role = 'authz_a' AND key = 'clearance'", &[])
@@ -523,7 +524,8 @@ deny contains "authz_guarded is closed" if {
 }
 
 /// A plain LOGIN role may not manage (42501, each attempt recorded, nothing changed), even
-/// with USAGE on schema custody; a member of custody_admin may.
+/// with USAGE on schema custody; a member of custody_admin may (FAILS: known extension bug,
+/// see below).
 #[test]
 fn non_admin_cannot_manage() {
     let (cluster, mut b) = authz_cluster("authz_b");
@@ -553,7 +555,6 @@ fn non_admin_cannot_manage() {
         let (code, message, _) = db_error(p.simple_query(sql), sql);
         assert_eq!(code, "42501", "{sql}: {message}");
     }
-    assert_eq!(read_text(&mut p, "SELECT current_setting('custody.enforce')").unwrap(), "on");
 
     // Nothing changed.
     let state = b
@@ -587,7 +588,8 @@ fn non_admin_cannot_manage() {
         assert_eq!(got, ("error".to_string(), Some("42501".to_string()), "authz_plain".to_string()), "{sql}");
     }
 
-    // A member of custody_admin may manage (but is no superuser for custody.enforce).
+    // A member of custody_admin may manage (but is no superuser for custody.enforce): the
+    // functions write the store with the extension owner's rights after checking the caller.
     let mut m = cluster.connect_as("authz_mgr", "authz_mgr_session");
     m.batch_execute("SELECT custody.set_attribute('authz_plain', 'dept', '\"ops\"')")
         .expect("custody_admin member calls set_attribute");

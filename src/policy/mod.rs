@@ -313,6 +313,27 @@ pub fn gate_for_functions() -> Option<&'static mut Gate> {
     current_gate()
 }
 
+/// Runs pg_custody's own writes to its store as the bootstrap superuser, after the caller
+/// was checked (superuser or custody_admin): the store tables are not writable by
+/// custody_admin directly, only through the functions that record every change. On ERROR
+/// the transaction abort restores the caller's identity.
+pub fn with_owner_rights<R>(f: impl FnOnce() -> R) -> R {
+    let mut user = pg_sys::InvalidOid;
+    let mut context: i32 = 0;
+    // SAFETY: the documented save/switch/restore pattern (as in PostgreSQL's own
+    // SECURITY_LOCAL_USERID_CHANGE uses).
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+    }
+    let r = capture::internal(f);
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    r
+}
+
 /// Raises the denial of a statement (its record was marked denied by the caller).
 pub fn raise_denied(verdict: &Verdict) -> ! {
     let detail = verdict.decision.reasons.join("; ");

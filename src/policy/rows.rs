@@ -27,8 +27,10 @@ fn check_row_manager() {
     }
 }
 
+/// Runs DDL on the caller's behalf with the extension owner's rights (the caller was
+/// checked: superuser or custody_admin); PostgreSQL's own errors still abort the call.
 fn run(sql: &str) {
-    capture::internal(|| Spi::run(sql)).unwrap_or_else(|e| error!("{e}"));
+    super::with_owner_rights(|| Spi::run(sql)).unwrap_or_else(|e| error!("{e}"));
 }
 
 /// Creates a RESTRICTIVE row-security policy on `tbl` and forces row security there.
@@ -96,7 +98,7 @@ fn create_row_policy(
     run(&format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"));
     let definition = format!("{cmd}|{}|{}", using_expr.unwrap_or(""), check_expr.unwrap_or(""));
     let sha = custody_chain::hex::encode(&Sha256::digest(definition.as_bytes()));
-    let version = capture::internal(|| {
+    let version = super::with_owner_rights(|| {
         Spi::get_one_with_args::<i32>(
             "INSERT INTO custody.row_policies AS p (name, table_name, command, using_expr, check_expr, version, sha256, updated_at, updated_by) \
              VALUES ($1, $2, $3, $4, $5, 1, decode($6, 'hex'), now(), session_user) \

@@ -58,7 +58,7 @@ fn check_manager() {
         .set_hint("Connect to the database named by custody.database; policies there govern every database.")
         .report(PgLogLevel::ERROR);
     }
-    capture::internal(|| {
+    super::with_owner_rights(|| {
         Spi::run_with_args("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[LOCK_KEY.into()])
     })
     .unwrap_or_else(|e| error!("{e}"));
@@ -82,7 +82,7 @@ where
     A: pgrx::FromDatum + pgrx::IntoDatum,
     B: pgrx::FromDatum + pgrx::IntoDatum,
 {
-    capture::internal(|| {
+    super::with_owner_rights(|| {
         Spi::connect_mut(|client| {
             let t = client.update(sql, Some(1), args)?;
             if t.is_empty() {
@@ -133,7 +133,7 @@ fn set_policy(name: &str, source: &str) {
         );
     }
     let sha = sha256_hex(source);
-    let version = capture::internal(|| {
+    let version = super::with_owner_rights(|| {
         Spi::get_one_with_args::<i32>(
             "INSERT INTO custody.policy_store AS p (name, source, version, sha256, enabled, updated_at, updated_by) \
              VALUES ($1, $2, 1, decode($3, 'hex'), true, now(), session_user) \
@@ -202,7 +202,7 @@ fn set_attribute(
             bad(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "valid_until must be after valid_from".into(), None, "Pass NULL for an attribute that does not expire.");
         }
     }
-    capture::internal(|| {
+    super::with_owner_rights(|| {
         Spi::run_with_args(
             "INSERT INTO custody.attribute_store (role, key, value, valid_from, valid_until, set_at, set_by) \
              VALUES ($1, $2, $3, $4, $5, now(), session_user) \
@@ -223,7 +223,7 @@ fn set_attribute(
 #[pg_extern(volatile, parallel_unsafe)]
 fn clear_attribute(role: &str, key: &str) {
     check_manager();
-    let n = capture::internal(|| {
+    let n = super::with_owner_rights(|| {
         Spi::get_one_with_args::<i64>(
             "WITH d AS (DELETE FROM custody.attribute_store WHERE role = $1 AND key = $2 RETURNING 1) SELECT count(*) FROM d",
             &[role.into(), key.into()],
@@ -242,7 +242,7 @@ fn clear_attribute(role: &str, key: &str) {
 fn suspend(role: &str, reason: &str) {
     check_manager();
     check_role(role);
-    capture::internal(|| {
+    super::with_owner_rights(|| {
         Spi::run_with_args(
             "INSERT INTO custody.suspensions (role, reason, suspended_at, suspended_by) VALUES ($1, $2, now(), session_user) \
              ON CONFLICT (role) DO UPDATE SET reason = excluded.reason, suspended_at = now(), suspended_by = session_user",
@@ -257,7 +257,7 @@ fn suspend(role: &str, reason: &str) {
 #[pg_extern(volatile, parallel_unsafe)]
 fn resume(role: &str) {
     check_manager();
-    let n = capture::internal(|| {
+    let n = super::with_owner_rights(|| {
         Spi::get_one_with_args::<i64>(
             "WITH d AS (DELETE FROM custody.suspensions WHERE role = $1 RETURNING 1) SELECT count(*) FROM d",
             &[role.into()],
@@ -273,7 +273,7 @@ fn resume(role: &str) {
 
 /// Reads policies, attributes and suspensions from the store (in custody.database).
 pub fn load_snapshot() -> Snapshot {
-    capture::internal(|| {
+    super::with_owner_rights(|| {
         Spi::connect(|client| {
             let mut snap = Snapshot::default();
             let exists = client

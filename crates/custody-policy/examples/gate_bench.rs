@@ -133,13 +133,19 @@ row_allow if {
 fn percentiles(mut ns: Vec<u64>) -> (f64, f64, f64) {
     ns.sort_unstable();
     let at = |q: f64| ns[((ns.len() as f64 - 1.0) * q) as usize] as f64 / 1000.0;
-    (at(0.5), at(0.99), ns.iter().sum::<u64>() as f64 / ns.len() as f64 / 1000.0)
+    (
+        at(0.5),
+        at(0.99),
+        ns.iter().sum::<u64>() as f64 / ns.len() as f64 / 1000.0,
+    )
 }
 
 fn report(what: &str, ns: Vec<u64>) {
     let n = ns.len();
     let (median, p99, mean) = percentiles(ns);
-    println!("{what:<46} n={n:<8} median {median:>7.2} µs   p99 {p99:>7.2} µs   mean {mean:>7.2} µs");
+    println!(
+        "{what:<46} n={n:<8} median {median:>7.2} µs   p99 {p99:>7.2} µs   mean {mean:>7.2} µs"
+    );
 }
 
 fn main() {
@@ -152,7 +158,12 @@ fn main() {
     };
     let snapshot = Snapshot {
         generation: 1,
-        policies: vec![PolicySource { name: "site".into(), version: 1, source: POLICY.into(), enabled: true }],
+        policies: vec![PolicySource {
+            name: "site".into(),
+            version: 1,
+            source: POLICY.into(),
+            enabled: true,
+        }],
         attributes: vec![
             attr("alice", "tenant", json!(7)),
             attr("alice", "writer", json!(true)),
@@ -161,17 +172,26 @@ fn main() {
             attr("carol", "contract_end", json!(1_900_000_000)),
             attr("carol", "tenant", json!(9)),
         ],
-        suspensions: vec![Suspension { role: "mallory".into(), reason: "incident".into() }],
+        suspensions: vec![Suspension {
+            role: "mallory".into(),
+            reason: "incident".into(),
+        }],
     };
 
     let t = Instant::now();
     let mut gate = Gate::build(&snapshot).expect("policy compiles");
-    println!("Gate::build (20 rules)                          {:>7.1} µs", t.elapsed().as_nanos() as f64 / 1000.0);
+    println!(
+        "Gate::build (20 rules)                          {:>7.1} µs",
+        t.elapsed().as_nanos() as f64 / 1000.0
+    );
 
     let subject = |user: &str, roles: &[&str]| SubjectInput {
         session_user: user.into(),
         current_user: user.into(),
-        roles: std::iter::once(user).chain(roles.iter().copied()).map(String::from).collect(),
+        roles: std::iter::once(user)
+            .chain(roles.iter().copied())
+            .map(String::from)
+            .collect(),
     };
     let subjects = [
         subject("alice", &["analysts", "writers"]),
@@ -179,18 +199,29 @@ fn main() {
         subject("carol", &["contractors"]),
         subject("dave", &["admins", "migrator", "security"]),
     ];
-    let commands = ["SELECT", "INSERT", "UPDATE", "DELETE", "SELECT", "CREATE TABLE", "SELECT", "GRANT"];
+    let commands = [
+        "SELECT",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "SELECT",
+        "CREATE TABLE",
+        "SELECT",
+        "GRANT",
+    ];
     let objects: Vec<String> = (0..8)
         .map(|i| {
             let schemas = ["public", "sales", "public", "tenant_data"];
             let objs: Vec<serde_json::Value> = (0..(1 + i % 3))
-                .map(|j| json!({
-                    "schema": schemas[(i + j) % 4],
-                    "name": format!("t7_orders_{j}"),
-                    "kind": "table",
-                    "privileges": ["SELECT"],
-                    "columns": ["id", "amount", "customer", "created_at"],
-                }))
+                .map(|j| {
+                    json!({
+                        "schema": schemas[(i + j) % 4],
+                        "name": format!("t7_orders_{j}"),
+                        "kind": "table",
+                        "privileges": ["SELECT"],
+                        "columns": ["id", "amount", "customer", "created_at"],
+                    })
+                })
                 .collect();
             serde_json::to_string(&objs).unwrap()
         })
@@ -204,11 +235,18 @@ fn main() {
             subject: &subjects[i % 4],
             command: commands[i % 8],
             objects_json: &objects[(i / 3) % 8],
-            client_addr: Some(if i % 50 == 0 { "192.168.1.9" } else { "10.1.2.3" }),
+            client_addr: Some(if i % 50 == 0 {
+                "192.168.1.9"
+            } else {
+                "10.1.2.3"
+            }),
             application_name: Some("psql"),
             // Office hours, Monday to Friday, so that most statements pass
             // every rule (the costlier case: nothing short-circuits).
-            now_unix_us: MONDAY_9AM + (i as i64 % 5) * 86_400 * US + (i as i64 % 9) * 3_600 * US + (i as i64 % 3_600) * US,
+            now_unix_us: MONDAY_9AM
+                + (i as i64 % 5) * 86_400 * US
+                + (i as i64 % 9) * 3_600 * US
+                + (i as i64 % 3_600) * US,
             pid: 4242,
             backend_start_unix_us: MONDAY_9AM - 3_600 * US,
             statements: i as u64,
@@ -218,7 +256,10 @@ fn main() {
         times.push(t.elapsed().as_nanos() as u64);
         denied += usize::from(!d.allowed);
     }
-    report(&format!("decide, 20 rules ({}% denied)", denied * 100 / N), times);
+    report(
+        &format!("decide, 20 rules ({}% denied)", denied * 100 / N),
+        times,
+    );
 
     let empty = Gate::build(&Snapshot::default()).unwrap();
     let mut times = Vec::with_capacity(N);
@@ -253,8 +294,9 @@ fn main() {
     report("no policy: decide() anyway", times);
 
     // custody.check over 1M rows with 100 distinct resources, one statement.
-    let resources: Vec<serde_json::Value> =
-        (0..100).map(|i| json!({"tenant": i % 10, "table": "orders", "region": format!("r{}", i / 10)})).collect();
+    let resources: Vec<serde_json::Value> = (0..100)
+        .map(|i| json!({"tenant": i % 10, "table": "orders", "region": format!("r{}", i / 10)}))
+        .collect();
     const ROWS: usize = 1_000_000;
     gate.new_statement();
     let mut times = Vec::with_capacity(ROWS);
@@ -262,12 +304,25 @@ fn main() {
     let t_all = Instant::now();
     for i in 0..ROWS {
         let t = Instant::now();
-        let ok = gate.row_allow(&subjects[0], MONDAY_9AM, "read", &resources[(i * 7919) % 100]).unwrap();
+        let ok = gate
+            .row_allow(
+                &subjects[0],
+                MONDAY_9AM,
+                "read",
+                &resources[(i * 7919) % 100],
+            )
+            .unwrap();
         times.push(t.elapsed().as_nanos() as u64);
         allowed += usize::from(ok);
     }
     let total = t_all.elapsed();
-    report(&format!("row_allow, 100 resources ({}% allowed)", allowed * 100 / ROWS), times);
+    report(
+        &format!(
+            "row_allow, 100 resources ({}% allowed)",
+            allowed * 100 / ROWS
+        ),
+        times,
+    );
     println!(
         "row_allow: {} evaluations for {ROWS} calls, {:.0} ms in all",
         gate.row_evaluations(),

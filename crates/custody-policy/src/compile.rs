@@ -6,6 +6,7 @@ use std::fmt;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use regorus::languages::rego::compiler::Compiler;
 use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::Engine;
 
@@ -45,7 +46,11 @@ impl std::error::Error for CompileError {}
 
 impl CompileError {
     fn unlocated(message: impl Into<String>) -> Self {
-        CompileError { line: None, column: None, message: message.into() }
+        CompileError {
+            line: None,
+            column: None,
+            message: message.into(),
+        }
     }
 }
 
@@ -66,16 +71,28 @@ pub(crate) struct LocatedError {
 
 impl LocatedError {
     pub(crate) fn parse(text: &str) -> Self {
-        let mut found = LocatedError { file: None, line: None, column: None, message: String::new() };
+        let mut found = LocatedError {
+            file: None,
+            line: None,
+            column: None,
+            message: String::new(),
+        };
         let mut lines = text.lines();
         for l in lines.by_ref() {
-            let Some(location) = l.trim_start().strip_prefix("--> ") else { continue };
+            let Some(location) = l.trim_start().strip_prefix("--> ") else {
+                continue;
+            };
             // NAME may itself contain ':', so split from the right.
             let mut parts = location.rsplitn(3, ':');
             let column = parts.next().and_then(|c| c.trim().parse().ok());
             let line = parts.next().and_then(|l| l.trim().parse().ok());
             if let (Some(line), Some(column), Some(file)) = (line, column, parts.next()) {
-                found = LocatedError { file: Some(file.to_string()), line: Some(line), column: Some(column), message: String::new() };
+                found = LocatedError {
+                    file: Some(file.to_string()),
+                    line: Some(line),
+                    column: Some(column),
+                    message: String::new(),
+                };
                 break;
             }
         }
@@ -108,23 +125,67 @@ impl LocatedError {
 
 impl From<LocatedError> for CompileError {
     fn from(e: LocatedError) -> Self {
-        CompileError { line: e.line, column: e.column, message: e.message }
+        CompileError {
+            line: e.line,
+            column: e.column,
+            message: e.message,
+        }
     }
-}
-
-pub(crate) fn timer_config() -> ExecutionTimerConfig {
-    ExecutionTimerConfig { limit: EVAL_TIME_LIMIT, check_interval: NonZeroU32::new(256).expect("non-zero") }
 }
 
 /// A fresh engine with the settings every custody engine uses.
 pub(crate) fn new_engine() -> Engine {
     let mut engine = Engine::new();
-    engine.set_execution_timer_config(timer_config());
+    engine.set_execution_timer_config(ExecutionTimerConfig {
+        limit: EVAL_TIME_LIMIT,
+        check_interval: NonZeroU32::new(256).expect("non-zero"),
+    });
     engine
 }
 
+/// Refuses calls to functions that exist nowhere. The interpreter resolves a
+/// call only when it is evaluated, so a typo in a rarely taken branch would
+/// otherwise pass `set_policy` and deny statements later; regorus' bytecode
+/// compiler resolves every call up front, so it is run for that one check
+/// (its other complaints are ignored: the interpreter is what evaluates).
+pub(crate) fn check_functions(engine: &mut Engine, modules: &[&str]) -> Result<(), CompileError> {
+    // Everything a decision can reach starts at one of the contract's rules.
+    let entries: Vec<String> = ["deny", "allow", "row_allow"]
+        .into_iter()
+        .filter(|rule| {
+            modules
+                .iter()
+                .any(|m| engine.has_declared_rule_rooted_at(m, rule).unwrap_or(false))
+        })
+        .map(|rule| format!("data.{PACKAGE}.{rule}"))
+        .collect();
+    let Some(first) = entries.first() else {
+        return Ok(());
+    };
+    let entry_refs: Vec<&str> = entries.iter().map(String::as_str).collect();
+    let result = engine
+        .compile_with_entrypoint(&first.as_str().into())
+        .map_err(|e| e.to_string())
+        .and_then(|policy| {
+            Compiler::compile_from_policy(&policy, &entry_refs)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+    match result {
+        Err(text) if text.contains("Unknown function") => {
+            let located = LocatedError::parse(&text);
+            Err(CompileError::from(located))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Adds one module and checks that it declares `package custody` exactly.
-pub(crate) fn add_module(engine: &mut Engine, name: &str, source: &str) -> Result<(), CompileError> {
+pub(crate) fn add_module(
+    engine: &mut Engine,
+    name: &str,
+    source: &str,
+) -> Result<(), CompileError> {
     engine
         .add_policy(name.to_string(), source.to_string())
         .map_err(|e| CompileError::from(LocatedError::parse(&e.to_string())))?;
@@ -132,9 +193,15 @@ pub(crate) fn add_module(engine: &mut Engine, name: &str, source: &str) -> Resul
         .get_policy_package_components()
         .map_err(|e| CompileError::unlocated(e.to_string()))?;
     // The module just added is the last one.
-    let declared = packages.last().map(|p| p.components.clone()).unwrap_or_default();
+    let declared = packages
+        .last()
+        .map(|p| p.components.clone())
+        .unwrap_or_default();
     if declared != [PACKAGE] {
-        let span = engine.get_modules().last().map(|m| (m.package.span.line, m.package.span.col));
+        let span = engine
+            .get_modules()
+            .last()
+            .map(|m| (m.package.span.line, m.package.span.col));
         return Err(CompileError {
             line: span.map(|s| s.0),
             column: span.map(|s| s.1),
@@ -162,13 +229,12 @@ pub(crate) fn prepare(engine: &mut Engine) -> Result<(), LocatedError> {
 /// Compiles one module alone (as set_policy does before storing it). The module must declare `package custody`.
 ///
 /// Catches syntax errors, a wrong package, unsafe variables, recursion and
-/// conflicting rule kinds. A call to a function that does not exist is only
-/// found when the call is evaluated (regorus resolves calls at run time); the
-/// gate then fails closed.
+/// conflicting rule kinds, calls to functions that do not exist.
 pub fn compile_check(name: &str, source: &str) -> Result<(), CompileError> {
     let mut engine = new_engine();
     add_module(&mut engine, name, source)?;
-    prepare(&mut engine).map_err(CompileError::from)
+    prepare(&mut engine).map_err(CompileError::from)?;
+    check_functions(&mut engine, &[name])
 }
 
 #[cfg(test)]
@@ -187,7 +253,10 @@ mod tests {
         let err = compile_check("bad", src).unwrap_err();
         assert_eq!(err.line, Some(3), "{err:?}");
         assert!(err.column.is_some(), "{err:?}");
-        assert!(!err.message.is_empty() && !err.message.contains("-->"), "{err:?}");
+        assert!(
+            !err.message.is_empty() && !err.message.contains("-->"),
+            "{err:?}"
+        );
         assert!(err.to_string().starts_with("line 3, column "), "{err}");
     }
 
@@ -209,8 +278,22 @@ mod tests {
     }
 
     #[test]
+    fn unknown_function_is_a_compile_error() {
+        let src = "package custody\n\ndeny contains \"x\" if {\n  input.command == \"DROP\"\n  no_such_function(input.command)\n}\n";
+        let err = compile_check("typo", src).unwrap_err();
+        assert_eq!(err.line, Some(5), "{err:?}");
+        assert!(err.message.contains("no_such_function"), "{err:?}");
+        // Builtins and the module's own functions are fine.
+        let ok = "package custody\n\nf(x) := upper(x)\n\ndeny contains f(input.command) if regex.match(`^DROP`, input.command)\n";
+        assert_eq!(compile_check("ok", ok), Ok(()));
+    }
+
+    #[test]
     fn wrong_package_is_refused() {
-        for src in ["package other\nallow := true\n", "package custody.sub\nallow := true\n"] {
+        for src in [
+            "package other\nallow := true\n",
+            "package custody.sub\nallow := true\n",
+        ] {
             let err = compile_check("pkg", src).unwrap_err();
             assert_eq!(err.line, Some(1), "{err:?}");
             assert!(err.message.contains("package custody"), "{err:?}");
@@ -219,13 +302,17 @@ mod tests {
 
     #[test]
     fn parses_located_and_bare_errors() {
-        let text = "\n--> a:b.rego:12:5\n   |\n12 | x := \n   |     ^\nerror: unexpected end\nmore detail";
+        let text =
+            "\n--> a:b.rego:12:5\n   |\n12 | x := \n   |     ^\nerror: unexpected end\nmore detail";
         let e = LocatedError::parse(text);
         assert_eq!(e.file.as_deref(), Some("a:b.rego"));
         assert_eq!((e.line, e.column), (Some(12), Some(5)));
         assert_eq!(e.message, "unexpected end\nmore detail");
         assert_eq!(e.one_line(), "a:b.rego:12:5: unexpected end\nmore detail");
         let bare = LocatedError::parse("not a valid rule path");
-        assert_eq!((bare.line, bare.message.as_str()), (None, "not a valid rule path"));
+        assert_eq!(
+            (bare.line, bare.message.as_str()),
+            (None, "not a valid rule path")
+        );
     }
 }

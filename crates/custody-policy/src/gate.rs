@@ -7,70 +7,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use regorus::languages::rego::compiler::Compiler;
-use regorus::rvm::vm::RegoVM;
 use regorus::{Engine, Value};
 use sha2::{Digest, Sha256};
 
-use crate::compile::{add_module, new_engine, prepare, timer_config, LocatedError};
+use crate::compile::{add_module, check_functions, new_engine, prepare, LocatedError};
 use crate::input::{write_canonical_json, Keys, StatementInput, SubjectInput};
 use crate::snapshot::Snapshot;
 
 const DENY: &str = "data.custody.deny";
 const ALLOW: &str = "data.custody.allow";
 const ROW_ALLOW: &str = "data.custody.row_allow";
-
-/// The VM counts instructions too; its default (25 000) would deny a
-/// legitimate statement over many objects. The time limit is the real bound.
-const MAX_INSTRUCTIONS: usize = 50_000_000;
-
-/// What runs the policies: regorus' bytecode VM when the policy set compiles
-/// to it (about three times faster), else its tree-walking interpreter.
-enum Evaluator {
-    Vm(Box<RegoVM>),
-    Interpreter(Box<Engine>),
-}
-
-impl Evaluator {
-    fn compile(mut engine: Engine, declared: Declared) -> Evaluator {
-        let entries: Vec<&str> = [(declared.deny, DENY), (declared.allow, ALLOW), (declared.row_allow, ROW_ALLOW)]
-            .into_iter()
-            .filter_map(|(has, rule)| has.then_some(rule))
-            .collect();
-        let Some(first) = entries.first() else { return Evaluator::Interpreter(Box::new(engine)) };
-        let program = engine
-            .compile_with_entrypoint(&(*first).into())
-            .map_err(|e| e.to_string())
-            .and_then(|policy| Compiler::compile_from_policy(&policy, &entries).map_err(|e| e.to_string()));
-        match program {
-            Ok(program) => {
-                let mut vm = RegoVM::new();
-                vm.load_program(program);
-                // Fail closed: a builtin error is an error, not `undefined`
-                // (the VM's default), exactly as in the interpreter.
-                vm.set_strict_builtin_errors(true);
-                vm.set_max_instructions(MAX_INSTRUCTIONS);
-                vm.set_execution_timer_config(Some(timer_config()));
-                Evaluator::Vm(Box::new(vm))
-            }
-            Err(_) => Evaluator::Interpreter(Box::new(engine)),
-        }
-    }
-
-    fn set_input(&mut self, input: Value) {
-        match self {
-            Evaluator::Vm(vm) => vm.set_input(input),
-            Evaluator::Interpreter(engine) => engine.set_input(input),
-        }
-    }
-
-    fn eval(&mut self, rule: &str) -> Result<Value, String> {
-        match self {
-            Evaluator::Vm(vm) => vm.execute_entry_point_by_name(rule).map_err(evaluation_error),
-            Evaluator::Interpreter(engine) => engine.eval_rule(rule.to_string()).map_err(evaluation_error),
-        }
-    }
-}
 
 /// The outcome of one statement, as recorded in the audit chain.
 #[derive(Clone, Debug, PartialEq)]
@@ -135,8 +81,12 @@ pub struct Gate {
     generation: u64,
     policy_set: String,
     policies: Vec<(String, i64)>,
-    /// None when no policy is enabled.
-    engine: Option<Evaluator>,
+    /// None when no policy is enabled. regorus' tree-walking interpreter, not
+    /// its bytecode VM: the VM (0.14.1) is about three times faster but turns
+    /// run-time errors (division by zero, conflicting rule values, bad
+    /// builtin arguments) into `undefined`, which would make a broken deny
+    /// rule allow: the gate must fail closed.
+    engine: Option<Engine>,
     declared: Declared,
     /// role -> attributes, ordered by valid_from so a later grant of the same key wins.
     attributes: HashMap<String, Vec<HeldAttribute>>,
@@ -157,8 +107,10 @@ impl Gate {
     pub fn build(snapshot: &Snapshot) -> Result<Gate, String> {
         let mut enabled: Vec<_> = snapshot.policies.iter().filter(|p| p.enabled).collect();
         enabled.sort_by(|a, b| a.name.cmp(&b.name));
-        let policies: Vec<(String, i64)> =
-            enabled.iter().map(|p| (p.name.clone(), p.version)).collect();
+        let policies: Vec<(String, i64)> = enabled
+            .iter()
+            .map(|p| (p.name.clone(), p.version))
+            .collect();
 
         let mut declared = Declared::default();
         let engine = if enabled.is_empty() {
@@ -168,26 +120,37 @@ impl Gate {
             for p in &enabled {
                 add_module(&mut engine, &p.name, &p.source)
                     .map_err(|e| format!("policy {} (version {}): {e}", p.name, p.version))?;
-                let has = |rule: &str| engine.has_declared_rule_rooted_at(&p.name, rule).unwrap_or(false);
+                let has = |rule: &str| {
+                    engine
+                        .has_declared_rule_rooted_at(&p.name, rule)
+                        .unwrap_or(false)
+                };
                 declared.deny |= has("deny");
                 declared.allow |= has("allow");
                 declared.row_allow |= has("row_allow");
             }
             // Analyse now, so that the first statement does not pay for it
             // and a set that does not compile together is refused here.
-            prepare(&mut engine).map_err(|e| format!("policy set does not compile: {}", e.one_line()))?;
-            Some(Evaluator::compile(engine, declared))
+            prepare(&mut engine)
+                .map_err(|e| format!("policy set does not compile: {}", e.one_line()))?;
+            let names: Vec<&str> = enabled.iter().map(|p| p.name.as_str()).collect();
+            check_functions(&mut engine, &names)
+                .map_err(|e| format!("policy set does not compile: {e}"))?;
+            Some(engine)
         };
 
         let mut attributes: HashMap<String, Vec<HeldAttribute>> = HashMap::new();
         for a in &snapshot.attributes {
-            attributes.entry(a.role.clone()).or_default().push(HeldAttribute {
-                key: a.key.clone(),
-                json: a.value.clone(),
-                value: Value::from(a.value.clone()),
-                valid_from: a.valid_from,
-                valid_until: a.valid_until,
-            });
+            attributes
+                .entry(a.role.clone())
+                .or_default()
+                .push(HeldAttribute {
+                    key: a.key.clone(),
+                    json: a.value.clone(),
+                    value: Value::from(a.value.clone()),
+                    valid_from: a.valid_from,
+                    valid_until: a.valid_until,
+                });
         }
         for list in attributes.values_mut() {
             list.sort_by_key(|a| a.valid_from);
@@ -200,7 +163,11 @@ impl Gate {
             engine,
             declared,
             attributes,
-            suspensions: snapshot.suspensions.iter().map(|s| (s.role.clone(), s.reason.clone())).collect(),
+            suspensions: snapshot
+                .suspensions
+                .iter()
+                .map(|s| (s.role.clone(), s.reason.clone()))
+                .collect(),
             keys: Keys::new(),
             objects_cache: None,
             row_memo: HashMap::new(),
@@ -238,7 +205,9 @@ impl Gate {
         };
         if let Some((role, reason)) = self.suspended(input.subject) {
             decision.allowed = false;
-            decision.reasons.push(format!("role {role} is suspended: {reason}"));
+            decision
+                .reasons
+                .push(format!("role {role} is suspended: {reason}"));
             decision.suspended_role = Some(role);
             return decision;
         }
@@ -260,28 +229,44 @@ impl Gate {
         std::iter::once(&s.session_user)
             .chain(std::iter::once(&s.current_user))
             .chain(s.roles.iter())
-            .find_map(|r| self.suspensions.get(r).map(|reason| (r.clone(), reason.clone())))
+            .find_map(|r| {
+                self.suspensions
+                    .get(r)
+                    .map(|reason| (r.clone(), reason.clone()))
+            })
     }
 
     /// Ok when the policies let the statement through, else the reasons.
     fn evaluate_statement(&mut self, st: &StatementInput) -> Result<(), Vec<String>> {
         let objects = self.objects_value(st.objects_json).map_err(|e| vec![e])?;
-        let subject = self.keys.subject(st.subject, self.attribute_value(&st.subject.current_user, st.now_unix_us));
+        let subject = self.keys.subject(
+            st.subject,
+            self.attribute_value(&st.subject.current_user, st.now_unix_us),
+        );
         let doc = self.keys.statement(st, subject, objects);
-        let engine = self.engine.as_mut().expect("rules are declared only when an engine exists");
+        let engine = self
+            .engine
+            .as_mut()
+            .expect("rules are declared only when an engine exists");
         engine.set_input(doc);
 
         if self.declared.deny {
-            let deny = engine.eval(DENY).map_err(|e| vec![e])?;
+            let deny = engine
+                .eval_rule(DENY.to_string())
+                .map_err(|e| vec![evaluation_error(e)])?;
             let messages = deny_messages(&deny);
             if !messages.is_empty() {
                 return Err(messages);
             }
         }
         if self.declared.allow {
-            let allow = engine.eval(ALLOW).map_err(|e| vec![e])?;
+            let allow = engine
+                .eval_rule(ALLOW.to_string())
+                .map_err(|e| vec![evaluation_error(e)])?;
             if allow != Value::Bool(true) {
-                return Err(vec!["not allowed: data.custody.allow is not true".to_string()]);
+                return Err(vec![
+                    "not allowed: data.custody.allow is not true".to_string()
+                ]);
             }
         }
         Ok(())
@@ -293,7 +278,8 @@ impl Gate {
                 return Ok(value.clone());
             }
         }
-        let value = Value::from_json_str(json).map_err(|e| format!("invalid objects JSON in policy input: {e}"))?;
+        let value = Value::from_json_str(json)
+            .map_err(|e| format!("invalid objects JSON in policy input: {e}"))?;
         self.objects_cache = Some((json.to_string(), value.clone()));
         Ok(value)
     }
@@ -301,7 +287,13 @@ impl Gate {
     /// Valid attributes of `role` as an engine object.
     fn attribute_value(&self, role: &str, now: i64) -> Value {
         let mut m = BTreeMap::new();
-        for a in self.attributes.get(role).into_iter().flatten().filter(|a| a.is_valid_at(now)) {
+        for a in self
+            .attributes
+            .get(role)
+            .into_iter()
+            .flatten()
+            .filter(|a| a.is_valid_at(now))
+        {
             m.insert(Value::from(a.key.as_str()), a.value.clone());
         }
         Value::from(m)
@@ -310,7 +302,13 @@ impl Gate {
     /// Attributes of `role` valid at `now` as a JSON object {key: value}.
     pub fn attributes_of(&self, role: &str, now_unix_us: i64) -> serde_json::Value {
         let mut m = serde_json::Map::new();
-        for a in self.attributes.get(role).into_iter().flatten().filter(|a| a.is_valid_at(now_unix_us)) {
+        for a in self
+            .attributes
+            .get(role)
+            .into_iter()
+            .flatten()
+            .filter(|a| a.is_valid_at(now_unix_us))
+        {
             m.insert(a.key.clone(), a.json.clone());
         }
         serde_json::Value::Object(m)
@@ -342,7 +340,10 @@ impl Gate {
         // its canonical text can be sliced back out for parsing on a miss.
         let key = &mut self.row_key;
         key.clear();
-        for part in [&subject.session_user, &subject.current_user].into_iter().chain(&subject.roles) {
+        for part in [&subject.session_user, &subject.current_user]
+            .into_iter()
+            .chain(&subject.roles)
+        {
             key.push_str(part);
             key.push('\u{1f}');
         }
@@ -356,12 +357,21 @@ impl Gate {
         }
 
         self.row_evaluations += 1;
-        let resource_value = Value::from_json_str(&key[resource_at..]).map_err(|e| e.to_string())?;
-        let subject_value = self.keys.subject(subject, self.attribute_value(&subject.current_user, now_unix_us));
+        let resource_value =
+            Value::from_json_str(&key[resource_at..]).map_err(|e| e.to_string())?;
+        let subject_value = self.keys.subject(
+            subject,
+            self.attribute_value(&subject.current_user, now_unix_us),
+        );
         let doc = self.keys.row(subject_value, action, resource_value);
-        let engine = self.engine.as_mut().expect("rules are declared only when an engine exists");
+        let engine = self
+            .engine
+            .as_mut()
+            .expect("rules are declared only when an engine exists");
         engine.set_input(doc);
-        let result = engine.eval(ROW_ALLOW)?;
+        let result = engine
+            .eval_rule(ROW_ALLOW.to_string())
+            .map_err(evaluation_error)?;
         let allowed = result == Value::Bool(true);
         self.row_memo.insert(self.row_key.clone(), allowed);
         Ok(allowed)
@@ -370,14 +380,6 @@ impl Gate {
     /// Forgets row decisions: call at the start of each statement.
     pub fn new_statement(&mut self) {
         self.row_memo.clear();
-    }
-
-    /// `"vm"` or `"interpreter"`: what evaluates this policy set.
-    pub fn evaluator(&self) -> &'static str {
-        match self.engine {
-            Some(Evaluator::Vm(_)) => "vm",
-            _ => "interpreter",
-        }
     }
 
     /// How many times `row_allow` actually evaluated Rego (for tests of the memo).
@@ -407,7 +409,10 @@ fn deny_messages(deny: &Value) -> Vec<String> {
 
 /// `policy evaluation error: NAME:LINE:COL: MESSAGE` from a regorus error.
 fn evaluation_error(e: impl std::fmt::Display) -> String {
-    format!("policy evaluation error: {}", LocatedError::parse(&e.to_string()).one_line())
+    format!(
+        "policy evaluation error: {}",
+        LocatedError::parse(&e.to_string()).one_line()
+    )
 }
 
 fn policy_set_id(policies: &[(String, i64)]) -> String {
@@ -418,5 +423,9 @@ fn policy_set_id(policies: &[(String, i64)]) -> String {
         h.update(version.to_string().as_bytes());
         h.update([b'\n']);
     }
-    h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect()
+    h.finalize()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -95,8 +95,14 @@ impl Keys {
     pub(crate) fn subject(&self, s: &SubjectInput, attributes: Value) -> Value {
         let roles: Vec<Value> = s.roles.iter().map(|r| Value::from(r.as_str())).collect();
         let mut m = BTreeMap::new();
-        m.insert(self.session_user.clone(), Value::from(s.session_user.as_str()));
-        m.insert(self.current_user.clone(), Value::from(s.current_user.as_str()));
+        m.insert(
+            self.session_user.clone(),
+            Value::from(s.session_user.as_str()),
+        );
+        m.insert(
+            self.current_user.clone(),
+            Value::from(s.current_user.as_str()),
+        );
         m.insert(self.roles.clone(), Value::from(roles));
         m.insert(self.attributes.clone(), attributes);
         Value::from(m)
@@ -112,10 +118,16 @@ impl Keys {
         client.insert(self.application_name.clone(), opt(st.application_name));
 
         let mut time = BTreeMap::new();
-        time.insert(self.now.clone(), Value::from(rfc3339_from_unix_us(st.now_unix_us)));
+        time.insert(
+            self.now.clone(),
+            Value::from(rfc3339_from_unix_us(st.now_unix_us)),
+        );
         time.insert(self.unix.clone(), Value::from(unix_seconds(st.now_unix_us)));
         time.insert(self.hour.clone(), Value::from(c.hour));
-        time.insert(self.weekday.clone(), self.weekdays[c.weekday as usize].clone());
+        time.insert(
+            self.weekday.clone(),
+            self.weekdays[c.weekday as usize].clone(),
+        );
 
         let mut session = BTreeMap::new();
         session.insert(self.pid.clone(), Value::from(st.pid));
@@ -195,10 +207,16 @@ mod tests {
     #[test]
     fn canonical_json_sorts_keys_and_escapes() {
         let mut a = String::new();
-        write_canonical_json(&json!({"b": [1, {"z": null, "a": "q\"\n"}], "a": 1.5}), &mut a);
+        write_canonical_json(
+            &json!({"b": [1, {"z": null, "a": "q\"\n"}], "a": 1.5}),
+            &mut a,
+        );
         assert_eq!(a, r#"{"a":1.5,"b":[1,{"a":"q\"\n","z":null}]}"#);
         let mut b = String::new();
-        write_canonical_json(&serde_json::from_str(r#"{"a":1.5,"b":[1,{"z":null,"a":"q\"\n"}]}"#).unwrap(), &mut b);
+        write_canonical_json(
+            &serde_json::from_str(r#"{"a":1.5,"b":[1,{"z":null,"a":"q\"\n"}]}"#).unwrap(),
+            &mut b,
+        );
         assert_eq!(a, b);
     }
 }

@@ -131,7 +131,10 @@ mod tests {
         assert!(a.is_valid_at(100));
         assert!(a.is_valid_at(199));
         assert!(!a.is_valid_at(200));
-        let open = Attribute { valid_until: None, ..a };
+        let open = Attribute {
+            valid_until: None,
+            ..a
+        };
         assert!(open.is_valid_at(i64::MAX));
     }
 }

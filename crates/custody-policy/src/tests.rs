@@ -9,11 +9,21 @@ const US: i64 = 1_000_000;
 const NOW: i64 = 1_795_874_400 * US + 123_456;
 
 fn policy(name: &str, version: i64, source: &str) -> PolicySource {
-    PolicySource { name: name.into(), version, source: source.into(), enabled: true }
+    PolicySource {
+        name: name.into(),
+        version,
+        source: source.into(),
+        enabled: true,
+    }
 }
 
 fn gate(policies: Vec<PolicySource>) -> Gate {
-    Gate::build(&Snapshot { generation: 1, policies, ..Default::default() }).unwrap()
+    Gate::build(&Snapshot {
+        generation: 1,
+        policies,
+        ..Default::default()
+    })
+    .unwrap()
 }
 
 fn alice() -> SubjectInput {
@@ -82,7 +92,10 @@ deny contains msg if {
     assert_eq!(d.reasons.len(), 2, "{d:?}");
     assert!(d.reasons.contains(&"drops are forbidden".to_string()));
     assert!(g.decide(&stmt(&s, "SELECT", "[]")).allowed);
-    let hr = SubjectInput { roles: vec!["alice".into(), "hr".into()], ..alice() };
+    let hr = SubjectInput {
+        roles: vec!["alice".into(), "hr".into()],
+        ..alice()
+    };
     assert!(g.decide(&stmt(&hr, "SELECT", OBJECTS)).allowed);
 }
 
@@ -95,7 +108,10 @@ fn allow_must_be_true_when_declared() {
     // allow undefined for an INSERT.
     let d = g.decide(&stmt(&s, "INSERT", "[]"));
     assert!(!d.allowed);
-    assert_eq!(d.reasons, vec!["not allowed: data.custody.allow is not true"]);
+    assert_eq!(
+        d.reasons,
+        vec!["not allowed: data.custody.allow is not true"]
+    );
 
     // allow defined and false.
     let src = "package custody\n\ndefault allow := false\nallow if input.command == \"SELECT\"\n";
@@ -107,12 +123,22 @@ fn allow_must_be_true_when_declared() {
 #[test]
 fn deny_wins_over_allow_across_modules() {
     let allow = policy("a_allow", 1, "package custody\n\nallow := true\n");
-    let deny = policy("b_deny", 2, "package custody\n\ndeny contains \"weekend\" if input.time.weekday == \"saturday\"\n");
+    let deny = policy(
+        "b_deny",
+        2,
+        "package custody\n\ndeny contains \"weekend\" if input.time.weekday == \"saturday\"\n",
+    );
     let mut g = gate(vec![deny, allow]);
     let s = alice();
     let d = g.decide(&stmt(&s, "SELECT", "[]"));
-    assert_eq!((d.allowed, d.reasons.clone()), (false, vec!["weekend".to_string()]));
-    assert_eq!(d.policies, vec![("a_allow".to_string(), 1), ("b_deny".to_string(), 2)]);
+    assert_eq!(
+        (d.allowed, d.reasons.clone()),
+        (false, vec!["weekend".to_string()])
+    );
+    assert_eq!(
+        d.policies,
+        vec![("a_allow".to_string(), 1), ("b_deny".to_string(), 2)]
+    );
     // A Monday (two days later) is fine.
     let mut monday = stmt(&s, "SELECT", "[]");
     monday.now_unix_us = NOW + 2 * 86_400 * US;
@@ -121,7 +147,11 @@ fn deny_wins_over_allow_across_modules() {
 
 #[test]
 fn a_boolean_deny_rule_denies() {
-    let mut g = gate(vec![policy("p", 1, "package custody\n\ndeny if input.command == \"TRUNCATE\"\n")]);
+    let mut g = gate(vec![policy(
+        "p",
+        1,
+        "package custody\n\ndeny if input.command == \"TRUNCATE\"\n",
+    )]);
     let s = alice();
     assert!(!g.decide(&stmt(&s, "TRUNCATE", "[]")).allowed);
     assert!(g.decide(&stmt(&s, "SELECT", "[]")).allowed);
@@ -131,7 +161,10 @@ fn a_boolean_deny_rule_denies() {
 fn suspension_of_a_role_acted_through_denies() {
     let snapshot = Snapshot {
         generation: 9,
-        suspensions: vec![Suspension { role: "analysts".into(), reason: "incident 12".into() }],
+        suspensions: vec![Suspension {
+            role: "analysts".into(),
+            reason: "incident 12".into(),
+        }],
         ..Default::default()
     };
     let mut g = Gate::build(&snapshot).unwrap();
@@ -143,9 +176,17 @@ fn suspension_of_a_role_acted_through_denies() {
     assert_eq!(d.reasons, vec!["role analysts is suspended: incident 12"]);
     assert_eq!(d.suspended_role.as_deref(), Some("analysts"));
     // session_user counts too (SET ROLE does not escape a suspension).
-    let bob = SubjectInput { session_user: "analysts".into(), current_user: "bob".into(), roles: vec!["bob".into()] };
+    let bob = SubjectInput {
+        session_user: "analysts".into(),
+        current_user: "bob".into(),
+        roles: vec!["bob".into()],
+    };
     assert!(!g.decide(&stmt(&bob, "SELECT", "[]")).allowed);
-    let carol = SubjectInput { session_user: "carol".into(), current_user: "carol".into(), roles: vec!["carol".into()] };
+    let carol = SubjectInput {
+        session_user: "carol".into(),
+        current_user: "carol".into(),
+        roles: vec!["carol".into()],
+    };
     assert!(g.decide(&stmt(&carol, "SELECT", "[]")).allowed);
 }
 
@@ -172,8 +213,14 @@ fn attributes_apply_only_inside_their_window() {
     let mut g = Gate::build(&snapshot).unwrap();
     let s = alice();
     assert_eq!(g.attributes_of("alice", NOW), json!({"clearance": true}));
-    assert_eq!(g.attributes_of("alice", NOW - 1), json!({"clearance": true, "team": "blue"}));
-    assert_eq!(g.attributes_of("alice", NOW + 10 * US), json!({"clearance": true, "tenant": {"id": 7}}));
+    assert_eq!(
+        g.attributes_of("alice", NOW - 1),
+        json!({"clearance": true, "team": "blue"})
+    );
+    assert_eq!(
+        g.attributes_of("alice", NOW + 10 * US),
+        json!({"clearance": true, "tenant": {"id": 7}})
+    );
     assert_eq!(g.attributes_of("bob", NOW), json!({}));
 
     assert!(g.decide(&stmt(&s, "SELECT", "[]")).allowed);
@@ -191,7 +238,11 @@ fn attributes_apply_only_inside_their_window() {
 #[test]
 fn input_document_fields() {
     // Deny with the whole input so the test sees what policies see.
-    let mut g = gate(vec![policy("echo", 1, "package custody\n\ndeny contains json.marshal(input) if true\n")]);
+    let mut g = gate(vec![policy(
+        "echo",
+        1,
+        "package custody\n\ndeny contains json.marshal(input) if true\n",
+    )]);
     let s = alice();
     let d = g.decide(&stmt(&s, "SELECT", OBJECTS));
     let input: serde_json::Value = serde_json::from_str(&d.reasons[0]).unwrap();
@@ -213,7 +264,10 @@ fn input_document_fields() {
     st.now_unix_us = 1_709_251_199 * US + 999_999;
     let d = g.decide(&st);
     let input: serde_json::Value = serde_json::from_str(&d.reasons[0]).unwrap();
-    assert_eq!(input["client"], json!({"addr": null, "application_name": null}));
+    assert_eq!(
+        input["client"],
+        json!({"addr": null, "application_name": null})
+    );
     assert_eq!(
         input["time"],
         json!({"now": "2024-02-29T23:59:59.999999Z", "unix": 1_709_251_199, "hour": 23, "weekday": "thursday"})
@@ -227,8 +281,8 @@ fn runtime_errors_fail_closed() {
         "package custody\n\ndeny contains msg if {\n  x := 1 / count(input.objects)\n  msg := sprintf(\"%v\", [x])\n}\n",
         // Conflicting values of a complete rule.
         "package custody\n\nallow := true if input.command == \"SELECT\"\nallow := false if input.session.pid > 0\n",
-        // A function that does not exist is only found when called.
-        "package custody\n\ndeny contains \"x\" if no_such_function(input.command)\n",
+        // A builtin given a bad argument.
+        "package custody\n\ndeny contains msg if {\n  n := to_number(input.command)\n  msg := sprintf(\"%v\", [n])\n}\n",
     ];
     for src in sources {
         let mut g = gate(vec![policy("broken", 1, src)]);
@@ -236,10 +290,17 @@ fn runtime_errors_fail_closed() {
         let d = g.decide(&stmt(&s, "SELECT", "[]"));
         assert!(!d.allowed, "{src}");
         assert_eq!(d.reasons.len(), 1, "{d:?}");
-        assert!(d.reasons[0].starts_with("policy evaluation error: broken:"), "{d:?}");
+        assert!(
+            d.reasons[0].starts_with("policy evaluation error: broken:"),
+            "{d:?}"
+        );
     }
     // Malformed objects JSON from the caller also denies.
-    let mut g = gate(vec![policy("p", 1, "package custody\n\ndeny contains \"x\" if false\n")]);
+    let mut g = gate(vec![policy(
+        "p",
+        1,
+        "package custody\n\ndeny contains \"x\" if false\n",
+    )]);
     let s = alice();
     assert!(!g.decide(&stmt(&s, "SELECT", "[{")).allowed);
     assert!(g.decide(&stmt(&s, "SELECT", "[]")).allowed);
@@ -247,7 +308,10 @@ fn runtime_errors_fail_closed() {
 
 #[test]
 fn build_refuses_what_compile_check_refuses() {
-    let snapshot = Snapshot { policies: vec![policy("bad", 1, "package custody\nallow if {\n")], ..Default::default() };
+    let snapshot = Snapshot {
+        policies: vec![policy("bad", 1, "package custody\nallow if {\n")],
+        ..Default::default()
+    };
     let err = Gate::build(&snapshot).err().unwrap();
     assert!(err.starts_with("policy bad (version 1): line "), "{err}");
 }
@@ -266,7 +330,11 @@ fn policy_set_id_follows_names_and_versions() {
 
 #[test]
 fn decision_json() {
-    let mut g = gate(vec![policy("p", 4, "package custody\n\ndeny contains \"nope\" if true\n")]);
+    let mut g = gate(vec![policy(
+        "p",
+        4,
+        "package custody\n\ndeny contains \"nope\" if true\n",
+    )]);
     let s = alice();
     let d = g.decide(&stmt(&s, "SELECT", "[]"));
     assert_eq!(
@@ -287,7 +355,13 @@ row_allow if {
     let snapshot = Snapshot {
         generation: 1,
         policies: vec![policy("rows", 1, src)],
-        attributes: vec![Attribute { role: "alice".into(), key: "tenant".into(), value: json!(7), valid_from: 0, valid_until: None }],
+        attributes: vec![Attribute {
+            role: "alice".into(),
+            key: "tenant".into(),
+            value: json!(7),
+            valid_from: 0,
+            valid_until: None,
+        }],
         ..Default::default()
     };
     let mut g = Gate::build(&snapshot).unwrap();
@@ -295,7 +369,8 @@ row_allow if {
     assert!(g.is_trivial());
     let s = alice();
     let r7 = json!({"tenant": 7, "table": "orders"});
-    let r7_reordered: serde_json::Value = serde_json::from_str(r#"{"table":"orders","tenant":7}"#).unwrap();
+    let r7_reordered: serde_json::Value =
+        serde_json::from_str(r#"{"table":"orders","tenant":7}"#).unwrap();
     let r8 = json!({"tenant": 8, "table": "orders"});
 
     assert_eq!(g.row_allow(&s, NOW, "read", &r7), Ok(true));
@@ -308,7 +383,11 @@ row_allow if {
     assert_eq!(g.row_evaluations(), 2);
     // Another action or subject is another entry.
     assert_eq!(g.row_allow(&s, NOW, "write", &r7), Ok(false));
-    let bob = SubjectInput { session_user: "bob".into(), current_user: "bob".into(), roles: vec!["bob".into()] };
+    let bob = SubjectInput {
+        session_user: "bob".into(),
+        current_user: "bob".into(),
+        roles: vec!["bob".into()],
+    };
     assert_eq!(g.row_allow(&bob, NOW, "read", &r7), Ok(false));
     assert_eq!(g.row_evaluations(), 4);
 
@@ -319,11 +398,19 @@ row_allow if {
 
 #[test]
 fn row_allow_undefined_is_false_and_errors_surface() {
-    let mut g = gate(vec![policy("p", 1, "package custody\n\ndeny contains \"x\" if false\n")]);
+    let mut g = gate(vec![policy(
+        "p",
+        1,
+        "package custody\n\ndeny contains \"x\" if false\n",
+    )]);
     let s = alice();
     assert_eq!(g.row_allow(&s, NOW, "read", &json!({})), Ok(false));
     assert_eq!(g.row_evaluations(), 0);
-    let mut g = gate(vec![policy("p", 1, "package custody\n\nrow_allow if 1 / input.resource.n > 0\n")]);
+    let mut g = gate(vec![policy(
+        "p",
+        1,
+        "package custody\n\nrow_allow if 1 / input.resource.n > 0\n",
+    )]);
     assert_eq!(g.row_allow(&s, NOW, "read", &json!({"n": 2})), Ok(true));
     let err = g.row_allow(&s, NOW, "read", &json!({"n": 0})).unwrap_err();
     assert!(err.starts_with("policy evaluation error: p:3:"), "{err}");

@@ -150,7 +150,10 @@ mod tests {
         // a Wednesday, and its whole second is -1 (not 0).
         assert_eq!(rfc3339_from_unix_us(-1), "1969-12-31T23:59:59.999999Z");
         assert_eq!(unix_seconds(-1), -1);
-        assert_eq!(WEEKDAYS[civil_from_unix_us(-1).weekday as usize], "wednesday");
+        assert_eq!(
+            WEEKDAYS[civil_from_unix_us(-1).weekday as usize],
+            "wednesday"
+        );
         assert_eq!(civil_from_days(-719_468), (0, 3, 1));
     }
 
