@@ -56,8 +56,12 @@ unsafe extern "C-unwind" fn custody_emit_log(edata: *mut pg_sys::ErrorData) {
 unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => {
+        XACT_EVENT_PRE_COMMIT => {
             crate::policy::store::pre_commit();
+            wait_durable();
+        }
+        XACT_EVENT_PRE_PREPARE => {
+            crate::policy::store::pre_prepare();
             wait_durable();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {

@@ -291,13 +291,20 @@ pub fn decide(command: &str, objects_json: &str) -> Option<Verdict> {
         objects_json,
         client_addr: who.client_addr.as_deref(),
         application_name: who.application_name.as_deref(),
-        now_unix_us: capture::now_unix_us(),
+        now_unix_us: statement_start_unix_us(),
         pid: who.pid,
         // SAFETY: set at backend start.
         backend_start_unix_us: unsafe { pg_sys::MyStartTimestamp } + capture::PG_EPOCH_OFFSET_US,
         statements: l.statements,
     };
     Some(Verdict { decision: gate.decide(&input), enforce })
+}
+
+/// When the current (top-level) statement started: policies judge it by the attributes valid
+/// then, and `time` in the input is that instant.
+pub fn statement_start_unix_us() -> i64 {
+    // SAFETY: plain read of the transaction state's statement start time.
+    (unsafe { pg_sys::GetCurrentStatementStartTimestamp() }) + capture::PG_EPOCH_OFFSET_US
 }
 
 /// The subject of the current statement, for custody.current_subject() and custody.check().

@@ -33,6 +33,30 @@ fn run(sql: &str) {
     super::with_owner_rights(|| Spi::run(sql)).unwrap_or_else(|e| error!("{e}"));
 }
 
+/// Refuses `sql` unless it parses as exactly one CREATE POLICY statement.
+fn single_create_policy(sql: &str) {
+    let c = std::ffi::CString::new(sql).unwrap_or_else(|_| {
+        error!("row policy expressions cannot contain NUL characters")
+    });
+    // SAFETY: raw_parser only parses (a syntax error raises PostgreSQL's own ERROR).
+    let ok = unsafe {
+        let list = pg_sys::raw_parser(c.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+        !list.is_null() && (*list).length == 1 && {
+            let raw = pg_sys::list_nth(list, 0) as *mut pg_sys::RawStmt;
+            !(*raw).stmt.is_null() && (*(*raw).stmt).type_ == pg_sys::NodeTag::T_CreatePolicyStmt
+        }
+    };
+    if !ok {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
+            "a row policy expression must be a single SQL expression",
+            "pg_custody",
+        )
+        .set_detail("The expressions do not form exactly one CREATE POLICY statement.")
+        .report(PgLogLevel::ERROR);
+    }
+}
+
 /// Creates a RESTRICTIVE row-security policy on `tbl` and forces row security there.
 /// (SQL: custody.create_row_policy(name, tbl regclass, ...) calls this with the OID.)
 #[pg_extern(volatile, parallel_unsafe, name = "_create_row_policy")]
@@ -77,6 +101,10 @@ fn create_row_policy(
     if let Some(c) = check_expr {
         sql.push_str(&format!(" WITH CHECK ({c})"));
     }
+    // The expressions are SQL text spliced into DDL that runs with the owner's rights: it
+    // must parse as exactly one CREATE POLICY, or an expression like `true); DROP ...` would
+    // smuggle in a second statement.
+    single_create_policy(&sql);
     // PostgreSQL's own errors (an invalid expression) abort the whole call: nothing remains.
     run(&sql);
     // Restrictive policies only narrow what permissive ones allow: without any permissive
@@ -141,21 +169,21 @@ fn drop_row_policy(name: &str) {
     super::store::event(Class::Policy, "DROP ROW POLICY", serde_json::json!({"kind": "row policy", "name": name, "table": table}));
 }
 
-/// The current user's attribute `key`, if valid now.
-#[pg_extern(volatile, parallel_safe)]
+/// The current user's attribute `key`, if valid at the statement's start.
+#[pg_extern(stable, parallel_restricted)]
 fn attribute(key: &str) -> Option<JsonB> {
     let gate = super::gate_for_functions()?;
     let who = capture::who();
-    let attrs = gate.attributes_of(&who.current_user, capture::now_unix_us());
+    let attrs = gate.attributes_of(&who.current_user, super::statement_start_unix_us());
     attrs.get(key).cloned().map(JsonB)
 }
 
 /// {session_user, current_user, roles, attributes} as policies see them.
-#[pg_extern(volatile, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 fn current_subject() -> JsonB {
     let s = super::current_subject();
     let attributes = super::gate_for_functions()
-        .map(|g| g.attributes_of(&s.current_user, capture::now_unix_us()))
+        .map(|g| g.attributes_of(&s.current_user, super::statement_start_unix_us()))
         .unwrap_or_else(|| serde_json::json!({}));
     JsonB(serde_json::json!({
         "session_user": s.session_user,
@@ -167,11 +195,11 @@ fn current_subject() -> JsonB {
 
 /// Evaluates data.custody.row_allow for {subject, action, resource}; memoized within a
 /// statement for identical inputs. False when no policy defines it.
-#[pg_extern(volatile, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 fn check(action: &str, resource: JsonB) -> bool {
     let Some(gate) = super::gate_for_functions() else { return false };
     let subject = super::current_subject();
-    match gate.row_allow(&subject, capture::now_unix_us(), action, &resource.0) {
+    match gate.row_allow(&subject, super::statement_start_unix_us(), action, &resource.0) {
         Ok(b) => b,
         Err(e) => {
             pgrx::pg_sys::panic::ErrorReport::new(

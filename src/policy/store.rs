@@ -358,6 +358,21 @@ pub fn pre_commit() {
     }
 }
 
+/// PREPARE TRANSACTION cannot carry a policy change: it would be published (or not) long
+/// after the decision to commit was taken elsewhere.
+pub fn pre_prepare() {
+    let p = pending();
+    if p.dirty || !p.events.is_empty() {
+        abort();
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "cannot PREPARE a transaction that changed pg_custody policies",
+            "pg_custody",
+        )
+        .report(PgLogLevel::ERROR);
+    }
+}
+
 /// After commit: every backend sees the change from its next statement on.
 pub fn commit() {
     let p = pending();

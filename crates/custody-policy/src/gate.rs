@@ -100,6 +100,49 @@ pub struct Gate {
     row_memo: HashMap<String, bool>,
     row_key: String,
     row_evaluations: u64,
+    /// Whether decisions depend only on inputs that repeat (see `decisions_cacheable`).
+    cacheable: bool,
+    /// Memoized statement decisions of this snapshot, keyed by `decision_key`.
+    decision_memo: HashMap<String, Result<(), Vec<String>>>,
+    decision_key_buf: String,
+    statement_evaluations: u64,
+}
+
+/// Most decisions a gate remembers before starting over.
+const DECISION_MEMO_LIMIT: usize = 4096;
+
+/// The input paths a policy may read and still have its decisions memoized: everything
+/// except `input.time.now`, `input.time.unix` and `input.session`, which change with every
+/// statement. Decided by scanning the sources, conservatively: any other use of `input`
+/// (the whole document, `input[...]`) or a non-deterministic builtin disables the memo.
+fn decisions_cacheable(sources: &[&str]) -> bool {
+    const ALLOWED: [&str; 6] =
+        [".subject", ".command", ".objects", ".client", ".time.hour", ".time.weekday"];
+    const VOLATILE: [&str; 6] = ["time.now_ns", "rand.", "uuid.", "http.send", "opa.runtime", "trace("];
+    for src in sources {
+        if VOLATILE.iter().any(|v| src.contains(v)) {
+            return false;
+        }
+        let bytes = src.as_bytes();
+        let mut from = 0;
+        while let Some(i) = src[from..].find("input") {
+            let at = from + i;
+            from = at + 5;
+            let before_ok = at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_' || bytes[at - 1] == b'.');
+            let after = &src[at + 5..];
+            let after_ident = after.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !before_ok || after_ident {
+                continue; // part of another word (e.g. `my_input`, `inputs`)
+            }
+            if !ALLOWED.iter().any(|p| {
+                after.starts_with(p)
+                    && !after[p.len()..].bytes().next().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+            }) {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 impl Gate {
@@ -112,6 +155,8 @@ impl Gate {
             .map(|p| (p.name.clone(), p.version))
             .collect();
 
+        let sources: Vec<&str> = enabled.iter().map(|p| p.source.as_str()).collect();
+        let cacheable = decisions_cacheable(&sources);
         let mut declared = Declared::default();
         let engine = if enabled.is_empty() {
             None
@@ -173,6 +218,10 @@ impl Gate {
             row_memo: HashMap::new(),
             row_key: String::new(),
             row_evaluations: 0,
+            cacheable,
+            decision_memo: HashMap::new(),
+            decision_key_buf: String::new(),
+            statement_evaluations: 0,
         })
     }
 
@@ -214,11 +263,57 @@ impl Gate {
         if !self.declared.deny && !self.declared.allow {
             return decision;
         }
-        if let Err(reasons) = self.evaluate_statement(input) {
+        let result = if self.cacheable {
+            self.decision_key(input);
+            match self.decision_memo.get(&self.decision_key_buf) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = self.evaluate_statement(input);
+                    if self.decision_memo.len() >= DECISION_MEMO_LIMIT {
+                        self.decision_memo.clear();
+                    }
+                    self.decision_memo.insert(self.decision_key_buf.clone(), r.clone());
+                    r
+                }
+            }
+        } else {
+            self.evaluate_statement(input)
+        };
+        if let Err(reasons) = result {
             decision.allowed = false;
             decision.reasons = reasons;
         }
         decision
+    }
+
+    /// Everything a cacheable policy set can see of a statement, as one string.
+    fn decision_key(&mut self, st: &StatementInput) {
+        use std::fmt::Write;
+        let civil = crate::time::civil_from_unix_us(st.now_unix_us);
+        let attributes = self.attributes_of(&st.subject.current_user, st.now_unix_us);
+        let k = &mut self.decision_key_buf;
+        k.clear();
+        let s = st.subject;
+        let _ = write!(
+            k,
+            "{}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{}\u{0}{}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}",
+            s.session_user,
+            s.current_user,
+            s.roles,
+            attributes,
+            st.command,
+            st.objects_json,
+            st.client_addr,
+            st.application_name,
+            civil.hour,
+            civil.weekday
+        );
+    }
+
+    /// How many statements were evaluated by the engine (not answered from the memo).
+    #[doc(hidden)]
+    pub fn statement_evaluations(&self) -> u64 {
+        self.statement_evaluations
     }
 
     /// The first of session_user, current_user, roles that is suspended.
@@ -238,6 +333,7 @@ impl Gate {
 
     /// Ok when the policies let the statement through, else the reasons.
     fn evaluate_statement(&mut self, st: &StatementInput) -> Result<(), Vec<String>> {
+        self.statement_evaluations += 1;
         let objects = self.objects_value(st.objects_json).map_err(|e| vec![e])?;
         let subject = self.keys.subject(
             st.subject,

@@ -415,3 +415,48 @@ fn row_allow_undefined_is_false_and_errors_surface() {
     let err = g.row_allow(&s, NOW, "read", &json!({"n": 0})).unwrap_err();
     assert!(err.starts_with("policy evaluation error: p:3:"), "{err}");
 }
+
+#[test]
+fn decisions_are_memoized_when_the_policy_reads_only_repeating_inputs() {
+    let src = "package custody\n\ndeny contains \"no orders\" if {\n    some o in input.objects\n    o.name == \"orders\"\n    input.time.hour < 25\n}\n";
+    let mut g = gate(vec![policy("p", 1, src)]);
+    let s = alice();
+    let objs = r#"[{"schema":"public","name":"orders","kind":"table","privileges":["SELECT"],"columns":[]}]"#;
+    for i in 0..5 {
+        let mut st = stmt(&s, "SELECT", objs);
+        st.statements = i; // changes every statement, but the policy does not read it
+        assert!(!g.decide(&st).allowed);
+    }
+    assert_eq!(g.statement_evaluations(), 1);
+    // a different input is evaluated, and remembered too
+    assert!(g.decide(&stmt(&s, "SELECT", "[]")).allowed);
+    assert!(g.decide(&stmt(&s, "SELECT", "[]")).allowed);
+    assert_eq!(g.statement_evaluations(), 2);
+    // another hour of the day is another key
+    let mut later = stmt(&s, "SELECT", objs);
+    later.now_unix_us += 3600 * US;
+    assert!(!g.decide(&later).allowed);
+    assert_eq!(g.statement_evaluations(), 3);
+}
+
+#[test]
+fn decisions_are_not_memoized_when_the_policy_reads_changing_inputs() {
+    for src in [
+        "package custody\n\ndeny contains \"late\" if input.session.statements > 3\n",
+        "package custody\n\ndeny contains \"x\" if input.time.unix < 0\n",
+        "package custody\n\ndeny contains \"x\" if { x := input; x.session.statements > 3 }\n",
+        "package custody\n\ndeny contains \"x\" if time.now_ns() < 0\n",
+    ] {
+        let mut g = gate(vec![policy("p", 1, src)]);
+        let s = alice();
+        for i in 0..5 {
+            let mut st = stmt(&s, "SELECT", "[]");
+            st.statements = i;
+            let d = g.decide(&st);
+            if src.contains("statements > 3") {
+                assert_eq!(d.allowed, i <= 3, "{src}: statement {i}");
+            }
+        }
+        assert_eq!(g.statement_evaluations(), 5, "{src}");
+    }
+}
