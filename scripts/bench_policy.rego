@@ -6,7 +6,7 @@ package custody
 deny contains "suspended application" if { input.client.application_name == "blocked-app" }
 deny contains "no DDL from the application role" if { input.subject.current_user == "app"; startswith(input.command, "CREATE") }
 deny contains "no DROP from the application role" if { input.subject.current_user == "app"; startswith(input.command, "DROP") }
-deny contains "no TRUNCATE outside maintenance" if { input.command == "TRUNCATE TABLE"; not "maintenance" in input.subject.roles }
+deny contains "no TRUNCATE by applications" if { input.command == "TRUNCATE TABLE"; input.subject.current_user == "app" }
 deny contains "payroll is for finance" if { some o in input.objects; o.name == "payroll"; not "finance" in input.subject.roles }
 deny contains "secrets table is sealed" if { some o in input.objects; o.schema == "vault" }
 deny contains "ssn column is masked" if { some o in input.objects; "ssn" in o.columns; not "pii_reader" in input.subject.roles }
@@ -22,4 +22,4 @@ deny contains "no GRANT by applications" if { input.command == "GRANT"; input.su
 deny contains "no COPY out of customers" if { input.command == "COPY"; some o in input.objects; o.name == "customers" }
 deny contains "remote superuser" if { input.subject.current_user == "root_remote" }
 deny contains "too many statements in one session" if { input.session.statements > 100000000000 }
-deny contains "untrusted network" if { startswith(input.client.addr, "203.0.113.") }
+deny contains "untrusted network" if { input.client.addr != null; startswith(input.client.addr, "203.0.113.") }

@@ -7,8 +7,22 @@ COMMENT ON FUNCTION custody.verify_audit_chain(bigint, bigint, jsonb, text) IS
 COMMENT ON FUNCTION custody.audit_head() IS 'seq, hash and logged_at of the last record of the chain';
 COMMENT ON FUNCTION custody.audit_digest() IS
     '{seq, hash, merkle_root, signed_note} of the latest checkpoint: keep it outside the database';
+-- The export streams in slices of 10,000 records (custody._export_chunk, in Rust).
+CREATE FUNCTION custody.export_audit(from_seq bigint DEFAULT 1, to_seq bigint DEFAULT NULL)
+RETURNS SETOF text LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT custody._export_chunk(s, least(s + 9999, b.hi), s = b.lo)
+    FROM (SELECT greatest(from_seq, 1) AS lo,
+                 coalesce(to_seq, (SELECT max(seq) FROM custody.audit_log)) AS hi) b,
+         generate_series(b.lo, b.hi, 10000) AS s
+$$;
 COMMENT ON FUNCTION custody.export_audit(bigint, bigint) IS
     'The chain as JSON lines (header, records, checkpoints) for the custody command-line verifier';
+COMMENT ON FUNCTION custody._export_chunk(bigint, bigint, boolean) IS
+    'One slice of custody.export_audit(); call that instead';
+REVOKE ALL ON FUNCTION custody._export_chunk(bigint, bigint, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION custody._export_chunk(bigint, bigint, boolean) TO custody_auditor;
 COMMENT ON FUNCTION custody.flush(integer) IS
     'Waits (up to timeout_ms) until every audit record this session queued so far is stored';
 COMMENT ON FUNCTION custody.status() IS

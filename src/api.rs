@@ -325,19 +325,18 @@ impl std::io::BufRead for LineReader<'_> {
     }
 }
 
-/// The chain as JSON lines — a header, every record with all it takes to recompute its
-/// hash, and every checkpoint — for `custody verify`. Holds the lines in memory: export a
-/// large chain in ranges.
-#[pg_extern(volatile, parallel_unsafe)]
-fn export_audit(
-    from_seq: default!(i64, 1),
-    to_seq: default!(Option<i64>, "NULL"),
-) -> SetOfIterator<'static, String> {
+/// One slice of the export: the records from..=to as JSON lines (with the header line first
+/// when `with_header`), each checkpoint right after the record it covers. custody.export_audit()
+/// (SQL) calls this for slices of 10,000 records, so an export of any size streams.
+#[pg_extern(volatile, parallel_unsafe, name = "_export_chunk")]
+fn export_chunk(from_seq: i64, to_seq: i64, with_header: bool) -> SetOfIterator<'static, String> {
     let lines = capture::internal(|| {
         Spi::connect(|client| {
             let mut lines = Vec::new();
-            export_lines(client, from_seq.max(1), to_seq, |l| {
-                lines.push(l);
+            export_lines(client, from_seq.max(1), Some(to_seq), |l| {
+                if with_header || !l.starts_with("{\"type\":\"chain\"") {
+                    lines.push(l);
+                }
                 true
             })?;
             Ok::<_, pgrx::spi::Error>(lines)
