@@ -101,7 +101,9 @@ test-client:
 ## release build. Measures and prints; never part of `make test`.
 bench: setup
 	$(SUDO) env PATH="$(PATH)" cargo pgrx install --release --pg-config $(PG_CONFIG)
+	cargo build --release -p custody-cli
 	scripts/bench.sh $(BENCH_SECONDS) $(BENCH_ROUNDS)
+	scripts/bench_rowcheck.sh
 
 ## stop / clean: the throwaway clusters
 stop:

@@ -114,31 +114,21 @@ if has storage || has verify; then
     configure d
 fi
 
-if has storage; then
-    {
-    echo "### Storage"
-    echo
-    q "SELECT format('%s records of pgbench statements: %s bytes per record in the table (with TOAST), %s in its indexes, %s in all',
-                     count(*), pg_table_size('custody.audit_log') / count(*),
-                     pg_indexes_size('custody.audit_log') / count(*),
-                     pg_total_relation_size('custody.audit_log') / count(*))
-       FROM custody.audit_log"
-    echo
-    } >> "$out"
-fi
-
 if has verify; then
     have=$(q "SELECT count(*) FROM custody.audit_log")
     if [ "$have" -lt 1000000 ]; then   # fill the chain up to 1M records with select-only statements
         as_pg "$BIN/pgbench" -h /tmp -p "$port" -U postgres -M prepared -S -c 4 -j 2 \
             -t $(( (1000000 - have) / 4 + 1000 )) postgres >/dev/null 2>&1
     fi
-    q "SELECT custody.flush(60000)" >/dev/null
+    for _ in $(seq 300); do   # until the writer has stored them all
+        [ "$(q "SELECT (custody.status()->>'head_seq')::int8 >= 1000000")" = t ] && break
+        sleep 0.2
+    done
     n=1000000   # the first 1M records (the throughput runs may have written many more)
     t0=$(now); res=$(q "SELECT ok || ' ' || checked FROM custody.verify_audit_chain(1, $n)"); t1=$(now)
     sql_rate=$(awk -v n="${res#* }" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", n / (b - a) }')
     cluster psql "$port" -q -c "COPY (SELECT * FROM custody.export_audit(1, $n)) TO STDOUT" > "$dir.export.jsonl"
-    t0=$(now); cli=$(custody verify --log "$dir.export.jsonl" --public-key "$pub" | head -1); t1=$(now)
+    t0=$(now); cli=$("$root/target/release/custody" verify --log "$dir.export.jsonl" --public-key "$pub" | head -1); t1=$(now)
     lines=$(grep -c '"type":"record"' "$dir.export.jsonl")
     cli_rate=$(awk -v n="$lines" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", n / (b - a) }')
     {
@@ -151,6 +141,19 @@ if has verify; then
     echo
     } >> "$out"
     rm -f "$dir.export.jsonl"
+fi
+
+if has storage; then
+    {
+    echo "### Storage"
+    echo
+    q "SELECT format('%s records of pgbench statements: %s bytes per record in the table (with TOAST), %s in its indexes, %s in all',
+                     count(*), pg_table_size('custody.audit_log') / count(*),
+                     pg_indexes_size('custody.audit_log') / count(*),
+                     pg_total_relation_size('custody.audit_log') / count(*))
+       FROM custody.audit_log"
+    echo
+    } >> "$out"
 fi
 
 cluster stop "$dir"

@@ -21,5 +21,5 @@ deny contains "interns read only" if { "interns" in input.subject.roles; input.c
 deny contains "no GRANT by applications" if { input.command == "GRANT"; input.subject.current_user == "app" }
 deny contains "no COPY out of customers" if { input.command == "COPY"; some o in input.objects; o.name == "customers" }
 deny contains "remote superuser" if { input.subject.current_user == "root_remote" }
-deny contains "too many statements in one session" if { input.session.statements > 100000000000 }
+deny contains "the reporting app only reads" if { input.client.application_name == "reporting"; input.command != "SELECT" }
 deny contains "untrusted network" if { input.client.addr != null; startswith(input.client.addr, "203.0.113.") }

@@ -156,10 +156,14 @@ struct Local {
     roles: Option<(pg_sys::Oid, Vec<String>)>,
     statements: u64,
     build_error: Option<String>,
+    /// Bumped for every statement that passes the hooks: custody.check() reuses the
+    /// subject it built for the same statement and user instead of rebuilding it per row.
+    epoch: u64,
+    subject: Option<(u64, pg_sys::Oid, std::rc::Rc<SubjectInput>)>,
 }
 
 static mut LOCAL: Local =
-    Local { gate: None, generation: 0, roles: None, statements: 0, build_error: None };
+    Local { gate: None, generation: 0, roles: None, statements: 0, build_error: None, epoch: 0, subject: None };
 
 #[allow(static_mut_refs)]
 fn local() -> &'static mut Local {
@@ -247,6 +251,7 @@ impl Verdict {
 pub fn decide(command: &str, objects_json: &str) -> Option<Verdict> {
     let gate = current_gate();
     let l = local();
+    l.epoch += 1;
     let enforce = settings::enforce();
     if enforce == Enforce::Off {
         if let Some(g) = gate {
@@ -285,6 +290,12 @@ pub fn decide(command: &str, objects_json: &str) -> Option<Verdict> {
         roles: roles_of(user),
     };
     l.statements += 1;
+    // Reuse the subject for custody.check() calls made while this statement runs.
+    l.subject = Some((l.epoch, user, std::rc::Rc::new(SubjectInput {
+        session_user: subject.session_user.clone(),
+        current_user: subject.current_user.clone(),
+        roles: subject.roles.clone(),
+    })));
     let input = StatementInput {
         subject: &subject,
         command,
@@ -308,11 +319,23 @@ pub fn statement_start_unix_us() -> i64 {
 }
 
 /// The subject of the current statement, for custody.current_subject() and custody.check().
-pub fn current_subject() -> SubjectInput {
-    let who = capture::who();
+pub fn current_subject() -> std::rc::Rc<SubjectInput> {
     // SAFETY: plain read of the current user id.
     let user = unsafe { pg_sys::GetUserId() };
-    SubjectInput { session_user: who.session_user, current_user: who.current_user, roles: roles_of(user) }
+    let l = local();
+    if let Some((epoch, u, s)) = &l.subject {
+        if *epoch == l.epoch && *u == user {
+            return s.clone();
+        }
+    }
+    let who = capture::who();
+    let s = std::rc::Rc::new(SubjectInput {
+        session_user: who.session_user,
+        current_user: who.current_user,
+        roles: roles_of(user),
+    });
+    local().subject = Some((local().epoch, user, s.clone()));
+    s
 }
 
 /// The gate for row checks and attribute lookups (None: no snapshot published yet).

@@ -115,9 +115,19 @@ const DECISION_MEMO_LIMIT: usize = 4096;
 /// except `input.time.now`, `input.time.unix` and `input.session`, which change with every
 /// statement. Decided by scanning the sources, conservatively: any other use of `input`
 /// (the whole document, `input[...]`) or a non-deterministic builtin disables the memo.
+/// `input.action` and `input.resource` belong to row checks; in a statement's input they
+/// are always absent, so reading them does not vary.
 fn decisions_cacheable(sources: &[&str]) -> bool {
-    const ALLOWED: [&str; 6] =
-        [".subject", ".command", ".objects", ".client", ".time.hour", ".time.weekday"];
+    const ALLOWED: [&str; 8] = [
+        ".subject",
+        ".command",
+        ".objects",
+        ".client",
+        ".time.hour",
+        ".time.weekday",
+        ".action",
+        ".resource",
+    ];
     const VOLATILE: [&str; 6] = ["time.now_ns", "rand.", "uuid.", "http.send", "opa.runtime", "trace("];
     for src in sources {
         if VOLATILE.iter().any(|v| src.contains(v)) {
