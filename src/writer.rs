@@ -162,8 +162,9 @@ fn run() {
         }
 
         let Some(c) = chain.as_mut() else {
-            // Not created yet: look again soon (CREATE EXTENSION pg_custody).
-            if !BackgroundWorker::wait_latch(Some(Duration::from_millis(1000))) {
+            // Not created yet: look again soon (CREATE EXTENSION pg_custody). Statements are
+            // not recorded until then, so keep the window short; the check is one lookup.
+            if !BackgroundWorker::wait_latch(Some(Duration::from_millis(100))) {
                 return;
             }
             continue;
