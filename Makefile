@@ -71,7 +71,7 @@ test: setup
 
 # 1. pure unit tests (no PostgreSQL)
 test-unit:
-	cargo test -p custody-chain -p custody-cli
+	cargo test -p custody-chain -p custody-cli -p custody-policy
 
 # 2. in-backend #[pg_test]s (and the extension crate's plain #[test]s), server run as postgres
 test-pg: setup

@@ -53,37 +53,6 @@ psql -c "DELETE FROM custody.audit_log WHERE seq = 1" || true
 psql -c "SELECT custody.flush()" -qAt >/dev/null
 psql -c "SELECT seq, command, outcome, sqlstate, message FROM custody.audit_log WHERE sqlstate = '42501' ORDER BY seq DESC LIMIT 1"
 
-say "Tampering with the library unloaded is detected: restart without pg_custody, edit one record"
-victim=$(psql -qAt -c "SELECT max(seq) - 3 FROM custody.audit_log")
-unloaded
-psql -qc "CREATE TABLE demo_saved AS SELECT seq, statement FROM custody.audit_log WHERE seq = $victim"
-psql -qc "UPDATE custody.audit_log SET statement = 'SELECT ''nothing to see here''' WHERE seq = $victim"
-echo "edited record seq $victim as a superuser, with the library unloaded"
-loaded
-psql -c "SELECT * FROM custody.verify_audit_chain()"
-
-say "(putting the record back, again with the library unloaded, so the tour can go on)"
-unloaded
-psql -qc "UPDATE custody.audit_log l SET statement = s.statement FROM demo_saved s WHERE l.seq = s.seq; DROP TABLE demo_saved"
-loaded
-psql -c "SELECT * FROM custody.verify_audit_chain()"
-
-say "Signed checkpoints, and a digest to keep outside the database"
-for _ in $(seq 50); do   # wait for the next checkpoint (custody.checkpoint_interval = 1s here)
-    [ "$(psql -qAt -c "SELECT (custody.status()->>'last_checkpoint_seq')::int8 > 0")" = t ] && break
-    sleep 0.2
-done
-psql -c "SELECT seq, key_id, signed_at, note FROM custody.checkpoints ORDER BY seq DESC LIMIT 1"
-psql -qAt -c "SELECT custody.audit_digest()" > "$dir.digest.json"
-echo "digest: $(cat "$dir.digest.json")"
-psql -c "SELECT * FROM custody.verify_audit_chain(trusted_digests => jsonb_build_array(custody.audit_digest()), public_key => '$pub')"
-
-say "An auditor verifies an export offline, with only the public key and the digest"
-psql -q -c "COPY (SELECT * FROM custody.export_audit()) TO STDOUT" > "$dir.export.jsonl"
-echo "exported $(wc -l < "$dir.export.jsonl") lines to $dir.export.jsonl"
-echo "\$ custody verify --log $dir.export.jsonl --public-key '$pub' --digest $dir.digest.json"
-custody verify --log "$dir.export.jsonl" --public-key "$pub" --digest "$dir.digest.json"
-
 say "Continuous authorization: a Rego policy, checked on every statement"
 psql -q <<'SQL'
 DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'demo_contractor') THEN CREATE ROLE demo_contractor LOGIN; END IF; END $$;
@@ -136,6 +105,37 @@ psql -c "SELECT seq, current_user_name AS role, class, command, outcome,
          WHERE class = 'policy' OR outcome = 'denied'
          ORDER BY seq DESC LIMIT 8"
 psql -q -c "SELECT custody.drop_policy('demo_rules')"
+
+say "Tampering with the library unloaded is detected: restart without pg_custody, edit one record"
+victim=$(psql -qAt -c "SELECT max(seq) - 3 FROM custody.audit_log")
+unloaded
+psql -qc "CREATE TABLE demo_saved AS SELECT seq, statement FROM custody.audit_log WHERE seq = $victim"
+psql -qc "UPDATE custody.audit_log SET statement = 'SELECT ''nothing to see here''' WHERE seq = $victim"
+echo "edited record seq $victim as a superuser, with the library unloaded"
+loaded
+psql -c "SELECT * FROM custody.verify_audit_chain()"
+
+say "(putting the record back, again with the library unloaded, so the tour can go on)"
+unloaded
+psql -qc "UPDATE custody.audit_log l SET statement = s.statement FROM demo_saved s WHERE l.seq = s.seq; DROP TABLE demo_saved"
+loaded
+psql -c "SELECT * FROM custody.verify_audit_chain()"
+
+say "Signed checkpoints, and a digest to keep outside the database"
+for _ in $(seq 50); do   # wait for the next checkpoint (custody.checkpoint_interval = 1s here)
+    [ "$(psql -qAt -c "SELECT (custody.status()->>'last_checkpoint_seq')::int8 > 0")" = t ] && break
+    sleep 0.2
+done
+psql -c "SELECT seq, key_id, signed_at, note FROM custody.checkpoints ORDER BY seq DESC LIMIT 1"
+psql -qAt -c "SELECT custody.audit_digest()" > "$dir.digest.json"
+echo "digest: $(cat "$dir.digest.json")"
+psql -c "SELECT * FROM custody.verify_audit_chain(trusted_digests => jsonb_build_array(custody.audit_digest()), public_key => '$pub')"
+
+say "An auditor verifies an export offline, with only the public key and the digest"
+psql -q -c "COPY (SELECT * FROM custody.export_audit()) TO STDOUT" > "$dir.export.jsonl"
+echo "exported $(wc -l < "$dir.export.jsonl") lines to $dir.export.jsonl"
+echo "\$ custody verify --log $dir.export.jsonl --public-key '$pub' --digest $dir.digest.json"
+custody verify --log "$dir.export.jsonl" --public-key "$pub" --digest "$dir.digest.json"
 
 say "Done. The cluster is still running:"
 echo "  psql -h /tmp -p $port -U postgres postgres"

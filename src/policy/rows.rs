@@ -10,21 +10,7 @@ use crate::capture::{self, class::Class};
 
 /// Superusers and members of custody_admin only; the refused call is recorded.
 fn check_row_manager() {
-    // SAFETY: catalog lookups in a transaction.
-    let ok = unsafe {
-        let admin = pg_sys::get_role_oid(c"custody_admin".as_ptr(), true);
-        pg_sys::superuser()
-            || (admin != pg_sys::InvalidOid && pg_sys::is_member_of_role(pg_sys::GetUserId(), admin))
-    };
-    if !ok {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "permission denied to manage pg_custody row policies",
-            "pg_custody",
-        )
-        .set_detail("Only superusers and members of custody_admin may. This attempt is recorded.")
-        .report(PgLogLevel::ERROR);
-    }
+    super::store::require_manager("row policies");
 }
 
 /// Runs DDL on the caller's behalf with the extension owner's rights (the caller was

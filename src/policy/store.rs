@@ -27,27 +27,32 @@ fn pending() -> &'static mut Pending {
 
 const LOCK_KEY: i64 = 0x6375_7374_6f64_79; // "custody": serializes changes to the store
 
-/// Refuses callers that are neither superuser nor members of custody_admin, and calls made
-/// outside custody.database. The refused call is recorded like any failed statement.
-fn check_manager() {
+/// Refuses callers that are neither superuser nor members of custody_admin (`what` names
+/// what they tried to manage). The refused call is recorded like any failed statement.
+pub(super) fn require_manager(what: &str) {
     // SAFETY: catalog lookups in a transaction.
-    let (is_super, is_admin) = unsafe {
-        let user = pg_sys::GetUserId();
+    let allowed = unsafe {
         let admin = pg_sys::get_role_oid(c"custody_admin".as_ptr(), true);
-        (
-            pg_sys::superuser(),
-            admin != pg_sys::InvalidOid && pg_sys::is_member_of_role(user, admin),
-        )
+        pg_sys::superuser()
+            || (admin != pg_sys::InvalidOid && pg_sys::is_member_of_role(pg_sys::GetUserId(), admin))
     };
-    if !(is_super || is_admin) {
+    if !allowed {
         pgrx::pg_sys::panic::ErrorReport::new(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "permission denied to manage pg_custody policies",
+            format!("permission denied to manage pg_custody {what}"),
             "pg_custody",
         )
-        .set_detail("Only superusers and members of custody_admin may change policies, attributes and suspensions. This attempt is recorded.")
+        .set_detail(format!(
+            "Only superusers and members of custody_admin may manage pg_custody {what}. This attempt is recorded."
+        ))
         .report(PgLogLevel::ERROR);
     }
+}
+
+/// The checks of every store change: the caller may manage, we are in custody.database,
+/// and changes are serialized (each reads the store back at commit).
+fn check_manager() {
+    require_manager("policies");
     let here = capture::who().database_name;
     if here != crate::settings::database() {
         pgrx::pg_sys::panic::ErrorReport::new(
