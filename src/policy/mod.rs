@@ -204,6 +204,17 @@ fn roles_of(user: pg_sys::Oid) -> Vec<String> {
             return r.clone();
         }
     }
+    // Some utility statements (SET, LOCK, transaction control) run without an active
+    // snapshot; a read needs one.
+    // SAFETY: pushed here, popped below on the normal path; an ERROR unwinds the stack.
+    let pushed = unsafe {
+        if pg_sys::ActiveSnapshotSet() {
+            false
+        } else {
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            true
+        }
+    };
     let roles: Vec<String> = capture::internal(|| {
         Spi::connect(|client| {
             client
@@ -222,6 +233,10 @@ fn roles_of(user: pg_sys::Oid) -> Vec<String> {
                 .unwrap_or_default()
         })
     });
+    if pushed {
+        // SAFETY: pairs with the push above.
+        unsafe { pg_sys::PopActiveSnapshot() };
+    }
     l.roles = Some((user, roles.clone()));
     roles
 }
