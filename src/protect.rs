@@ -1,8 +1,8 @@
 //! Protection of the audit log: while the library is loaded nobody, superusers included,
 //! may change `custody.audit_log` except the custody writer appending to it.
 //!
-//! Three layers, each closing a path the others cannot see: the executor hook refuses
-//! INSERT/UPDATE/DELETE/MERGE/SELECT FOR UPDATE; the utility hook refuses TRUNCATE, COPY FROM,
+//! Three layers, each closing a path the others cannot see: the permission-check hook
+//! (hooks/executor.rs) refuses INSERT/UPDATE/DELETE/MERGE/SELECT FOR UPDATE; the utility hook refuses TRUNCATE, COPY FROM,
 //! ALTER, RENAME, triggers, rules and policies; the object-access hook refuses every DROP,
 //! however it is reached (DROP TABLE, DROP SCHEMA ... CASCADE, DROP EXTENSION, DROP OWNED).
 //! Anything done with the library unloaded is what the hash chain detects.

@@ -10,6 +10,7 @@ static mut PREV_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREV_RUN: pg_sys::ExecutorRun_hook_type = None;
 static mut PREV_FINISH: pg_sys::ExecutorFinish_hook_type = None;
 static mut PREV_END: pg_sys::ExecutorEnd_hook_type = None;
+static mut PREV_CHECK_PERMS: pg_sys::ExecutorCheckPerms_hook_type = None;
 
 pub fn init() {
     // SAFETY: _PG_init; each previous hook is saved and chained to.
@@ -22,6 +23,8 @@ pub fn init() {
         pg_sys::ExecutorFinish_hook = Some(custody_executor_finish);
         PREV_END = pg_sys::ExecutorEnd_hook;
         pg_sys::ExecutorEnd_hook = Some(custody_executor_end);
+        PREV_CHECK_PERMS = pg_sys::ExecutorCheckPerms_hook;
+        pg_sys::ExecutorCheckPerms_hook = Some(custody_executor_check_perms);
     }
 }
 
@@ -47,13 +50,11 @@ unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) {
     }
     let qd_ref = unsafe { &*qd };
     let pstmt = unsafe { &*qd_ref.plannedstmt };
-    // Protection holds whether or not anything is being recorded.
+    // A change to the audit log is refused by the permission-check hook below, inside
+    // standard_ExecutorStart; the attempt's record must be open by then.
     let violation = unsafe { protect::range_table_violation(pstmt.rtable) };
     let (tag, class) = command_tag(qd_ref.operation);
     if !capture::active() {
-        if let Some((relid, action)) = violation {
-            protect::refuse(relid, action);
-        }
         return;
     }
     let info = unsafe { objects::from_range_table(pstmt.rtable) };
@@ -68,13 +69,29 @@ unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) {
         let text = capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len);
         capture::open(qd as usize, class, tag, objects_json, Some(text));
     }
-    if let Some((relid, action)) = violation {
-        protect::refuse(relid, action);
-    }
     if let Some(v) = verdict {
         capture::set_decision(qd as usize, v.record_json(), v.denies());
         if v.denies() {
             policy::raise_denied(&v);
+        }
+    }
+}
+
+/// The permission check PostgreSQL runs after its own ACL check passed (in the executor, and
+/// outside it for RI checks and COPY): nobody but the custody writer may change the audit
+/// log, superusers included.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn custody_executor_check_perms(rtable: *mut pg_sys::List, ereport: bool) -> bool {
+    unsafe {
+        if let Some(prev) = PREV_CHECK_PERMS {
+            if !prev(rtable, ereport) {
+                return false;
+            }
+        }
+        match protect::range_table_violation(rtable) {
+            None => true,
+            Some((relid, action)) if ereport => protect::refuse(relid, action),
+            Some(_) => false,
         }
     }
 }
