@@ -16,6 +16,7 @@ mod policy;
 mod protect;
 mod queue;
 mod settings;
+mod shmem;
 mod writer;
 
 pgrx::pg_module_magic!();
@@ -30,7 +31,7 @@ pub extern "C-unwind" fn _PG_init() {
         error::CustodyError::NotPreloaded.report();
     }
     settings::init();
-    queue::init();
+    shmem::init();
     policy::init();
     hooks::init();
     protect::init();

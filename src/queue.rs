@@ -14,7 +14,7 @@ use pgrx::pg_sys;
 
 use crate::settings;
 
-const TRANCHE: &std::ffi::CStr = c"pg_custody";
+pub const TRANCHE: &std::ffi::CStr = c"pg_custody";
 /// Present in the data directory while an audit chain exists, so that after a restart
 /// sessions record from their first statement, before the writer has looked.
 const CHAIN_MARKER: &str = "pg_custody.chain";
@@ -59,45 +59,19 @@ struct Shared {
 }
 
 static mut SHARED: *mut Shared = null_mut();
-static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
-static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
 
-fn shmem_size() -> usize {
+/// Bytes of shared memory the queue needs (control block and ring).
+pub fn shmem_size() -> usize {
     std::mem::size_of::<Shared>() + settings::queue_size_bytes()
 }
 
-/// Installs the shared-memory hooks. Called from `_PG_init` (preload only).
-pub fn init() {
-    // SAFETY: _PG_init runs once in the postmaster; chaining the previous hooks.
+/// Creates or attaches the queue. Called by `shmem` with AddinShmemInitLock held.
+///
+/// # Safety
+/// Only from the shared-memory startup hook.
+pub unsafe fn attach_shmem() {
+    // SAFETY: ShmemInitStruct returns memory of the requested size, zeroed here on creation.
     unsafe {
-        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(shmem_request);
-        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
-        pg_sys::shmem_startup_hook = Some(shmem_startup);
-    }
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn shmem_request() {
-    // SAFETY: called by the postmaster during shared memory sizing.
-    unsafe {
-        if let Some(prev) = PREV_SHMEM_REQUEST {
-            prev();
-        }
-        pg_sys::RequestAddinShmemSpace(shmem_size());
-        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
-    }
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn shmem_startup() {
-    // SAFETY: called in the postmaster (and after a crash reset) with AddinShmemInitLock
-    // available; ShmemInitStruct returns memory of the requested size.
-    unsafe {
-        if let Some(prev) = PREV_SHMEM_STARTUP {
-            prev();
-        }
-        pg_sys::LWLockAcquire(addin_shmem_init_lock(), pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
         let p = pg_sys::ShmemInitStruct(c"pg_custody queue".as_ptr(), shmem_size(), &mut found)
             as *mut Shared;
@@ -116,13 +90,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
             pg_sys::ConditionVariableInit(addr_of_mut!((*p).flush_cv));
         }
         SHARED = p;
-        pg_sys::LWLockRelease(addin_shmem_init_lock());
     }
-}
-
-/// `AddinShmemInitLock` is a C macro: `&MainLWLockArray[21].lock` (storage/lwlocknames.h).
-unsafe fn addin_shmem_init_lock() -> *mut pg_sys::LWLock {
-    unsafe { addr_of_mut!((*pg_sys::MainLWLockArray.add(21)).lock) }
 }
 
 fn shared() -> Option<&'static Shared> {

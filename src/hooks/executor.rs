@@ -57,13 +57,19 @@ unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) {
     if !capture::active() {
         return;
     }
+    // Every statement passes the policy gate; every decision is recorded. The objects are
+    // read from the catalog caches only when the record or the gate needs them.
+    let pending = policy::prepare();
+    if pending.is_none() && violation.is_none() && !capture::wanted(class) {
+        return;
+    }
     let info = unsafe { objects::from_range_table(pstmt.rtable) };
     let objects_json = objects::to_json(&info.objects);
-    // Every statement passes the policy gate; every decision is recorded.
-    let verdict = policy::decide(tag, &objects_json);
+    let verdict = pending.map(|p| p.decide(tag, &objects_json));
     if verdict.is_some()
         || violation.is_some()
-        || (capture::wanted(class) && (!info.catalog_only || settings::audit_catalog()))
+        || !info.catalog_only
+        || settings::audit_catalog()
     {
         let source = unsafe { objects::cstr(qd_ref.sourceText) };
         let text = capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len);

@@ -143,13 +143,12 @@ unsafe extern "C-unwind" fn custody_process_utility(
         let mut verdict = None;
         if capture::active() && !node.is_null() {
             let (class, forced) = classify(node);
-            let tag = objects::cstr(pg_sys::GetCommandTagName(pg_sys::CreateCommandTag(node)));
-            let objects_json = utility_objects(node);
             // Utility statements pass the same gate (DDL, GRANT, COPY, SET ROLE, ...).
-            if !gate_exempt(node) {
-                verdict = policy::decide(&tag, &objects_json);
-            }
-            if verdict.is_some() || forced || violation.is_some() || capture::wanted(class) {
+            let pending = if gate_exempt(node) { None } else { policy::prepare() };
+            if pending.is_some() || forced || violation.is_some() || capture::wanted(class) {
+                let tag = objects::cstr(pg_sys::GetCommandTagName(pg_sys::CreateCommandTag(node)));
+                let objects_json = utility_objects(node);
+                verdict = pending.map(|p| p.decide(&tag, &objects_json));
                 key = capture::utility_token();
                 let source = objects::cstr(query_string);
                 let text =

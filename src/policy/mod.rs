@@ -23,7 +23,7 @@ use crate::settings::{self, Enforce};
 
 /// Bytes of shared memory for the published snapshot (policies, attributes, suspensions).
 pub const SNAPSHOT_CAPACITY: usize = 2 * 1024 * 1024;
-const TRANCHE: &CStr = c"pg_custody policy";
+pub const TRANCHE: &CStr = c"pg_custody policy";
 
 #[repr(C)]
 struct Shared {
@@ -34,20 +34,14 @@ struct Shared {
 }
 
 static mut SHARED: *mut Shared = null_mut();
-static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
-static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
-
-fn shmem_size() -> usize {
+/// Bytes of shared memory for the published snapshot.
+pub fn shmem_size() -> usize {
     std::mem::size_of::<Shared>() + SNAPSHOT_CAPACITY
 }
 
 pub fn init() {
-    // SAFETY: _PG_init in the postmaster; chaining the previous hooks.
+    // SAFETY: _PG_init; cache callbacks live for the process.
     unsafe {
-        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(shmem_request);
-        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
-        pg_sys::shmem_startup_hook = Some(shmem_startup);
         pg_sys::CacheRegisterSyscacheCallback(
             pg_sys::SysCacheIdentifier::AUTHMEMMEMROLE as i32,
             Some(roles_changed),
@@ -61,25 +55,13 @@ pub fn init() {
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn shmem_request() {
+/// Creates or attaches the snapshot area. Called by `shmem` with AddinShmemInitLock held.
+///
+/// # Safety
+/// Only from the shared-memory startup hook.
+pub unsafe fn attach_shmem() {
+    // SAFETY: ShmemInitStruct returns memory of the requested size, zeroed here on creation.
     unsafe {
-        if let Some(prev) = PREV_SHMEM_REQUEST {
-            prev();
-        }
-        pg_sys::RequestAddinShmemSpace(shmem_size());
-        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
-    }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn shmem_startup() {
-    unsafe {
-        if let Some(prev) = PREV_SHMEM_STARTUP {
-            prev();
-        }
-        let init_lock = addr_of_mut!((*pg_sys::MainLWLockArray.add(21)).lock);
-        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
         let p = pg_sys::ShmemInitStruct(c"pg_custody policy".as_ptr(), shmem_size(), &mut found)
             as *mut Shared;
@@ -88,7 +70,6 @@ unsafe extern "C-unwind" fn shmem_startup() {
             (*p).lock = addr_of_mut!((*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock);
         }
         SHARED = p;
-        pg_sys::LWLockRelease(init_lock);
     }
 }
 
@@ -261,36 +242,31 @@ impl Verdict {
     }
 }
 
-/// Decides a statement, or None when nothing is to be checked (enforce = off, an exempt
-/// role, no policy and no suspension in force).
-pub fn decide(command: &str, objects_json: &str) -> Option<Verdict> {
-    let gate = current_gate();
+/// A statement the gate will decide: everything but its objects, which the hooks compute
+/// only when someone needs them.
+pub struct Pending {
+    enforce: Enforce,
+    /// The snapshot in force failed to compile: fail closed.
+    failed: Option<String>,
+    who: capture::Who,
+    subject: std::rc::Rc<SubjectInput>,
+}
+
+/// Starts deciding a statement, or None when nothing is to be checked (enforce = off, an
+/// exempt role, no policy and no suspension in force). Called once per statement.
+pub fn prepare() -> Option<Pending> {
+    let mut gate = current_gate();
     let l = local();
     l.epoch += 1;
+    if let Some(g) = gate.as_deref_mut() {
+        g.new_statement(); // custody.check() memoizes per statement
+    }
     let enforce = settings::enforce();
     if enforce == Enforce::Off {
-        if let Some(g) = gate {
-            g.new_statement(); // custody.check() memoizes per statement
-        }
         return None;
     }
-    if let Some(err) = &l.build_error {
-        // A snapshot that does not compile cannot be published (set_policy checks first),
-        // but fail closed if it ever happens.
-        return Some(Verdict {
-            decision: Decision {
-                allowed: false,
-                reasons: vec![format!("policies in force could not be compiled: {err}")],
-                policies: Vec::new(),
-                suspended_role: None,
-                policy_set: String::new(),
-            },
-            enforce,
-        });
-    }
-    let gate = gate?;
-    gate.new_statement(); // custody.check() memoizes per statement
-    if gate.is_trivial() {
+    let failed = l.build_error.clone();
+    if failed.is_none() && gate.is_none_or(|g| g.is_trivial()) {
         return None;
     }
     let who = capture::who();
@@ -299,31 +275,53 @@ pub fn decide(command: &str, objects_json: &str) -> Option<Verdict> {
     }
     // SAFETY: plain read of the current user id.
     let user = unsafe { pg_sys::GetUserId() };
-    let subject = SubjectInput {
-        session_user: who.session_user,
-        current_user: who.current_user,
+    let subject = std::rc::Rc::new(SubjectInput {
+        session_user: who.session_user.clone(),
+        current_user: who.current_user.clone(),
         roles: roles_of(user),
-    };
+    });
+    // custody.check() calls made while this statement runs reuse the subject.
+    l.subject = Some((l.epoch, user, subject.clone()));
     l.statements += 1;
-    // Reuse the subject for custody.check() calls made while this statement runs.
-    l.subject = Some((l.epoch, user, std::rc::Rc::new(SubjectInput {
-        session_user: subject.session_user.clone(),
-        current_user: subject.current_user.clone(),
-        roles: subject.roles.clone(),
-    })));
-    let input = StatementInput {
-        subject: &subject,
-        command,
-        objects_json,
-        client_addr: who.client_addr.as_deref(),
-        application_name: who.application_name.as_deref(),
-        now_unix_us: statement_start_unix_us(),
-        pid: who.pid,
-        // SAFETY: set at backend start.
-        backend_start_unix_us: unsafe { pg_sys::MyStartTimestamp } + capture::PG_EPOCH_OFFSET_US,
-        statements: l.statements,
-    };
-    Some(Verdict { decision: gate.decide(&input), enforce })
+    Some(Pending { enforce, failed, who, subject })
+}
+
+impl Pending {
+    pub fn decide(self, command: &str, objects_json: &str) -> Verdict {
+        let enforce = self.enforce;
+        let gate = match (self.failed, current_gate()) {
+            (None, Some(g)) => g,
+            (failed, _) => {
+                // A snapshot that does not compile cannot be published (set_policy checks
+                // first), but fail closed if it ever happens.
+                let err = failed.unwrap_or_else(|| "no policy set in force".into());
+                return Verdict {
+                    decision: Decision {
+                        allowed: false,
+                        reasons: vec![format!("policies in force could not be compiled: {err}")],
+                        policies: Vec::new(),
+                        suspended_role: None,
+                        policy_set: String::new(),
+                    },
+                    enforce,
+                };
+            }
+        };
+        let who = &self.who;
+        let input = StatementInput {
+            subject: &self.subject,
+            command,
+            objects_json,
+            client_addr: who.client_addr.as_deref(),
+            application_name: who.application_name.as_deref(),
+            now_unix_us: statement_start_unix_us(),
+            pid: who.pid,
+            // SAFETY: set at backend start.
+            backend_start_unix_us: unsafe { pg_sys::MyStartTimestamp } + capture::PG_EPOCH_OFFSET_US,
+            statements: local().statements,
+        };
+        Verdict { decision: gate.decide(&input), enforce }
+    }
 }
 
 /// When the current (top-level) statement started: policies judge it by the attributes valid
