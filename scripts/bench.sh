@@ -13,6 +13,9 @@
 # verify:  custody.verify_audit_chain() and `custody verify` over a chain of 1M records.
 # policy:  the statement gate and custody.check() latency (crates/custody-policy gate_bench).
 # storage: bytes per audit record, table and indexes, for pgbench's statements.
+# BEFORE=<git revision> adds (d0): (d) as built from that revision, in its own cluster,
+#          measured in the same rounds as the others (its library and SQL script are
+#          swapped in for its runs and the current ones put back afterwards).
 # The extension must be installed (make bench installs a release build first).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd); root=$(dirname "$here")
@@ -21,6 +24,9 @@ dir="$root/target/bench-cluster"; port=54340
 BIN=/usr/lib/postgresql/15/bin
 out="$root/target/bench-report.md"
 cluster() { "$here/cluster.sh" "$@"; }
+before=${BEFORE:-}
+PG_CONFIG=$BIN/../../../../bin/pg_config; [ -x "$PG_CONFIG" ] || PG_CONFIG=$(command -v pg_config)
+libdir=$("$PG_CONFIG" --pkglibdir); extdir=$("$PG_CONFIG" --sharedir)/extension
 as_pg() { runuser -u postgres -- "$@"; }
 q() { cluster psql "$port" -qAt -c "$1"; }
 has() { [[ ",$parts," == *",$1,"* ]]; }
@@ -30,35 +36,83 @@ if ! dpkg -s postgresql-15-pgaudit >/dev/null 2>&1; then
     apt-get install -y -qq postgresql-15-pgaudit >/dev/null
 fi
 
-cluster stop "$dir" immediate; rm -rf "$dir" "$dir.key"
-cluster start "$dir" "$port" "max_connections = 50" "shared_buffers = 512MB"
-pub=$(custody keygen --out "$dir.key" --name bench); chown postgres: "$dir.key"
-echo "custody.signing_key_file = '$dir.key'" >> "$dir/postgresql.conf"
+# (d0): the extension as built from $BEFORE, installed only while its cluster runs.
+bdir="$root/target/bench-before"; bcluster="$root/target/bench-cluster-before"
+ext_files=("lib:pg_custody.so" "ext:pg_custody.control" "ext:pg_custody--0.1.0.sql")
+use_build() {  # $1 = before | current
+    local f kind name src dst
+    for f in "${ext_files[@]}"; do
+        kind=${f%%:*}; name=${f#*:}
+        dst=$([ "$kind" = lib ] && echo "$libdir" || echo "$extdir")
+        src=$([ "$1" = before ] && echo "$bdir/pkg$dst" || echo "$bdir/current")
+        cp "$src/$name" "$dst/$name"
+    done
+}
+if [ -n "$before" ]; then
+    rev=$(git -C "$root" rev-parse --short "$before")
+    if [ ! -f "$bdir/built-$rev" ]; then
+        echo "building $before ($rev) for (d0)" >&2
+        git -C "$root" worktree remove --force "$bdir/src" 2>/dev/null || true
+        rm -rf "$bdir"; mkdir -p "$bdir"; git -C "$root" worktree prune
+        git -C "$root" worktree add -q --detach "$bdir/src" "$rev"
+        (cd "$bdir/src" && CARGO_TARGET_DIR="$root/target" cargo pgrx package -q \
+            --pg-config "$PG_CONFIG" --out-dir "$bdir/pkg" >&2)
+        touch "$bdir/built-$rev"
+    fi
+    mkdir -p "$bdir/current"
+    for f in "${ext_files[@]}"; do
+        kind=${f%%:*}; name=${f#*:}
+        cp "$([ "$kind" = lib ] && echo "$libdir" || echo "$extdir")/$name" "$bdir/current/"
+    done
+    trap 'use_build current' EXIT
+fi
+
+new_cluster() {  # $1 = data directory: a cluster with pg_custody, a signing key and pgbench's tables
+    local d=$1
+    cluster stop "$d" immediate; rm -rf "$d" "$d.key"
+    cluster start "$d" "$port" "max_connections = 50" "shared_buffers = 512MB"
+    pub=$(custody keygen --out "$d.key" --name bench); chown postgres: "$d.key"
+    echo "custody.signing_key_file = '$d.key'" >> "$d/postgresql.conf"
+    cluster start "$d" "$port"
+    q "CREATE EXTENSION pg_custody" >/dev/null
+    for _ in $(seq 100); do [ "$(q "SELECT custody.status()->>'state'")" = appending ] && break; sleep 0.1; done
+    cluster psql "$port" -qAt -v ON_ERROR_STOP=1 \
+        -c "SELECT custody.set_policy('bench_rules', \$rego\$$(cat "$here/bench_policy.rego")\$rego\$)" >/dev/null
+    as_pg "$BIN/pgbench" -h /tmp -p "$port" -U postgres -i -s 10 -q postgres >/dev/null 2>&1
+    cluster stop "$d"
+}
+if [ -n "$before" ]; then
+    use_build before; new_cluster "$bcluster"; use_build current
+fi
+new_cluster "$dir"
 cluster start "$dir" "$port"
-q "CREATE EXTENSION pg_custody" >/dev/null
-for _ in $(seq 100); do [ "$(q "SELECT custody.status()->>'state'")" = appending ] && break; sleep 0.1; done
-cluster psql "$port" -qAt -v ON_ERROR_STOP=1 \
-    -c "SELECT custody.set_policy('bench_rules', \$rego\$$(cat "$here/bench_policy.rego")\$rego\$)" >/dev/null
-as_pg "$BIN/pgbench" -h /tmp -p "$port" -U postgres -i -s 10 -q postgres >/dev/null 2>&1
 
 wait_ready() {
     for _ in $(seq 100); do [ "$(q "SELECT custody.status()->>'state'")" = appending ] && return; sleep 0.1; done
 }
 
-configure() {  # $1 = a|b|c|d|e
-    local conf="$dir/postgresql.auto.conf"
+running=$dir
+configure() {  # $1 = a|b|c|d|e|d0
+    local d=$dir
+    [ "$1" = d0 ] && d=$bcluster
+    if [ "$d" != "$running" ]; then   # switch clusters (and, for d0, builds)
+        cluster stop "$running"
+        if [ "$d" = "$bcluster" ]; then use_build before; else use_build current; fi
+        running=$d
+    fi
+    local conf="$d/postgresql.auto.conf"
     case "$1" in
     a) echo "shared_preload_libraries = 'plpgsql'" > "$conf.tmp" ;;
     b) printf "%s\n" "shared_preload_libraries = 'pgaudit'" "pgaudit.log = 'all'" \
               "pgaudit.log_relation = on" "pgaudit.log_rows = on" \
               "logging_collector = on" "log_directory = 'pglog'" > "$conf.tmp" ;;
     c) printf "%s\n" "custody.durability = 'async'" "custody.enforce = 'off'" > "$conf.tmp" ;;
-    d) printf "%s\n" "custody.durability = 'commit'" "custody.enforce = 'off'" > "$conf.tmp" ;;
+    d|d0) printf "%s\n" "custody.durability = 'commit'" "custody.enforce = 'off'" > "$conf.tmp" ;;
     e) printf "%s\n" "custody.durability = 'commit'" "custody.enforce = 'on'" > "$conf.tmp" ;;
     esac
     chown postgres: "$conf.tmp"; mv "$conf.tmp" "$conf"
-    as_pg env -u RUST_BACKTRACE "$BIN/pg_ctl" -D "$dir" -m fast -w restart -l "$dir/server.log" >/dev/null
-    case "$1" in c|d|e) wait_ready ;; esac
+    as_pg env -u RUST_BACKTRACE "$BIN/pg_ctl" -D "$d" -m fast -w restart -l "$d/server.log" >/dev/null
+    case "$1" in c|d|e|d0) wait_ready ;; esac
 }
 
 pgbench_tps() {  # $1 = extra pgbench args
@@ -68,7 +122,8 @@ pgbench_tps() {  # $1 = extra pgbench args
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 label() { case "$1" in a) echo "(a) no extension";; b) echo "(b) pgAudit log=all";;
                        c) echo "(c) pg_custody async";; d) echo "(d) pg_custody commit";;
-                       e) echo "(e) (d) + 20-rule Rego policy";; esac; }
+                       e) echo "(e) (d) + 20-rule Rego policy";;
+                       d0) echo "(d0) (d) as of $before ($rev)";; esac; }
 
 {
 echo "## Run of $(date -u '+%F %H:%M UTC')"
@@ -80,6 +135,7 @@ echo
 if has tps; then
     declare -A tps
     configs="a b c d e"
+    [ -n "$before" ] && configs="a b c d e d0"
     for r in $(seq "$rounds"); do
         for cfg in $configs; do
             configure "$cfg"
@@ -156,7 +212,7 @@ if has storage; then
     } >> "$out"
 fi
 
-cluster stop "$dir"
+cluster stop "$running"
 
 if has policy; then
     {

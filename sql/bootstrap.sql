@@ -80,10 +80,11 @@ CREATE TABLE custody.audit_log (
     hash              bytea       NOT NULL
 );
 
--- The usual questions: what happened when, what did this user do, who touched this object.
-CREATE INDEX audit_log_event_time_idx ON custody.audit_log (event_time);
-CREATE INDEX audit_log_user_idx ON custody.audit_log (session_user_name, event_time);
-CREATE INDEX audit_log_objects_idx ON custody.audit_log USING gin (objects jsonb_path_ops);
+-- Every index is paid for by every statement of every user, so the log has two: the
+-- primary key (appends go to its rightmost page) and a BRIN index on event_time, which
+-- follows seq and costs almost nothing to keep. Sites that query the log in place can add
+-- more (docs/audit-trail.md lists them with their measured cost).
+CREATE INDEX audit_log_event_time_idx ON custody.audit_log USING brin (event_time);
 
 COMMENT ON TABLE custody.audit_log IS
     'pg_custody: append-only, SHA-256 hash-chained record of every statement in the cluster; verify with custody.verify_audit_chain()';
@@ -107,7 +108,7 @@ COMMENT ON COLUMN custody.audit_log.rows IS 'Rows processed; NULL where not appl
 COMMENT ON COLUMN custody.audit_log.outcome IS 'success, error or denied';
 COMMENT ON COLUMN custody.audit_log.sqlstate IS 'SQLSTATE of a failed statement';
 COMMENT ON COLUMN custody.audit_log.message IS 'Error message of a failed statement';
-COMMENT ON COLUMN custody.audit_log.decision IS 'Authorization decision (reserved; NULL in this version)';
+COMMENT ON COLUMN custody.audit_log.decision IS 'Authorization decision {allowed, reasons, policies, policy_set, enforce} (docs/policies.md); NULL when no policy or suspension was in force';
 COMMENT ON COLUMN custody.audit_log.prev_hash IS 'hash of the previous record; for seq 1 the genesis hash of this cluster and database';
 COMMENT ON COLUMN custody.audit_log.hash IS 'SHA-256 over prev_hash and the canonical encoding of this record (docs/chain-format.md)';
 

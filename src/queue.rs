@@ -52,6 +52,11 @@ struct Shared {
     lost: AtomicU64,
     head_seq: AtomicI64,
     last_checkpoint_seq: AtomicI64,
+    /// A push that brings `head` to this position wakes the writer; below it the writer is
+    /// gathering a batch and wakes by itself (0: every push wakes it).
+    wake_at: AtomicU64,
+    /// Sessions waiting in `wait_flushed`: the writer does not gather while there are any.
+    waiters: AtomicU32,
     /// The signing key's state as text (under `lock`), for custody.status().
     key_status_len: u32,
     key_status: [u8; 256],
@@ -156,10 +161,13 @@ pub fn push(payload: &[u8], timeout_ms: i64) -> Result<u64, QueueError> {
             pg_sys::LWLockRelease(s.lock);
             if ok { Some(pos) } else { None }
         };
-        wake_writer();
         if let Some(pos) = done {
+            if pos >= s.wake_at.load(Ordering::SeqCst) {
+                wake_writer();
+            }
             break Ok(pos);
         }
+        wake_writer();
         if waited_ms >= timeout_ms {
             break Err(QueueError::Timeout);
         }
@@ -213,6 +221,7 @@ pub fn wait_flushed(pos: u64, timeout_ms: i64) -> bool {
     }
     let sp = s as *const Shared as *mut Shared;
     let start = std::time::Instant::now();
+    s.waiters.fetch_add(1, Ordering::SeqCst);
     // SAFETY: standard condition-variable wait; the writer broadcasts after each commit.
     unsafe { pg_sys::ConditionVariablePrepareToSleep(addr_of_mut!((*sp).flush_cv)) };
     let ok = loop {
@@ -233,6 +242,7 @@ pub fn wait_flushed(pos: u64, timeout_ms: i64) -> bool {
         };
     };
     unsafe { pg_sys::ConditionVariableCancelSleep() };
+    s.waiters.fetch_sub(1, Ordering::SeqCst);
     ok
 }
 
@@ -370,6 +380,29 @@ impl Consumer {
                 bytes += len;
             }
             pos
+        }
+    }
+
+    /// Whether a session is waiting for its records to be stored.
+    pub fn has_waiters(&self) -> bool {
+        self.s.waiters.load(Ordering::SeqCst) > 0
+    }
+
+    /// Pushes reaching `pos` wake the writer; 0 makes every push wake it.
+    pub fn set_wake_at(&self, pos: u64) {
+        self.s.wake_at.store(pos, Ordering::SeqCst);
+    }
+
+    /// Whether records are queued. Call after `set_wake_at(0)`: a push that this misses
+    /// sees the new wake position and wakes the writer.
+    pub fn pending(&self) -> bool {
+        let sp = self.s as *const Shared;
+        // SAFETY: head and tail are read under the lock.
+        unsafe {
+            pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_SHARED);
+            let p = (*sp).head > (*sp).tail;
+            pg_sys::LWLockRelease(self.s.lock);
+            p
         }
     }
 

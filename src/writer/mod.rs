@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
-use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
-use pgrx::{pg_sys, PgOid};
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys;
 
 use custody_chain::export::CheckpointLine;
 use custody_chain::{checkpoint_origin, genesis_hash, parse_private_key, Hash, MerkleBuilder, PrivateKey, Record};
@@ -23,9 +22,16 @@ use crate::capture::{self, now_unix_us, PG_EPOCH_OFFSET_US};
 use crate::queue::{ChainState, Consumer};
 use crate::{protect, settings};
 
+mod rows;
+
 /// Records per batch (one transaction).
 const BATCH_RECORDS: usize = 2000;
 const BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Group commit: a batch smaller than this waits up to GATHER_DELAY for more records, unless
+/// a session is waiting for its records or GATHER_BYTES more arrive.
+const GATHER_RECORDS: usize = 500;
+const GATHER_BYTES: u64 = 256 * 1024;
+const GATHER_DELAY: Duration = Duration::from_millis(10);
 
 pub fn init() {
     BackgroundWorkerBuilder::new("pg_custody writer")
@@ -86,22 +92,6 @@ impl Signer {
     }
 }
 
-static mut INSERT: Option<OwnedPreparedStatement> = None;
-
-const INSERT_SQL: &str = "INSERT INTO custody.audit_log (seq, event_time, logged_at, \
-    database_name, session_user_name, current_user_name, client_addr, application_name, \
-    backend_pid, nesting_level, xid, class, command, objects, statement, statement_sha256, \
-    rows, outcome, sqlstate, message, decision, prev_hash, hash) \
-    SELECT seq, event_time, logged_at, database_name, session_user_name, current_user_name, \
-    client_addr::inet, application_name, backend_pid, nesting_level, xid, class, command, \
-    objects::jsonb, statement, statement_sha256, rows, outcome, sqlstate, message, \
-    decision::jsonb, prev_hash, hash \
-    FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-    $18, $19, $20, $21, $22, $23) AS r(seq, event_time, logged_at, database_name, \
-    session_user_name, current_user_name, client_addr, application_name, backend_pid, \
-    nesting_level, xid, class, command, objects, statement, statement_sha256, rows, outcome, \
-    sqlstate, message, decision, prev_hash, hash)";
-
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn custody_writer_main(_arg: pg_sys::Datum) {
@@ -113,11 +103,15 @@ pub extern "C-unwind" fn custody_writer_main(_arg: pg_sys::Datum) {
 
 fn run() {
     BackgroundWorker::connect_worker_to_spi(Some(settings::database()), None);
-    // SAFETY: setting a GUC for this process only: every batch commit is flushed to disk.
+    // SAFETY: setting a GUC for this process only. The writer's commits do not wait for
+    // their WAL flush: a session that waits for its records at COMMIT (durability = commit)
+    // writes its own commit record after the writer's and flushes WAL up to it, which stores
+    // both with one flush instead of two in a row. Other records are flushed by the WAL
+    // writer within wal_writer_delay (docs/audit-trail.md, section 4).
     unsafe {
         pg_sys::SetConfigOption(
             c"synchronous_commit".as_ptr(),
-            c"on".as_ptr(),
+            c"off".as_ptr(),
             pg_sys::GucContext::PGC_SUSET,
             pg_sys::GucSource::PGC_S_OVERRIDE,
         );
@@ -129,6 +123,7 @@ fn run() {
     let mut last_settings = settings::generation();
     let mut signer = Signer::load(&queue);
     let mut last_checkpoint = std::time::Instant::now();
+    let (mut gathered, mut stopping) = (false, false);
 
     loop {
         if chain.is_none() {
@@ -199,6 +194,18 @@ fn run() {
         batch.clear();
         let end = queue.peek(BATCH_RECORDS, BATCH_BYTES, &mut batch);
         if !batch.is_empty() {
+            // Group commit: when few records are queued and no session waits for them, let
+            // more arrive before paying for a transaction. A session that starts waiting, or
+            // GATHER_BYTES more records, end the wait early.
+            if !gathered && !stopping && batch.len() < GATHER_RECORDS && !queue.has_waiters() {
+                gathered = true;
+                queue.set_wake_at(end + GATHER_BYTES);
+                if !BackgroundWorker::wait_latch(Some(GATHER_DELAY)) {
+                    stopping = true;
+                }
+                continue;
+            }
+            gathered = false;
             let records = batch
                 .iter()
                 .map(|b| Captured::decode(b).unwrap_or_else(|_| undecodable()))
@@ -209,9 +216,16 @@ fn run() {
             continue;
         }
 
-        let stop = !BackgroundWorker::wait_latch(Some(Duration::from_millis(
-            settings::checkpoint_interval().as_millis().min(1000) as u64,
-        )));
+        // Idle: the next push wakes the writer (checked again after saying so, in case one
+        // came in between).
+        queue.set_wake_at(0);
+        if !stopping && queue.pending() {
+            continue;
+        }
+        let stop = stopping
+            || !BackgroundWorker::wait_latch(Some(Duration::from_millis(
+                settings::checkpoint_interval().as_millis().min(1000) as u64,
+            )));
         if stop {
             // Clean shutdown: drain what is queued, then say so in the chain.
             batch.clear();
@@ -355,161 +369,23 @@ fn append(chain: &mut Chain, records: Vec<Captured>) {
     let (mut seq, mut prev) = (chain.seq, chain.hash);
     let mut hashes: Vec<Hash> = Vec::with_capacity(records.len());
     let mut buf = Vec::with_capacity(1024);
-    let mut cols = Columns::with_capacity(records.len());
+    let mut rows = Vec::with_capacity(records.len());
     for c in records {
         seq += 1;
         let rec = to_record(seq, logged_at, c);
         let hash = rec.chain_hash_with(&prev, &mut buf);
-        cols.push(rec, prev, hash);
+        rows.push((rec, prev, hash));
         hashes.push(hash);
         prev = hash;
     }
     BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
-        Spi::connect_mut(|client| {
-            #[allow(static_mut_refs)]
-            // SAFETY: the writer is single-threaded; the plan is kept across transactions.
-            let stmt = unsafe {
-                if INSERT.is_none() {
-                    let types: Vec<PgOid> = Columns::TYPES.into_iter().map(PgOid::from).collect();
-                    let p = client.prepare_mut(INSERT_SQL, &types).expect("prepare insert");
-                    INSERT = Some(p.keep());
-                }
-                INSERT.as_ref().expect("just prepared")
-            };
-            // One INSERT ... SELECT FROM unnest(arrays) per batch: one executor run instead
-            // of one per record.
-            client.update(stmt, None, &cols.into_args()).expect("insert audit records");
-        })
+        // SAFETY: inside the transaction just started; the writer is the only inserter.
+        unsafe { rows::insert(&rows) }
     }));
     chain.seq = seq;
     chain.hash = prev;
     for h in &hashes {
         chain.merkle.push(h);
-    }
-}
-
-/// A batch of records, column by column, for the unnest() insert.
-struct Columns {
-    seq: Vec<i64>,
-    event_time: Vec<TimestampWithTimeZone>,
-    logged_at: Vec<TimestampWithTimeZone>,
-    database_name: Vec<String>,
-    session_user_name: Vec<String>,
-    current_user_name: Vec<String>,
-    client_addr: Vec<Option<String>>,
-    application_name: Vec<Option<String>>,
-    backend_pid: Vec<i32>,
-    nesting_level: Vec<i32>,
-    xid: Vec<Option<i64>>,
-    class: Vec<String>,
-    command: Vec<String>,
-    objects: Vec<String>,
-    statement: Vec<Option<String>>,
-    statement_sha256: Vec<Option<Vec<u8>>>,
-    rows: Vec<Option<i64>>,
-    outcome: Vec<String>,
-    sqlstate: Vec<Option<String>>,
-    message: Vec<Option<String>>,
-    decision: Vec<Option<String>>,
-    prev_hash: Vec<Vec<u8>>,
-    hash: Vec<Vec<u8>>,
-}
-
-fn pg_timestamp(unix_us: i64) -> TimestampWithTimeZone {
-    // A timestamptz is µs since 2000-01-01; every value we produce is in range.
-    TimestampWithTimeZone::try_from(unix_us - PG_EPOCH_OFFSET_US).expect("timestamp in range")
-}
-
-impl Columns {
-    const TYPES: [pg_sys::Oid; 23] = [
-        pg_sys::INT8ARRAYOID, pg_sys::TIMESTAMPTZARRAYOID, pg_sys::TIMESTAMPTZARRAYOID,
-        pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID,
-        pg_sys::TEXTARRAYOID, pg_sys::INT4ARRAYOID, pg_sys::INT4ARRAYOID, pg_sys::INT8ARRAYOID,
-        pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID,
-        pg_sys::BYTEAARRAYOID, pg_sys::INT8ARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID,
-        pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::BYTEAARRAYOID, pg_sys::BYTEAARRAYOID,
-    ];
-
-    fn with_capacity(n: usize) -> Columns {
-        Columns {
-            seq: Vec::with_capacity(n),
-            event_time: Vec::with_capacity(n),
-            logged_at: Vec::with_capacity(n),
-            database_name: Vec::with_capacity(n),
-            session_user_name: Vec::with_capacity(n),
-            current_user_name: Vec::with_capacity(n),
-            client_addr: Vec::with_capacity(n),
-            application_name: Vec::with_capacity(n),
-            backend_pid: Vec::with_capacity(n),
-            nesting_level: Vec::with_capacity(n),
-            xid: Vec::with_capacity(n),
-            class: Vec::with_capacity(n),
-            command: Vec::with_capacity(n),
-            objects: Vec::with_capacity(n),
-            statement: Vec::with_capacity(n),
-            statement_sha256: Vec::with_capacity(n),
-            rows: Vec::with_capacity(n),
-            outcome: Vec::with_capacity(n),
-            sqlstate: Vec::with_capacity(n),
-            message: Vec::with_capacity(n),
-            decision: Vec::with_capacity(n),
-            prev_hash: Vec::with_capacity(n),
-            hash: Vec::with_capacity(n),
-        }
-    }
-
-    fn push(&mut self, rec: Record, prev: Hash, hash: Hash) {
-        self.seq.push(rec.seq);
-        self.event_time.push(pg_timestamp(rec.event_time));
-        self.logged_at.push(pg_timestamp(rec.logged_at));
-        self.database_name.push(rec.database_name);
-        self.session_user_name.push(rec.session_user_name);
-        self.current_user_name.push(rec.current_user_name);
-        self.client_addr.push(rec.client_addr);
-        self.application_name.push(rec.application_name);
-        self.backend_pid.push(rec.backend_pid);
-        self.nesting_level.push(rec.nesting_level);
-        self.xid.push(rec.xid);
-        self.class.push(rec.class);
-        self.command.push(rec.command);
-        self.objects.push(rec.objects.to_string());
-        self.statement.push(rec.statement);
-        self.statement_sha256.push(rec.statement_sha256);
-        self.rows.push(rec.rows);
-        self.outcome.push(rec.outcome);
-        self.sqlstate.push(rec.sqlstate);
-        self.message.push(rec.message);
-        self.decision.push(rec.decision.map(|d| d.to_string()));
-        self.prev_hash.push(prev.to_vec());
-        self.hash.push(hash.to_vec());
-    }
-
-    fn into_args(self) -> Vec<DatumWithOid<'static>> {
-        vec![
-            self.seq.into(),
-            self.event_time.into(),
-            self.logged_at.into(),
-            self.database_name.into(),
-            self.session_user_name.into(),
-            self.current_user_name.into(),
-            self.client_addr.into(),
-            self.application_name.into(),
-            self.backend_pid.into(),
-            self.nesting_level.into(),
-            self.xid.into(),
-            self.class.into(),
-            self.command.into(),
-            self.objects.into(),
-            self.statement.into(),
-            self.statement_sha256.into(),
-            self.rows.into(),
-            self.outcome.into(),
-            self.sqlstate.into(),
-            self.message.into(),
-            self.decision.into(),
-            self.prev_hash.into(),
-            self.hash.into(),
-        ]
     }
 }
 

@@ -1,0 +1,207 @@
+//! Storing a batch of chained records in `custody.audit_log`, the way COPY FROM does it:
+//! the table AM's multi-insert (one WAL record and one buffer lock per page, not per row),
+//! then the indexes, with no parser, planner or executor per batch. The table is protected
+//! (no triggers, rules or policies can exist on it) and every value comes from this
+//! process, so there is nothing for the executor to add.
+//!
+//! jsonb and inet values are built by their input functions, the costliest step per record;
+//! they repeat from record to record (the same statement touches the same objects), so the
+//! built values are kept in a small cache keyed by their text.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+
+use pgrx::pg_sys;
+
+use custody_chain::{Hash, Record};
+
+use crate::capture::PG_EPOCH_OFFSET_US;
+
+/// Columns of custody.audit_log in the order `datums` fills them.
+const COLUMNS: [&str; 23] = [
+    "seq", "event_time", "logged_at", "database_name", "session_user_name",
+    "current_user_name", "client_addr", "application_name", "backend_pid", "nesting_level",
+    "xid", "class", "command", "objects", "statement", "statement_sha256", "rows", "outcome",
+    "sqlstate", "message", "decision", "prev_hash", "hash",
+];
+
+/// Built jsonb and inet values (varlena bytes, 8-byte aligned), by their text. Emptied
+/// between batches when full, never during one (the batch's datums point into it).
+const CACHE_ENTRIES: usize = 4096;
+const CACHE_MAX_TEXT: usize = 4096;
+static mut CACHE: Option<[HashMap<String, Box<[u64]>>; 2]> = None;
+
+#[derive(Clone, Copy)]
+enum Input {
+    Jsonb = 0,
+    Inet = 1,
+}
+
+/// Inserts the batch. Runs inside the writer's transaction; an ERROR aborts the batch and
+/// ends the worker, whose successor resumes from the table (writer/mod.rs).
+///
+/// # Safety
+/// In a transaction, in the database holding `custody.audit_log`.
+pub unsafe fn insert(rows: &[(Record, Hash, Hash)]) {
+    #[allow(static_mut_refs)]
+    // SAFETY: the writer is single-threaded.
+    for map in unsafe { CACHE.get_or_insert_with(Default::default) } {
+        if map.len() >= CACHE_ENTRIES {
+            map.clear();
+        }
+    }
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"custody".as_ptr(), false);
+        let relid = pg_sys::get_relname_relid(c"audit_log".as_ptr(), nsp);
+        if relid == pg_sys::InvalidOid {
+            pgrx::error!("pg_custody writer: custody.audit_log does not exist");
+        }
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        // Slots over a private copy of the descriptor: slots over the relcache's own
+        // descriptor each pin it in the resource owner, whose release is linear per pin.
+        let desc = pg_sys::CreateTupleDescCopy((*rel).rd_att);
+        let ops = pg_sys::table_slot_callbacks(rel);
+        let attno = column_positions(desc);
+        let natts = (*desc).natts as usize;
+
+        let estate = pg_sys::CreateExecutorState();
+        let rri: *mut pg_sys::ResultRelInfo =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast();
+        (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
+        pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
+        pg_sys::ExecOpenIndices(rri, false);
+
+        let mut slots: Vec<*mut pg_sys::TupleTableSlot> = Vec::with_capacity(rows.len());
+        for (rec, prev, hash) in rows {
+            let slot = pg_sys::MakeSingleTupleTableSlot(desc, ops);
+            pg_sys::ExecClearTuple(slot);
+            let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
+            let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
+            nulls.fill(true); // columns added by a later version and unknown here stay NULL
+            for (i, d) in datums(rec, prev, hash).into_iter().enumerate() {
+                if let Some(v) = d {
+                    values[attno[i]] = v;
+                    nulls[attno[i]] = false;
+                }
+            }
+            pg_sys::ExecStoreVirtualTuple(slot);
+            slots.push(slot);
+        }
+
+        let cid = pg_sys::GetCurrentCommandId(true);
+        pg_sys::table_multi_insert(rel, slots.as_mut_ptr(), slots.len() as i32, cid, 0, std::ptr::null_mut());
+        for &slot in &slots {
+            let conflicts = pg_sys::ExecInsertIndexTuples(
+                rri, slot, estate, false, false, std::ptr::null_mut(), std::ptr::null_mut(),
+            );
+            if !conflicts.is_null() {
+                pg_sys::list_free(conflicts);
+            }
+            pg_sys::ExecDropSingleTupleTableSlot(slot);
+        }
+
+        pg_sys::ExecCloseIndices(rri);
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::FreeExecutorState(estate);
+        pg_sys::PopActiveSnapshot();
+    }
+}
+
+/// Attribute index (0-based) of each of `COLUMNS`; an ERROR if one is missing.
+unsafe fn column_positions(desc: pg_sys::TupleDesc) -> [usize; 23] {
+    let mut pos = [usize::MAX; 23];
+    unsafe {
+        for i in 0..(*desc).natts as usize {
+            let att = &*(*desc).attrs.as_ptr().add(i);
+            if att.attisdropped {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr());
+            if let Some(k) = COLUMNS.iter().position(|c| c.as_bytes() == name.to_bytes()) {
+                pos[k] = i;
+            }
+        }
+    }
+    if let Some(k) = pos.iter().position(|&p| p == usize::MAX) {
+        pgrx::error!("pg_custody writer: custody.audit_log has no column {}", COLUMNS[k]);
+    }
+    pos
+}
+
+/// The row's values in `COLUMNS` order; None is NULL. Varlena values are palloc'd in the
+/// transaction's memory or point into the cache (table_multi_insert copies them).
+unsafe fn datums(r: &Record, prev: &Hash, hash: &Hash) -> [Option<pg_sys::Datum>; 23] {
+    let ts = |us: i64| Some(pg_sys::Datum::from(us - PG_EPOCH_OFFSET_US));
+    unsafe {
+        [
+            Some(pg_sys::Datum::from(r.seq)),
+            ts(r.event_time),
+            ts(r.logged_at),
+            Some(varlena(r.database_name.as_bytes())),
+            Some(varlena(r.session_user_name.as_bytes())),
+            Some(varlena(r.current_user_name.as_bytes())),
+            r.client_addr.as_deref().map(|a| cached(Input::Inet, a)),
+            r.application_name.as_deref().map(|s| varlena(s.as_bytes())),
+            Some(pg_sys::Datum::from(r.backend_pid)),
+            Some(pg_sys::Datum::from(r.nesting_level)),
+            r.xid.map(pg_sys::Datum::from),
+            Some(varlena(r.class.as_bytes())),
+            Some(varlena(r.command.as_bytes())),
+            Some(cached(Input::Jsonb, &r.objects.to_string())),
+            r.statement.as_deref().map(|s| varlena(s.as_bytes())),
+            r.statement_sha256.as_deref().map(|h| varlena(h)),
+            r.rows.map(pg_sys::Datum::from),
+            Some(varlena(r.outcome.as_bytes())),
+            r.sqlstate.as_deref().map(|s| varlena(s.as_bytes())),
+            r.message.as_deref().map(|s| varlena(s.as_bytes())),
+            r.decision.as_ref().map(|d| cached(Input::Jsonb, &d.to_string())),
+            Some(varlena(prev)),
+            Some(varlena(hash)),
+        ]
+    }
+}
+
+/// A text or bytea datum (the same varlena layout).
+unsafe fn varlena(bytes: &[u8]) -> pg_sys::Datum {
+    // Record strings are far below 1 GB: statements are truncated at max_statement_length.
+    unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(bytes.as_ptr().cast(), bytes.len() as i32)) }
+}
+
+/// A jsonb or inet datum, from the cache or built by the type's input function.
+unsafe fn cached(input: Input, text: &str) -> pg_sys::Datum {
+    #[allow(static_mut_refs)]
+    // SAFETY: the writer is single-threaded.
+    let cache = unsafe { &mut CACHE.get_or_insert_with(Default::default)[input as usize] };
+    if let Some(v) = cache.get(text) {
+        return pg_sys::Datum::from(v.as_ptr());
+    }
+    let built = unsafe { build(input, text) };
+    if text.len() > CACHE_MAX_TEXT {
+        return built;
+    }
+    // SAFETY: `built` is a detoasted varlena just returned by an input function.
+    let copy = unsafe {
+        let p = built.cast_mut_ptr::<u8>();
+        let len = pgrx::varlena::varsize_any(p.cast());
+        let mut words = vec![0u64; len.div_ceil(8)].into_boxed_slice();
+        std::ptr::copy_nonoverlapping(p, words.as_mut_ptr().cast::<u8>(), len);
+        words
+    };
+    let d = pg_sys::Datum::from(copy.as_ptr());
+    cache.insert(text.to_owned(), copy);
+    d
+}
+
+unsafe fn build(input: Input, text: &str) -> pg_sys::Datum {
+    // Text from the capture path never holds NUL (wire.rs); map one to a clear error anyway.
+    let c = CString::new(text).unwrap_or_else(|_| pgrx::error!("pg_custody writer: NUL in a {} value", match input {
+        Input::Jsonb => "jsonb",
+        Input::Inet => "inet",
+    }));
+    let (func, typ) = match input {
+        Input::Jsonb => (pg_sys::F_JSONB_IN, pg_sys::JSONBOID),
+        Input::Inet => (pg_sys::F_INET_IN, pg_sys::INETOID),
+    };
+    unsafe { pg_sys::OidInputFunctionCall(pg_sys::Oid::from(func), c.as_ptr().cast_mut(), typ, -1) }
+}
