@@ -17,6 +17,8 @@ CLIENT_PORT := 54331
 BINDIR      ?= /usr/local/bin
 BENCH_SECONDS ?= 20
 BENCH_ROUNDS  ?= 3
+# An earlier revision to measure as configuration (d0) in the same rounds, e.g. BENCH_BEFORE=v0.1.0
+BENCH_BEFORE  ?=
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
@@ -101,8 +103,8 @@ test-client:
 ## release build. Measures and prints; never part of `make test`.
 bench: setup
 	$(SUDO) env PATH="$(PATH)" cargo pgrx install --release --pg-config $(PG_CONFIG)
-	cargo build --release -p custody-cli
-	scripts/bench.sh $(BENCH_SECONDS) $(BENCH_ROUNDS)
+	cargo build --release -p custody-cli -p custody-chain --examples
+	BEFORE=$(BENCH_BEFORE) scripts/bench.sh $(BENCH_SECONDS) $(BENCH_ROUNDS)
 	scripts/bench_rowcheck.sh
 
 ## stop / clean: the throwaway clusters

@@ -10,7 +10,8 @@
 #          (a) no extension; (b) pgAudit, log = 'all', log_relation, log_rows, to a log file;
 #          (c) pg_custody durability = async; (d) pg_custody durability = commit (default);
 #          (e) (d) plus a 20-rule Rego policy (scripts/bench_policy.rego) on every statement.
-# verify:  custody.verify_audit_chain() and `custody verify` over a chain of 1M records.
+# verify:  custody.verify_audit_chain() and `custody verify` over a chain of 1M records, and
+#          the export verifier alone on 1M records built in memory.
 # policy:  the statement gate and custody.check() latency (crates/custody-policy gate_bench).
 # storage: bytes per audit record, table and indexes, for pgbench's statements.
 # BEFORE=<git revision> adds (d0): (d) as built from that revision, in its own cluster,
@@ -194,6 +195,12 @@ if has verify; then
     echo "|---|---|---|---|"
     echo "| custody.verify_audit_chain() | ${res#* } | ok = ${res%% *} | $sql_rate |"
     echo "| custody verify (command line, with signatures) | $lines | $cli | $cli_rate |"
+    echo
+    echo "The export verifier alone, in memory (crates/custody-chain/examples/verify_bench.rs):"
+    echo
+    echo '```'
+    "$root/target/release/examples/verify_bench" 1000000
+    echo '```'
     echo
     } >> "$out"
     rm -f "$dir.export.jsonl"

@@ -62,7 +62,7 @@ pub struct Record {
 }
 
 /// A present field, even `null`, is `Some`; only absence is `None`.
-fn present_json<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+pub(crate) fn present_json<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     Value::deserialize(d).map(Some)
 }
 

@@ -114,43 +114,78 @@ impl ChainVerifier {
         }
         match self.check(rec, stored_prev_hash, stored_hash) {
             Ok(hash) => {
-                self.prev = Some(hash);
-                self.prev_is_genesis = false;
-                self.expected = rec.seq + 1;
-                self.checked += 1;
-                self.head = Some((rec.seq, hash));
+                self.accept(rec.seq, hash);
                 Ok(())
             }
-            Err(kind) => {
-                let seq = match kind {
-                    FailureKind::MissingSeq { expected, .. } => expected,
-                    _ => rec.seq,
-                };
-                let f = Failure { seq, kind };
-                self.failure = Some(f.clone());
-                Err(f)
+            Err(kind) => Err(self.fail(rec.seq, kind)),
+        }
+    }
+
+    /// `push` for a record whose chain hash over its stored prev_hash was computed already
+    /// (by another thread): the same checks in the same order, the same result. When the
+    /// link check passes, the stored prev_hash is the one `push` would hash with.
+    pub fn push_hashed(
+        &mut self,
+        seq: i64,
+        stored_prev_hash: &[u8],
+        stored_hash: &[u8],
+        computed: Hash,
+    ) -> Result<(), Failure> {
+        if let Some(f) = &self.failure {
+            return Err(f.clone());
+        }
+        match self.check_link(seq, stored_prev_hash).and_then(|_| {
+            if stored_hash != computed { Err(FailureKind::HashMismatch) } else { Ok(computed) }
+        }) {
+            Ok(hash) => {
+                self.accept(seq, hash);
+                Ok(())
             }
+            Err(kind) => Err(self.fail(seq, kind)),
+        }
+    }
+
+    fn accept(&mut self, seq: i64, hash: Hash) {
+        self.prev = Some(hash);
+        self.prev_is_genesis = false;
+        self.expected = seq + 1;
+        self.checked += 1;
+        self.head = Some((seq, hash));
+    }
+
+    fn fail(&mut self, seq: i64, kind: FailureKind) -> Failure {
+        let seq = match kind {
+            FailureKind::MissingSeq { expected, .. } => expected,
+            _ => seq,
+        };
+        let f = Failure { seq, kind };
+        self.failure = Some(f.clone());
+        f
+    }
+
+    /// Position (seq), then the link to the previous record; returns the prev hash to use.
+    fn check_link(&self, seq: i64, stored_prev: &[u8]) -> Result<Hash, FailureKind> {
+        if seq != self.expected {
+            return Err(if seq > self.expected {
+                FailureKind::MissingSeq { expected: self.expected, found: seq }
+            } else if self.head.is_some_and(|(s, _)| s == seq) {
+                FailureKind::Duplicate
+            } else {
+                FailureKind::Reordered
+            });
+        }
+        match (self.prev, <&Hash>::try_from(stored_prev)) {
+            (Some(p), Ok(sp)) if p == *sp => Ok(p),
+            (Some(_), _) if self.prev_is_genesis => Err(FailureKind::BadGenesis),
+            (Some(_), _) | (None, Err(_)) => Err(FailureKind::BrokenLink),
+            (None, Ok(sp)) => Ok(*sp),
         }
     }
 
     /// Checks in the order that names the first bad record: position (seq),
     /// then the link to the previous record, then the record's own hash.
     fn check(&mut self, rec: &Record, stored_prev: &[u8], stored: &[u8]) -> Result<Hash, FailureKind> {
-        if rec.seq != self.expected {
-            return Err(if rec.seq > self.expected {
-                FailureKind::MissingSeq { expected: self.expected, found: rec.seq }
-            } else if self.head.is_some_and(|(s, _)| s == rec.seq) {
-                FailureKind::Duplicate
-            } else {
-                FailureKind::Reordered
-            });
-        }
-        let prev: Hash = match (self.prev, <&Hash>::try_from(stored_prev)) {
-            (Some(p), Ok(sp)) if p == *sp => p,
-            (Some(_), _) if self.prev_is_genesis => return Err(FailureKind::BadGenesis),
-            (Some(_), _) | (None, Err(_)) => return Err(FailureKind::BrokenLink),
-            (None, Ok(sp)) => *sp,
-        };
+        let prev = self.check_link(rec.seq, stored_prev)?;
         let hash = rec.chain_hash_with(&prev, &mut self.buf);
         if stored != hash {
             return Err(FailureKind::HashMismatch);
