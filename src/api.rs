@@ -5,73 +5,12 @@ use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB, PgLogLevel, PgSqlErrorCode};
 
 use custody_chain::export::{ChainHeader, CheckpointLine, RecordLine};
-use custody_chain::{parse_verifier_key, verify_export, ChainVerifier, Digest, ExportLine, Hash, Record};
+use custody_chain::{parse_verifier_key, verify_export, ChainVerifier, Digest, ExportLine, Hash};
 
 use crate::{capture, queue, writer};
 
-/// Columns of custody.audit_log in hashing form: timestamps as µs since the Unix epoch
-/// (exact, via numeric), the address as host text, JSON as text.
-const SELECT_RECORDS: &str = "SELECT seq, \
-    (extract(epoch FROM event_time) * 1000000)::int8, \
-    (extract(epoch FROM logged_at) * 1000000)::int8, \
-    database_name, session_user_name, current_user_name, host(client_addr), application_name, \
-    backend_pid, nesting_level, xid, class, command, objects::text, statement, statement_sha256, \
-    rows, outcome, sqlstate, message, decision::text, prev_hash, hash \
-    FROM custody.audit_log WHERE seq >= $1 AND ($2::int8 IS NULL OR seq <= $2) ORDER BY seq";
-
+/// Records per slice of the export.
 const FETCH: i64 = 10_000;
-
-fn json(text: Option<String>) -> Option<serde_json::Value> {
-    // A value that is not JSON cannot come from jsonb; keep it as a string so the hash fails.
-    text.map(|t| serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t)))
-}
-
-/// Reads records from..=to (to = None: to the end) in seq order and hands each, with its
-/// stored prev_hash and hash, to `f`; stops when `f` returns false.
-fn for_each_record(
-    client: &pgrx::spi::SpiClient<'_>,
-    from_seq: i64,
-    to_seq: Option<i64>,
-    mut f: impl FnMut(Record, Vec<u8>, Vec<u8>) -> bool,
-) -> Result<(), pgrx::spi::Error> {
-    let mut cursor = client.open_cursor(SELECT_RECORDS, &[from_seq.into(), to_seq.into()]);
-    loop {
-        let table = cursor.fetch(FETCH)?;
-        if table.is_empty() {
-            return Ok(());
-        }
-        for row in table {
-            let rec = Record {
-                seq: row.get::<i64>(1)?.unwrap_or_default(),
-                event_time: row.get::<i64>(2)?.unwrap_or_default(),
-                logged_at: row.get::<i64>(3)?.unwrap_or_default(),
-                database_name: row.get::<String>(4)?.unwrap_or_default(),
-                session_user_name: row.get::<String>(5)?.unwrap_or_default(),
-                current_user_name: row.get::<String>(6)?.unwrap_or_default(),
-                client_addr: row.get::<String>(7)?,
-                application_name: row.get::<String>(8)?,
-                backend_pid: row.get::<i32>(9)?.unwrap_or_default(),
-                nesting_level: row.get::<i32>(10)?.unwrap_or_default(),
-                xid: row.get::<i64>(11)?,
-                class: row.get::<String>(12)?.unwrap_or_default(),
-                command: row.get::<String>(13)?.unwrap_or_default(),
-                objects: json(row.get::<String>(14)?).unwrap_or(serde_json::Value::Null),
-                statement: row.get::<String>(15)?,
-                statement_sha256: row.get::<Vec<u8>>(16)?,
-                rows: row.get::<i64>(17)?,
-                outcome: row.get::<String>(18)?.unwrap_or_default(),
-                sqlstate: row.get::<String>(19)?,
-                message: row.get::<String>(20)?,
-                decision: json(row.get::<String>(21)?),
-            };
-            let prev = row.get::<Vec<u8>>(22)?.unwrap_or_default();
-            let hash = row.get::<Vec<u8>>(23)?.unwrap_or_default();
-            if !f(rec, prev, hash) {
-                return Ok(());
-            }
-        }
-    }
-}
 
 /// The stored checkpoints from..=to, in seq order.
 fn checkpoints(
@@ -131,7 +70,7 @@ fn export_lines(
     if !emit(chain_header().to_json()) {
         return Ok(());
     }
-    for_each_record(client, from_seq, to_seq, |record, prev, hash| {
+    crate::scan::for_each_record(from_seq, to_seq, |record, prev, hash| {
         let seq = record.seq;
         let line = ExportLine::Record(RecordLine { record, prev_hash: to_hash(prev), hash: to_hash(hash) });
         if !emit(line.to_json()) {
@@ -144,7 +83,8 @@ fn export_lines(
             }
         }
         true
-    })
+    });
+    Ok(())
 }
 
 /// Recomputes every hash, checks every link and the seq sequence in constant memory; with
@@ -182,13 +122,13 @@ fn verify_audit_chain(
             };
             let mut verifier = ChainVerifier::new(from_seq, start);
             let mut failure = None;
-            for_each_record(client, from_seq, to_seq, |rec, prev, hash| match verifier.push(&rec, &prev, &hash) {
+            crate::scan::for_each_record(from_seq, to_seq, |rec, prev, hash| match verifier.push(&rec, &prev, &hash) {
                 Ok(()) => true,
                 Err(f) => {
                     failure = Some(f);
                     false
                 }
-            })?;
+            });
             Ok::<_, pgrx::spi::Error>((verifier.checked(), failure))
         })
     });

@@ -15,6 +15,7 @@ mod hooks;
 mod policy;
 mod protect;
 mod queue;
+mod scan;
 mod settings;
 mod shmem;
 mod writer;

@@ -16,14 +16,7 @@ use pgrx::pg_sys;
 use custody_chain::{Hash, Record};
 
 use crate::capture::PG_EPOCH_OFFSET_US;
-
-/// Columns of custody.audit_log in the order `datums` fills them.
-const COLUMNS: [&str; 23] = [
-    "seq", "event_time", "logged_at", "database_name", "session_user_name",
-    "current_user_name", "client_addr", "application_name", "backend_pid", "nesting_level",
-    "xid", "class", "command", "objects", "statement", "statement_sha256", "rows", "outcome",
-    "sqlstate", "message", "decision", "prev_hash", "hash",
-];
+use crate::scan::column_positions;
 
 /// Built jsonb and inet values (varlena bytes, 8-byte aligned), by their text. Emptied
 /// between batches when full, never during one (the batch's datums point into it).
@@ -108,28 +101,7 @@ pub unsafe fn insert(rows: &[(Record, Hash, Hash)]) {
     }
 }
 
-/// Attribute index (0-based) of each of `COLUMNS`; an ERROR if one is missing.
-unsafe fn column_positions(desc: pg_sys::TupleDesc) -> [usize; 23] {
-    let mut pos = [usize::MAX; 23];
-    unsafe {
-        for i in 0..(*desc).natts as usize {
-            let att = &*(*desc).attrs.as_ptr().add(i);
-            if att.attisdropped {
-                continue;
-            }
-            let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr());
-            if let Some(k) = COLUMNS.iter().position(|c| c.as_bytes() == name.to_bytes()) {
-                pos[k] = i;
-            }
-        }
-    }
-    if let Some(k) = pos.iter().position(|&p| p == usize::MAX) {
-        pgrx::error!("pg_custody writer: custody.audit_log has no column {}", COLUMNS[k]);
-    }
-    pos
-}
-
-/// The row's values in `COLUMNS` order; None is NULL. Varlena values are palloc'd in the
+/// The row's values in `scan::COLUMNS` order; None is NULL. Varlena values are palloc'd in the
 /// transaction's memory or point into the cache (table_multi_insert copies them).
 unsafe fn datums(r: &Record, prev: &Hash, hash: &Hash) -> [Option<pg_sys::Datum>; 23] {
     let ts = |us: i64| Some(pg_sys::Datum::from(us - PG_EPOCH_OFFSET_US));

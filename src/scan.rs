@@ -1,0 +1,189 @@
+//! Reading the audit log in seq order for the verifier and the export: an index scan of the
+//! primary key, values taken from the tuples as they are. The SQL route (a cursor that turns
+//! timestamps, jsonb and inet into text and back) cost more than the hashing it fed.
+//!
+//! jsonb values repeat from record to record, so their JSON form is kept in a small cache
+//! keyed by the stored jsonb bytes; every record is still hashed in full.
+
+use std::collections::HashMap;
+
+use pgrx::{pg_sys, PgLogLevel, PgSqlErrorCode};
+
+use custody_chain::Record;
+
+use crate::capture::PG_EPOCH_OFFSET_US;
+
+const CACHE_ENTRIES: usize = 4096;
+const CACHE_MAX_BYTES: usize = 4096;
+
+/// Calls `f` with each record from..=to (to = None: to the end) in seq order, with its
+/// stored prev_hash and hash, until `f` returns false. The caller needs SELECT on the table.
+pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(Record, Vec<u8>, Vec<u8>) -> bool) {
+    // SAFETY: called from SQL functions, inside a transaction with an active snapshot. The
+    // relation and index stay locked (AccessShareLock) until the end of the transaction.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"custody".as_ptr(), false);
+        let relid = pg_sys::get_relname_relid(c"audit_log".as_ptr(), nsp);
+        if relid == pg_sys::InvalidOid {
+            pgrx::error!("custody.audit_log does not exist in this database (see custody.database)");
+        }
+        if pg_sys::pg_class_aclcheck(relid, pg_sys::GetUserId(), pg_sys::ACL_SELECT as pg_sys::AclMode)
+            != pg_sys::AclResult::ACLCHECK_OK
+        {
+            pgrx::pg_sys::panic::ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "permission denied for table audit_log",
+                "pg_custody",
+            )
+            .set_hint("Reading the audit log takes membership in custody_auditor.")
+            .report(PgLogLevel::ERROR);
+        }
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let rel = pg_sys::table_open(relid, lock);
+        let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
+        if pk == pg_sys::InvalidOid {
+            pgrx::error!("custody.audit_log has no primary key");
+        }
+        let irel = pg_sys::index_open(pk, lock);
+        let desc = (*rel).rd_att;
+        let col = column_positions(desc);
+
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            1,
+            pg_sys::BTGreaterEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::Oid::from(pg_sys::F_INT8GE),
+            pg_sys::Datum::from(from_seq),
+        );
+        let scan = pg_sys::index_beginscan(rel, irel, pg_sys::GetActiveSnapshot(), 1, 0);
+        pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
+        let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
+        let row_cxt = pg_sys::AllocSetContextCreateInternal(
+            pg_sys::CurrentMemoryContext,
+            c"custody audit_log row".as_ptr(),
+            0,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
+        let mut json_cache: HashMap<Vec<u8>, serde_json::Value> = HashMap::new();
+
+        while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+            pg_sys::slot_getallattrs(slot);
+            let natts = (*desc).natts as usize;
+            let values = std::slice::from_raw_parts((*slot).tts_values, natts);
+            let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
+            let v = |k: usize| (!nulls[col[k]]).then(|| values[col[k]]);
+            let seq = v(0).map_or(0, |d| d.value() as i64);
+            if to_seq.is_some_and(|t| seq > t) {
+                break;
+            }
+            let old = pg_sys::CurrentMemoryContext;
+            pg_sys::CurrentMemoryContext = row_cxt;
+            let ts = |k: usize| v(k).map_or(0, |d| d.value() as i64 + PG_EPOCH_OFFSET_US);
+            let text = |k: usize| v(k).map(|d| String::from_utf8_lossy(bytes(d)).into_owned());
+            let mut json = |k: usize| v(k).map(|d| json_of(d, &mut json_cache));
+            let rec = Record {
+                seq,
+                event_time: ts(1),
+                logged_at: ts(2),
+                database_name: text(3).unwrap_or_default(),
+                session_user_name: text(4).unwrap_or_default(),
+                current_user_name: text(5).unwrap_or_default(),
+                client_addr: v(6).map(|d| {
+                    let host = pg_sys::OidFunctionCall1Coll(pg_sys::Oid::from(pg_sys::F_HOST), pg_sys::InvalidOid, d);
+                    String::from_utf8_lossy(bytes(host)).into_owned()
+                }),
+                application_name: text(7),
+                backend_pid: v(8).map_or(0, |d| d.value() as i32),
+                nesting_level: v(9).map_or(0, |d| d.value() as i32),
+                xid: v(10).map(|d| d.value() as i64),
+                class: text(11).unwrap_or_default(),
+                command: text(12).unwrap_or_default(),
+                objects: json(13).unwrap_or(serde_json::Value::Null),
+                statement: text(14),
+                statement_sha256: v(15).map(|d| bytes(d).to_vec()),
+                rows: v(16).map(|d| d.value() as i64),
+                outcome: text(17).unwrap_or_default(),
+                sqlstate: text(18),
+                message: text(19),
+                decision: json(20),
+            };
+            let prev = v(21).map(|d| bytes(d).to_vec()).unwrap_or_default();
+            let hash = v(22).map(|d| bytes(d).to_vec()).unwrap_or_default();
+            pg_sys::CurrentMemoryContext = old;
+            pg_sys::MemoryContextReset(row_cxt);
+            if !f(rec, prev, hash) {
+                break;
+            }
+        }
+
+        pg_sys::MemoryContextDelete(row_cxt);
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::index_endscan(scan);
+        pg_sys::index_close(irel, lock);
+        pg_sys::table_close(rel, lock);
+    }
+}
+
+/// The bytes of a text/bytea/jsonb datum, detoasted (into the current memory context).
+unsafe fn bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
+    unsafe {
+        let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+        std::slice::from_raw_parts(pgrx::varlena::vardata_any(v).cast::<u8>(), pgrx::varlena::varsize_any_exhdr(v))
+    }
+}
+
+/// The JSON value of a jsonb datum, through its text form, cached by its stored bytes.
+unsafe fn json_of(d: pg_sys::Datum, cache: &mut HashMap<Vec<u8>, serde_json::Value>) -> serde_json::Value {
+    let raw = unsafe { bytes(d) };
+    if let Some(v) = cache.get(raw) {
+        return v.clone();
+    }
+    // SAFETY: jsonb_out of a jsonb datum returns a palloc'd C string.
+    let text = unsafe {
+        let c = pg_sys::OidOutputFunctionCall(pg_sys::Oid::from(pg_sys::F_JSONB_OUT), d);
+        std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned()
+    };
+    // A value that is not JSON cannot come from jsonb; keep it as a string so the hash fails.
+    let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    if raw.len() <= CACHE_MAX_BYTES {
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(raw.to_vec(), value.clone());
+    }
+    value
+}
+
+/// The columns of custody.audit_log, in `Record` order, then prev_hash and hash.
+pub const COLUMNS: [&str; 23] = [
+    "seq", "event_time", "logged_at", "database_name", "session_user_name",
+    "current_user_name", "client_addr", "application_name", "backend_pid", "nesting_level",
+    "xid", "class", "command", "objects", "statement", "statement_sha256", "rows", "outcome",
+    "sqlstate", "message", "decision", "prev_hash", "hash",
+];
+
+/// Attribute index (0-based) of each of `COLUMNS`; an ERROR if one is missing.
+///
+/// # Safety
+/// `desc` is a valid tuple descriptor.
+pub unsafe fn column_positions(desc: pg_sys::TupleDesc) -> [usize; 23] {
+    let mut pos = [usize::MAX; 23];
+    unsafe {
+        for i in 0..(*desc).natts as usize {
+            let att = &*(*desc).attrs.as_ptr().add(i);
+            if att.attisdropped {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr());
+            if let Some(k) = COLUMNS.iter().position(|c| c.as_bytes() == name.to_bytes()) {
+                pos[k] = i;
+            }
+        }
+    }
+    if let Some(k) = pos.iter().position(|&p| p == usize::MAX) {
+        pgrx::error!("custody.audit_log has no column {}", COLUMNS[k]);
+    }
+    pos
+}
