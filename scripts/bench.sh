@@ -56,7 +56,7 @@ if [ -n "$before" ]; then
         git -C "$root" worktree remove --force "$bdir/src" 2>/dev/null || true
         rm -rf "$bdir"; mkdir -p "$bdir"; git -C "$root" worktree prune
         git -C "$root" worktree add -q --detach "$bdir/src" "$rev"
-        (cd "$bdir/src" && CARGO_TARGET_DIR="$root/target" cargo pgrx package -q \
+        (cd "$bdir/src" && CARGO_TARGET_DIR="$root/target" cargo pgrx package \
             --pg-config "$PG_CONFIG" --out-dir "$bdir/pkg" >&2)
         touch "$bdir/built-$rev"
     fi
