@@ -141,10 +141,22 @@ struct Local {
     /// subject it built for the same statement and user instead of rebuilding it per row.
     epoch: u64,
     subject: Option<(u64, pg_sys::Oid, std::rc::Rc<SubjectInput>)>,
+    /// The record JSON of an allowed decision: the same for every allowed statement of one
+    /// policy set and enforce mode, so it is serialized once (generation, enforce, text).
+    allowed_json: Option<(u64, Enforce, String)>,
 }
 
 static mut LOCAL: Local =
-    Local { gate: None, generation: 0, roles: None, statements: 0, build_error: None, epoch: 0, subject: None };
+    Local {
+        gate: None,
+        generation: 0,
+        roles: None,
+        statements: 0,
+        build_error: None,
+        epoch: 0,
+        subject: None,
+        allowed_json: None,
+    };
 
 #[allow(static_mut_refs)]
 fn local() -> &'static mut Local {
@@ -234,6 +246,22 @@ impl Verdict {
     }
 
     pub fn record_json(&self) -> String {
+        let d = &self.decision;
+        if !(d.allowed && d.reasons.is_empty() && d.suspended_role.is_none()) {
+            return self.build_json();
+        }
+        let l = local();
+        match &l.allowed_json {
+            Some((g, e, text)) if *g == l.generation && *e == self.enforce => text.clone(),
+            _ => {
+                let text = self.build_json();
+                l.allowed_json = Some((l.generation, self.enforce, text.clone()));
+                text
+            }
+        }
+    }
+
+    fn build_json(&self) -> String {
         let mut j = self.decision.to_json();
         if let serde_json::Value::Object(m) = &mut j {
             m.insert("enforce".into(), self.enforce.name().into());

@@ -370,17 +370,35 @@ fn append(chain: &mut Chain, records: Vec<Captured>) {
     let mut hashes: Vec<Hash> = Vec::with_capacity(records.len());
     let mut buf = Vec::with_capacity(1024);
     let mut rows = Vec::with_capacity(records.len());
+    let json = rows::JsonCache::get();
     for c in records {
         seq += 1;
-        let rec = to_record(seq, logged_at, c);
+        let (objects_text, decision_text) = (c.objects.clone(), c.decision.clone());
+        let mut rec = to_record(seq, logged_at, c);
+        // The JSON values are parsed once per distinct text and lent to the record while it
+        // is hashed; the row stores the jsonb built from the same value.
+        // Text that is not JSON (a bug, not user input) is stored as [] and NULL.
+        let objects = json
+            .lend(&objects_text, &mut rec.objects)
+            .unwrap_or_else(|| json.lend("[]", &mut rec.objects).expect("[] is JSON"));
+        let decision = decision_text.as_deref().and_then(|t| {
+            let mut v = serde_json::Value::Null;
+            let key = json.lend(t, &mut v)?;
+            rec.decision = Some(v);
+            Some(key)
+        });
         let hash = rec.chain_hash_with(&prev, &mut buf);
-        rows.push((rec, prev, hash));
+        json.give_back(objects, &mut rec.objects);
+        if let (Some(key), Some(v)) = (decision, rec.decision.as_mut()) {
+            json.give_back(key, v);
+        }
+        rows.push(rows::Row { rec, prev, hash, objects, decision });
         hashes.push(hash);
         prev = hash;
     }
     BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
         // SAFETY: inside the transaction just started; the writer is the only inserter.
-        unsafe { rows::insert(&rows) }
+        unsafe { rows::insert(&rows, json) }
     }));
     chain.seq = seq;
     chain.hash = prev;
@@ -405,13 +423,13 @@ fn to_record(seq: i64, logged_at: i64, c: Captured) -> Record {
         xid: c.xid,
         class,
         command: c.command,
-        objects: serde_json::from_str(&c.objects).unwrap_or_else(|_| serde_json::json!([])),
+        objects: serde_json::Value::Null, // lent from the JSON cache (append)
         statement: c.statement,
         statement_sha256: c.statement_sha256.map(|h| h.to_vec()),
         rows: c.rows,
         outcome: c.outcome.name().to_string(),
         sqlstate: c.sqlstate,
         message: c.message,
-        decision: c.decision.and_then(|d| serde_json::from_str(&d).ok()),
+        decision: None, // lent from the JSON cache (append)
     }
 }

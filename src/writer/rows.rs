@@ -18,16 +18,104 @@ use custody_chain::{Hash, Record};
 use crate::capture::PG_EPOCH_OFFSET_US;
 use crate::scan::column_positions;
 
-/// Built jsonb and inet values (varlena bytes, 8-byte aligned), by their text. Emptied
-/// between batches when full, never during one (the batch's datums point into it).
+/// Built inet values (varlena bytes, 8-byte aligned), by their text. Emptied between
+/// batches when full, never during one (the batch's datums point into it).
 const CACHE_ENTRIES: usize = 4096;
 const CACHE_MAX_TEXT: usize = 4096;
-static mut CACHE: Option<[HashMap<String, Box<[u64]>>; 2]> = None;
+static mut INET: Option<HashMap<String, Box<[u64]>>> = None;
+static mut JSON: Option<JsonCache> = None;
+
+/// A record to store: the record as hashed, its hashes, and its JSON values in the cache.
+pub struct Row {
+    pub rec: Record,
+    pub prev: Hash,
+    pub hash: Hash,
+    pub objects: JsonKey,
+    pub decision: Option<JsonKey>,
+}
+
+/// The JSON values of records (objects, decision), by the text the session sent: parsed
+/// once, lent to each record while it is hashed, and built into jsonb once, from the
+/// value's own serialization (what the verifier reads back). Emptied between batches when
+/// full, never during one.
+pub struct JsonCache {
+    index: HashMap<String, usize>,
+    entries: Vec<JsonEntry>,
+}
+
+struct JsonEntry {
+    value: serde_json::Value,
+    lent: bool,
+    jsonb: Option<Box<[u64]>>,
+}
+
+#[derive(Clone, Copy)]
+pub struct JsonKey {
+    entry: usize,
+    /// False when the value was copied because the entry was lent already.
+    lent: bool,
+}
+
+impl JsonCache {
+    /// The writer's cache, emptied first if it has grown past its size.
+    pub fn get() -> &'static mut JsonCache {
+        #[allow(static_mut_refs)]
+        // SAFETY: the writer is single-threaded and holds no other reference across calls.
+        let c = unsafe { JSON.get_or_insert_with(|| JsonCache { index: HashMap::new(), entries: Vec::new() }) };
+        if c.entries.len() >= CACHE_ENTRIES {
+            c.index.clear();
+            c.entries.clear();
+        }
+        c
+    }
+
+    /// Moves the value of `text` into `out`; None when `text` is not JSON.
+    pub fn lend(&mut self, text: &str, out: &mut serde_json::Value) -> Option<JsonKey> {
+        let entry = match self.index.get(text) {
+            Some(&i) => i,
+            None => {
+                let value = serde_json::from_str(text).ok()?;
+                self.entries.push(JsonEntry { value, lent: false, jsonb: None });
+                if text.len() <= CACHE_MAX_TEXT {
+                    self.index.insert(text.to_owned(), self.entries.len() - 1);
+                }
+                self.entries.len() - 1
+            }
+        };
+        let e = &mut self.entries[entry];
+        if e.lent {
+            *out = e.value.clone();
+            return Some(JsonKey { entry, lent: false });
+        }
+        e.lent = true;
+        *out = std::mem::take(&mut e.value);
+        Some(JsonKey { entry, lent: true })
+    }
+
+    /// Takes back a value `lend` moved out.
+    pub fn give_back(&mut self, key: JsonKey, v: &mut serde_json::Value) {
+        if key.lent {
+            let e = &mut self.entries[key.entry];
+            e.value = std::mem::take(v);
+            e.lent = false;
+        }
+    }
+
+    /// The jsonb datum of an entry, built on first use (inside a transaction).
+    unsafe fn datum(&mut self, key: JsonKey) -> pg_sys::Datum {
+        let e = &mut self.entries[key.entry];
+        if e.jsonb.is_none() {
+            // SAFETY: the caller is in a transaction; the input function returns a varlena.
+            e.jsonb = Some(unsafe { copy_varlena(build(Input::Jsonb, &e.value.to_string())) });
+        }
+        pg_sys::Datum::from(e.jsonb.as_ref().expect("just built").as_ptr())
+    }
+}
 
 #[derive(Clone, Copy)]
 enum Input {
-    Jsonb = 0,
-    Inet = 1,
+    Jsonb,
+    Inet,
 }
 
 /// Inserts the batch. Runs inside the writer's transaction; an ERROR aborts the batch and
@@ -35,13 +123,12 @@ enum Input {
 ///
 /// # Safety
 /// In a transaction, in the database holding `custody.audit_log`.
-pub unsafe fn insert(rows: &[(Record, Hash, Hash)]) {
+pub unsafe fn insert(rows: &[Row], json: &mut JsonCache) {
     #[allow(static_mut_refs)]
     // SAFETY: the writer is single-threaded.
-    for map in unsafe { CACHE.get_or_insert_with(Default::default) } {
-        if map.len() >= CACHE_ENTRIES {
-            map.clear();
-        }
+    let inet = unsafe { INET.get_or_insert_with(HashMap::new) };
+    if inet.len() >= CACHE_ENTRIES {
+        inet.clear();
     }
     unsafe {
         let nsp = pg_sys::get_namespace_oid(c"custody".as_ptr(), false);
@@ -66,13 +153,13 @@ pub unsafe fn insert(rows: &[(Record, Hash, Hash)]) {
         pg_sys::ExecOpenIndices(rri, false);
 
         let mut slots: Vec<*mut pg_sys::TupleTableSlot> = Vec::with_capacity(rows.len());
-        for (rec, prev, hash) in rows {
+        for row in rows {
             let slot = pg_sys::MakeSingleTupleTableSlot(desc, ops);
             pg_sys::ExecClearTuple(slot);
             let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
             let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
             nulls.fill(true); // columns added by a later version and unknown here stay NULL
-            for (i, d) in datums(rec, prev, hash).into_iter().enumerate() {
+            for (i, d) in datums(row, json, inet).into_iter().enumerate() {
                 if let Some(v) = d {
                     values[attno[i]] = v;
                     nulls[attno[i]] = false;
@@ -101,9 +188,14 @@ pub unsafe fn insert(rows: &[(Record, Hash, Hash)]) {
     }
 }
 
-/// The row's values in `scan::COLUMNS` order; None is NULL. Varlena values are palloc'd in the
-/// transaction's memory or point into the cache (table_multi_insert copies them).
-unsafe fn datums(r: &Record, prev: &Hash, hash: &Hash) -> [Option<pg_sys::Datum>; 23] {
+/// The row's values in `scan::COLUMNS` order; None is NULL. Varlena values are palloc'd in
+/// the transaction's memory or point into the caches (table_multi_insert copies them).
+unsafe fn datums(
+    row: &Row,
+    json: &mut JsonCache,
+    inet: &mut HashMap<String, Box<[u64]>>,
+) -> [Option<pg_sys::Datum>; 23] {
+    let r = &row.rec;
     let ts = |us: i64| Some(pg_sys::Datum::from(us - PG_EPOCH_OFFSET_US));
     unsafe {
         [
@@ -113,23 +205,23 @@ unsafe fn datums(r: &Record, prev: &Hash, hash: &Hash) -> [Option<pg_sys::Datum>
             Some(varlena(r.database_name.as_bytes())),
             Some(varlena(r.session_user_name.as_bytes())),
             Some(varlena(r.current_user_name.as_bytes())),
-            r.client_addr.as_deref().map(|a| cached(Input::Inet, a)),
+            r.client_addr.as_deref().map(|a| cached_inet(inet, a)),
             r.application_name.as_deref().map(|s| varlena(s.as_bytes())),
             Some(pg_sys::Datum::from(r.backend_pid)),
             Some(pg_sys::Datum::from(r.nesting_level)),
             r.xid.map(pg_sys::Datum::from),
             Some(varlena(r.class.as_bytes())),
             Some(varlena(r.command.as_bytes())),
-            Some(cached(Input::Jsonb, &r.objects.to_string())),
+            Some(json.datum(row.objects)),
             r.statement.as_deref().map(|s| varlena(s.as_bytes())),
             r.statement_sha256.as_deref().map(|h| varlena(h)),
             r.rows.map(pg_sys::Datum::from),
             Some(varlena(r.outcome.as_bytes())),
             r.sqlstate.as_deref().map(|s| varlena(s.as_bytes())),
             r.message.as_deref().map(|s| varlena(s.as_bytes())),
-            r.decision.as_ref().map(|d| cached(Input::Jsonb, &d.to_string())),
-            Some(varlena(prev)),
-            Some(varlena(hash)),
+            row.decision.map(|k| json.datum(k)),
+            Some(varlena(&row.prev)),
+            Some(varlena(&row.hash)),
         ]
     }
 }
@@ -140,29 +232,31 @@ unsafe fn varlena(bytes: &[u8]) -> pg_sys::Datum {
     unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(bytes.as_ptr().cast(), bytes.len() as i32)) }
 }
 
-/// A jsonb or inet datum, from the cache or built by the type's input function.
-unsafe fn cached(input: Input, text: &str) -> pg_sys::Datum {
-    #[allow(static_mut_refs)]
-    // SAFETY: the writer is single-threaded.
-    let cache = unsafe { &mut CACHE.get_or_insert_with(Default::default)[input as usize] };
+/// An inet datum, from the cache or built by its input function.
+unsafe fn cached_inet(cache: &mut HashMap<String, Box<[u64]>>, text: &str) -> pg_sys::Datum {
     if let Some(v) = cache.get(text) {
         return pg_sys::Datum::from(v.as_ptr());
     }
-    let built = unsafe { build(input, text) };
+    let built = unsafe { build(Input::Inet, text) };
     if text.len() > CACHE_MAX_TEXT {
         return built;
     }
-    // SAFETY: `built` is a detoasted varlena just returned by an input function.
-    let copy = unsafe {
-        let p = built.cast_mut_ptr::<u8>();
+    let copy = unsafe { copy_varlena(built) };
+    let d = pg_sys::Datum::from(copy.as_ptr());
+    cache.insert(text.to_owned(), copy);
+    d
+}
+
+/// A varlena's bytes, copied into 8-byte-aligned memory owned by Rust.
+unsafe fn copy_varlena(d: pg_sys::Datum) -> Box<[u64]> {
+    // SAFETY: `d` is a detoasted varlena just returned by an input function.
+    unsafe {
+        let p = d.cast_mut_ptr::<u8>();
         let len = pgrx::varlena::varsize_any(p.cast());
         let mut words = vec![0u64; len.div_ceil(8)].into_boxed_slice();
         std::ptr::copy_nonoverlapping(p, words.as_mut_ptr().cast::<u8>(), len);
         words
-    };
-    let d = pg_sys::Datum::from(copy.as_ptr());
-    cache.insert(text.to_owned(), copy);
-    d
+    }
 }
 
 unsafe fn build(input: Input, text: &str) -> pg_sys::Datum {
