@@ -402,6 +402,17 @@ row_allow if {
     assert_eq!(read_text(&mut ta, ROWS2).unwrap(), "a1,a3", "t_a through row_allow");
     assert_eq!(read_text(&mut tall, ROWS2).unwrap(), "a1,b2,a3,b4", "t_all through row_allow");
     assert_eq!(read_text(&mut tnone, ROWS2).unwrap(), "", "t_none through row_allow");
+    // Within one statement answers are remembered per user, action and resource: each
+    // distinct input still gets its own answer, and a repeated one the same.
+    let row = ta
+        .query_one(
+            "SELECT custody.check('read', '{\"tenant\": \"a\"}'), custody.check('read', '{\"tenant\": \"b\"}'), \
+                    custody.check('write', '{\"tenant\": \"a\"}'), custody.check('read', '{\"tenant\": \"a\"}')",
+            &[],
+        )
+        .unwrap();
+    let answers: (bool, bool, bool, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(answers, (true, false, false, true), "t_a: read a, read b, write a, read a again");
 
     // An attribute change reaches the open sessions at their next statement, both variants.
     b.batch_execute("SELECT custody.set_attribute('t_a', 'tenant', '\"b\"')").unwrap();

@@ -141,6 +141,8 @@ struct Local {
     /// subject it built for the same statement and user instead of rebuilding it per row.
     epoch: u64,
     subject: Option<(u64, pg_sys::Oid, std::rc::Rc<SubjectInput>)>,
+    /// custody.check() answers of the current statement (see rows.rs).
+    row_memo: Option<RowMemo>,
     /// The record JSON of an allowed decision: the same for every allowed statement of one
     /// policy set and enforce mode, so it is serialized once (generation, enforce, text).
     allowed_json: Option<(u64, Enforce, String)>,
@@ -155,6 +157,7 @@ static mut LOCAL: Local =
         build_error: None,
         epoch: 0,
         subject: None,
+        row_memo: None,
         allowed_json: None,
     };
 
@@ -168,6 +171,60 @@ fn local() -> &'static mut Local {
 unsafe extern "C-unwind" fn roles_changed(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
     local().roles = None;
     capture::forget_role_names();
+}
+
+/// custody.check() answers within one statement, by (user, action, stored jsonb bytes).
+pub struct RowMemo {
+    epoch: u64,
+    generation: u64,
+    pub key: Vec<u8>,
+    pub decisions: std::collections::HashMap<Vec<u8>, bool, std::hash::BuildHasherDefault<Fnv>>,
+}
+
+impl RowMemo {
+    /// Most answers kept for one statement; a statement with more distinct resources
+    /// starts over (it still evaluates each resource, only more than once).
+    const LIMIT: usize = 4096;
+
+    pub fn remember(&mut self, key: Vec<u8>, allowed: bool) {
+        if self.decisions.len() >= Self::LIMIT {
+            self.decisions.clear();
+        }
+        self.decisions.insert(key, allowed);
+    }
+}
+
+/// The memo of the current statement (emptied when a new statement starts or another
+/// policy set comes into force).
+pub fn row_memo() -> &'static mut RowMemo {
+    let l = local();
+    let (epoch, generation) = (l.epoch, l.generation);
+    let m = l.row_memo.get_or_insert_with(|| RowMemo { epoch, generation, key: Vec::new(), decisions: Default::default() });
+    if m.epoch != epoch || m.generation != generation {
+        (m.epoch, m.generation) = (epoch, generation);
+        m.decisions.clear();
+    }
+    m
+}
+
+/// FNV-1a: the memo's keys are short and hashed on every row of a scan, where SipHash's
+/// resistance to chosen collisions costs more than it protects (the keys come from the
+/// table being read, and a collision only costs a comparison).
+#[derive(Default)]
+pub struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+        self.0 = h;
+    }
 }
 
 /// The compiled gate for the snapshot in force, rebuilt when a change was published.

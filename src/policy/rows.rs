@@ -181,12 +181,37 @@ fn current_subject() -> JsonB {
 
 /// Evaluates data.custody.row_allow for {subject, action, resource}; memoized within a
 /// statement for identical inputs. False when no policy defines it.
+///
+/// The argument arrives as its stored jsonb bytes: within a statement the answer for the
+/// same user, action and bytes is remembered, so a scan over many rows with few distinct
+/// resources converts and evaluates each resource once. Converting the jsonb to JSON on
+/// every row cost far more than the decision itself.
 #[pg_extern(stable, parallel_restricted)]
-fn check(action: &str, resource: JsonB) -> bool {
+fn check(action: &str, resource: JsonbBytes) -> bool {
     let Some(gate) = super::gate_for_functions() else { return false };
+    // SAFETY: plain read of the current user id.
+    let user = unsafe { pg_sys::GetUserId() };
+    let memo = super::row_memo();
+    let key = &mut memo.key;
+    key.clear();
+    key.extend_from_slice(&u32::from(user).to_le_bytes());
+    key.extend_from_slice(&(action.len() as u32).to_le_bytes());
+    key.extend_from_slice(action.as_bytes());
+    // SAFETY: the bytes of the detoasted argument, valid for this call.
+    key.extend_from_slice(unsafe { resource.bytes() });
+    if let Some(&allowed) = memo.decisions.get(key.as_slice()) {
+        return allowed;
+    }
+    // SAFETY: the argument is a jsonb datum (the function's declared type).
+    let value = unsafe { resource.to_json() };
     let subject = super::current_subject();
-    match gate.row_allow(&subject, super::statement_start_unix_us(), action, &resource.0) {
-        Ok(b) => b,
+    match gate.row_allow(&subject, super::statement_start_unix_us(), action, &value) {
+        Ok(allowed) => {
+            let memo = super::row_memo();
+            let key = memo.key.clone();
+            memo.remember(key, allowed);
+            allowed
+        }
         Err(e) => {
             pgrx::pg_sys::panic::ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -198,4 +223,67 @@ fn check(action: &str, resource: JsonB) -> bool {
             false
         }
     }
+}
+
+/// A jsonb argument as it is stored (detoasted), not converted: `custody.check` only needs
+/// its bytes unless they are new.
+pub struct JsonbBytes {
+    datum: pg_sys::Datum,
+    varlena: *const pg_sys::varlena,
+}
+
+impl JsonbBytes {
+    /// # Safety
+    /// Only during the call that received the argument.
+    unsafe fn bytes(&self) -> &[u8] {
+        unsafe {
+            std::slice::from_raw_parts(
+                pgrx::varlena::vardata_any(self.varlena).cast::<u8>(),
+                pgrx::varlena::varsize_any_exhdr(self.varlena),
+            )
+        }
+    }
+
+    /// # Safety
+    /// Only during the call that received the argument, which must be a jsonb.
+    unsafe fn to_json(&self) -> serde_json::Value {
+        unsafe { JsonB::from_datum(self.datum, false) }.map_or(serde_json::Value::Null, |j| j.0)
+    }
+}
+
+impl FromDatum for JsonbBytes {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        // SAFETY: a non-null jsonb datum; detoasting a packed or short value returns it as is.
+        let varlena = unsafe { pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr()) };
+        Some(JsonbBytes { datum: pg_sys::Datum::from(varlena), varlena })
+    }
+}
+
+// SAFETY: unboxed through FromDatum, like pgrx's own by-reference types; never null here
+// (the function is strict).
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for JsonbBytes {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        unsafe { arg.unbox_arg_using_from_datum() }.unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+}
+
+// SAFETY: the SQL type is jsonb, whose datums FromDatum above reads.
+unsafe impl pgrx::pgrx_sql_entity_graph::metadata::SqlTranslatable for JsonbBytes {
+    const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!(JsonbBytes);
+    const TYPE_ORIGIN: pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin =
+        pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin::External;
+    const ARGUMENT_SQL: Result<
+        pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef,
+        pgrx::pgrx_sql_entity_graph::metadata::ArgumentError,
+    > = Ok(pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef::literal("jsonb"));
+    const RETURN_SQL: Result<
+        pgrx::pgrx_sql_entity_graph::metadata::ReturnsRef,
+        pgrx::pgrx_sql_entity_graph::metadata::ReturnsError,
+    > = Ok(pgrx::pgrx_sql_entity_graph::metadata::ReturnsRef::One(
+        pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef::literal("jsonb"),
+    ));
 }
