@@ -164,6 +164,22 @@ if has tps; then
         echo "$line|"
     done
     echo
+    echo "Per round, ratio to (a) of the same round (select-only / TPC-B): the spread shows how far"
+    echo "one round's baseline moves on this machine."
+    echo
+    header="| round | (a) TPS |"; rule="|---|---|"
+    for cfg in $configs; do [ "$cfg" = a ] && continue; header+=" ($cfg) |"; rule+="---|"; done
+    echo "$header"; echo "$rule"
+    for r in $(seq "$rounds"); do
+        line="| $r | $(printf '%.0f / %.0f' "${tps[a,S,$r]}" "${tps[a,B,$r]}") |"
+        for cfg in $configs; do
+            [ "$cfg" = a ] && continue
+            line+=" $(awk -v s="${tps[$cfg,S,$r]}" -v sa="${tps[a,S,$r]}" -v b="${tps[$cfg,B,$r]}" -v ba="${tps[a,B,$r]}" \
+                      'BEGIN { printf "%.0f %% / %.0f %%", 100 * s / sa, 100 * b / ba }') |"
+        done
+        echo "$line"
+    done
+    echo
     } >> "$out"
 fi
 
