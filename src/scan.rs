@@ -40,24 +40,8 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(Rec
         }
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
         let rel = pg_sys::table_open(relid, lock);
-        let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
-        if pk == pg_sys::InvalidOid {
-            pgrx::error!("custody.audit_log has no primary key");
-        }
-        let irel = pg_sys::index_open(pk, lock);
         let desc = (*rel).rd_att;
         let col = column_positions(desc);
-
-        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
-        pg_sys::ScanKeyInit(
-            &mut key,
-            1,
-            pg_sys::BTGreaterEqualStrategyNumber as pg_sys::StrategyNumber,
-            pg_sys::Oid::from(pg_sys::F_INT8GE),
-            pg_sys::Datum::from(from_seq),
-        );
-        let scan = pg_sys::index_beginscan(rel, irel, pg_sys::GetActiveSnapshot(), 1, 0);
-        pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
         let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
         let row_cxt = pg_sys::AllocSetContextCreateInternal(
             pg_sys::CurrentMemoryContext,
@@ -68,7 +52,8 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(Rec
         );
         let mut json_cache: HashMap<Vec<u8>, serde_json::Value> = HashMap::new();
 
-        while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+        // One record from the slot to `f`; false: stop.
+        let mut handle = |slot: *mut pg_sys::TupleTableSlot| -> bool {
             pg_sys::slot_getallattrs(slot);
             let natts = (*desc).natts as usize;
             let values = std::slice::from_raw_parts((*slot).tts_values, natts);
@@ -76,7 +61,7 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(Rec
             let v = |k: usize| (!nulls[col[k]]).then(|| values[col[k]]);
             let seq = v(0).map_or(0, |d| d.value() as i64);
             if to_seq.is_some_and(|t| seq > t) {
-                break;
+                return false;
             }
             let old = pg_sys::CurrentMemoryContext;
             pg_sys::CurrentMemoryContext = row_cxt;
@@ -113,16 +98,81 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(Rec
             let hash = v(22).map(|d| bytes(d).to_vec()).unwrap_or_default();
             pg_sys::CurrentMemoryContext = old;
             pg_sys::MemoryContextReset(row_cxt);
-            if !f(rec, prev, hash) {
-                break;
+            f(rec, prev, hash)
+        };
+
+        let snapshot = pg_sys::GetActiveSnapshot();
+        let pk = seq_index(rel, col[0]);
+        if pk != pg_sys::InvalidOid {
+            let irel = pg_sys::index_open(pk, lock);
+            let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+            pg_sys::ScanKeyInit(
+                &mut key,
+                1,
+                pg_sys::BTGreaterEqualStrategyNumber as pg_sys::StrategyNumber,
+                pg_sys::Oid::from(pg_sys::F_INT8GE),
+                pg_sys::Datum::from(from_seq),
+            );
+            let scan = pg_sys::index_beginscan(rel, irel, snapshot, 1, 0);
+            pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
+            while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+                if !handle(slot) {
+                    break;
+                }
             }
+            pg_sys::index_endscan(scan);
+            pg_sys::index_close(irel, lock);
+        } else {
+            // The primary key is gone (dropped with the library unloaded: tampering, which is
+            // what is being looked for). Let the planner order the row versions by seq and
+            // fetch each by its ctid.
+            crate::capture::internal(|| {
+                pgrx::Spi::connect(|client| {
+                    let mut cursor = client.open_cursor(
+                        "SELECT ctid FROM custody.audit_log WHERE seq >= $1 ORDER BY seq, ctid",
+                        &[from_seq.into()],
+                    );
+                    'rows: loop {
+                        let table = cursor.fetch(10_000)?;
+                        if table.is_empty() {
+                            break;
+                        }
+                        for row in table {
+                            let Some(mut tid) = row.get::<pg_sys::ItemPointerData>(1)? else { continue };
+                            if pg_sys::table_tuple_fetch_row_version(rel, &mut tid, snapshot, slot) && !handle(slot) {
+                                break 'rows;
+                            }
+                        }
+                    }
+                    Ok::<_, pgrx::spi::Error>(())
+                })
+            })
+            .unwrap_or_else(|e| pgrx::error!("could not read custody.audit_log: {e}"));
         }
 
         pg_sys::MemoryContextDelete(row_cxt);
         pg_sys::ExecDropSingleTupleTableSlot(slot);
-        pg_sys::index_endscan(scan);
-        pg_sys::index_close(irel, lock);
         pg_sys::table_close(rel, lock);
+    }
+}
+
+/// The table's primary key if it is what pg_custody created: a valid B-tree on `seq` alone
+/// (0-based attribute `seq_att`); else InvalidOid.
+unsafe fn seq_index(rel: pg_sys::Relation, seq_att: usize) -> pg_sys::Oid {
+    unsafe {
+        let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
+        if pk == pg_sys::InvalidOid {
+            return pk;
+        }
+        let irel = pg_sys::index_open(pk, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let index = &*(*irel).rd_index;
+        let ok = (*(*irel).rd_rel).relam == pg_sys::Oid::from(pg_sys::BTREE_AM_OID)
+            && index.indisvalid
+            && index.indnatts == 1
+            && *index.indkey.values.as_ptr() as usize == seq_att + 1
+            && *(*irel).rd_opcintype == pg_sys::INT8OID;
+        pg_sys::index_close(irel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        if ok { pk } else { pg_sys::InvalidOid }
     }
 }
 
