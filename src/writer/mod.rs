@@ -107,7 +107,7 @@ fn run() {
     // their WAL flush: a session that waits for its records at COMMIT (durability = commit)
     // writes its own commit record after the writer's and flushes WAL up to it, which stores
     // both with one flush instead of two in a row. Other records are flushed by the WAL
-    // writer within wal_writer_delay (docs/audit-trail.md, section 4).
+    // writer within three times wal_writer_delay (docs/audit-trail.md, section 4).
     unsafe {
         pg_sys::SetConfigOption(
             c"synchronous_commit".as_ptr(),
