@@ -72,7 +72,11 @@ fn export_lines(
     }
     crate::scan::for_each_record(from_seq, to_seq, |record, prev, hash| {
         let seq = record.seq;
-        let line = ExportLine::Record(RecordLine { record, prev_hash: to_hash(prev), hash: to_hash(hash) });
+        let line = ExportLine::Record(RecordLine {
+            record: record.clone(),
+            prev_hash: to_hash(prev.to_vec()),
+            hash: to_hash(hash.to_vec()),
+        });
         if !emit(line.to_json()) {
             return false;
         }
@@ -122,7 +126,7 @@ fn verify_audit_chain(
             };
             let mut verifier = ChainVerifier::new(from_seq, start);
             let mut failure = None;
-            crate::scan::for_each_record(from_seq, to_seq, |rec, prev, hash| match verifier.push(&rec, &prev, &hash) {
+            crate::scan::for_each_record(from_seq, to_seq, |rec, prev, hash| match verifier.push(rec, prev, hash) {
                 Ok(()) => true,
                 Err(f) => {
                     failure = Some(f);

@@ -18,7 +18,9 @@ const CACHE_MAX_BYTES: usize = 4096;
 
 /// Calls `f` with each record from..=to (to = None: to the end) in seq order, with its
 /// stored prev_hash and hash, until `f` returns false. The caller needs SELECT on the table.
-pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(Record, Vec<u8>, Vec<u8>) -> bool) {
+/// One `Record` is reused from row to row (its strings keep their buffers), and each JSON
+/// value is lent to it from the cache while `f` runs.
+pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Record, &[u8], &[u8]) -> bool) {
     // SAFETY: called from SQL functions, inside a transaction with an active snapshot. The
     // relation and index stay locked (AccessShareLock) until the end of the transaction.
     unsafe {
@@ -50,7 +52,31 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(Rec
             pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
             pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
         );
-        let mut json_cache: HashMap<Vec<u8>, serde_json::Value> = HashMap::new();
+        let mut json_cache = JsonCache::default();
+        let mut rec = Record {
+            seq: 0,
+            event_time: 0,
+            logged_at: 0,
+            database_name: String::new(),
+            session_user_name: String::new(),
+            current_user_name: String::new(),
+            client_addr: None,
+            application_name: None,
+            backend_pid: 0,
+            nesting_level: 0,
+            xid: None,
+            class: String::new(),
+            command: String::new(),
+            objects: serde_json::Value::Null,
+            statement: None,
+            statement_sha256: None,
+            rows: None,
+            outcome: String::new(),
+            sqlstate: None,
+            message: None,
+            decision: None,
+        };
+        let (mut prev, mut hash) = (Vec::with_capacity(32), Vec::with_capacity(32));
 
         // One record from the slot to `f`; false: stop.
         let mut handle = |slot: *mut pg_sys::TupleTableSlot| -> bool {
@@ -66,39 +92,60 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(Rec
             let old = pg_sys::CurrentMemoryContext;
             pg_sys::CurrentMemoryContext = row_cxt;
             let ts = |k: usize| v(k).map_or(0, |d| d.value() as i64 + PG_EPOCH_OFFSET_US);
-            let text = |k: usize| v(k).map(|d| String::from_utf8_lossy(bytes(d)).into_owned());
-            let mut json = |k: usize| v(k).map(|d| json_of(d, &mut json_cache));
-            let rec = Record {
-                seq,
-                event_time: ts(1),
-                logged_at: ts(2),
-                database_name: text(3).unwrap_or_default(),
-                session_user_name: text(4).unwrap_or_default(),
-                current_user_name: text(5).unwrap_or_default(),
-                client_addr: v(6).map(|d| {
-                    let host = pg_sys::OidFunctionCall1Coll(pg_sys::Oid::from(pg_sys::F_HOST), pg_sys::InvalidOid, d);
-                    String::from_utf8_lossy(bytes(host)).into_owned()
-                }),
-                application_name: text(7),
-                backend_pid: v(8).map_or(0, |d| d.value() as i32),
-                nesting_level: v(9).map_or(0, |d| d.value() as i32),
-                xid: v(10).map(|d| d.value() as i64),
-                class: text(11).unwrap_or_default(),
-                command: text(12).unwrap_or_default(),
-                objects: json(13).unwrap_or(serde_json::Value::Null),
-                statement: text(14),
-                statement_sha256: v(15).map(|d| bytes(d).to_vec()),
-                rows: v(16).map(|d| d.value() as i64),
-                outcome: text(17).unwrap_or_default(),
-                sqlstate: text(18),
-                message: text(19),
-                decision: json(20),
+            let text = |k: usize, out: &mut String| set_text(out, v(k).map(|d| bytes(d)));
+            let opt_text = |k: usize, out: &mut Option<String>| match v(k) {
+                Some(d) => set_text(out.get_or_insert_with(String::new), Some(bytes(d))),
+                None => *out = None,
             };
-            let prev = v(21).map(|d| bytes(d).to_vec()).unwrap_or_default();
-            let hash = v(22).map(|d| bytes(d).to_vec()).unwrap_or_default();
+            rec.seq = seq;
+            rec.event_time = ts(1);
+            rec.logged_at = ts(2);
+            text(3, &mut rec.database_name);
+            text(4, &mut rec.session_user_name);
+            text(5, &mut rec.current_user_name);
+            rec.client_addr = v(6).map(|d| {
+                let host = pg_sys::OidFunctionCall1Coll(pg_sys::Oid::from(pg_sys::F_HOST), pg_sys::InvalidOid, d);
+                String::from_utf8_lossy(bytes(host)).into_owned()
+            });
+            opt_text(7, &mut rec.application_name);
+            rec.backend_pid = v(8).map_or(0, |d| d.value() as i32);
+            rec.nesting_level = v(9).map_or(0, |d| d.value() as i32);
+            rec.xid = v(10).map(|d| d.value() as i64);
+            text(11, &mut rec.class);
+            text(12, &mut rec.command);
+            let objects = v(13).map(|d| json_cache.lend(d, &mut rec.objects));
+            if objects.is_none() {
+                rec.objects = serde_json::Value::Null;
+            }
+            opt_text(14, &mut rec.statement);
+            rec.statement_sha256 = v(15).map(|d| bytes(d).to_vec());
+            rec.rows = v(16).map(|d| d.value() as i64);
+            text(17, &mut rec.outcome);
+            opt_text(18, &mut rec.sqlstate);
+            opt_text(19, &mut rec.message);
+            let decision = v(20).map(|d| {
+                let mut value = serde_json::Value::Null;
+                let key = json_cache.lend(d, &mut value);
+                rec.decision = Some(value);
+                key
+            });
+            if decision.is_none() {
+                rec.decision = None;
+            }
+            prev.clear();
+            prev.extend_from_slice(v(21).map_or(&[][..], |d| bytes(d)));
+            hash.clear();
+            hash.extend_from_slice(v(22).map_or(&[][..], |d| bytes(d)));
             pg_sys::CurrentMemoryContext = old;
             pg_sys::MemoryContextReset(row_cxt);
-            f(rec, prev, hash)
+            let go_on = f(&rec, &prev, &hash);
+            if let Some(key) = objects {
+                json_cache.give_back(key, &mut rec.objects);
+            }
+            if let (Some(key), Some(value)) = (decision, rec.decision.as_mut()) {
+                json_cache.give_back(key, value);
+            }
+            go_on
         };
 
         let snapshot = pg_sys::GetActiveSnapshot();
@@ -184,26 +231,75 @@ unsafe fn bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
     }
 }
 
-/// The JSON value of a jsonb datum, through its text form, cached by its stored bytes.
-unsafe fn json_of(d: pg_sys::Datum, cache: &mut HashMap<Vec<u8>, serde_json::Value>) -> serde_json::Value {
-    let raw = unsafe { bytes(d) };
-    if let Some(v) = cache.get(raw) {
-        return v.clone();
-    }
-    // SAFETY: jsonb_out of a jsonb datum returns a palloc'd C string.
-    let text = unsafe {
-        let c = pg_sys::OidOutputFunctionCall(pg_sys::Oid::from(pg_sys::F_JSONB_OUT), d);
-        std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned()
-    };
-    // A value that is not JSON cannot come from jsonb; keep it as a string so the hash fails.
-    let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-    if raw.len() <= CACHE_MAX_BYTES {
-        if cache.len() >= CACHE_ENTRIES {
-            cache.clear();
+/// A text datum's bytes into `out`, reusing its buffer (invalid UTF-8 is replaced, which
+/// then fails the hash: the writer stored valid text).
+fn set_text(out: &mut String, bytes: Option<&[u8]>) {
+    out.clear();
+    if let Some(b) = bytes {
+        match std::str::from_utf8(b) {
+            Ok(t) => out.push_str(t),
+            Err(_) => out.push_str(&String::from_utf8_lossy(b)),
         }
-        cache.insert(raw.to_vec(), value.clone());
     }
-    value
+}
+
+/// The JSON values of jsonb datums, through their text form, by their stored bytes; lent to
+/// the record while it is verified.
+#[derive(Default)]
+struct JsonCache {
+    index: HashMap<Vec<u8>, usize, std::hash::BuildHasherDefault<crate::policy::Fnv>>,
+    entries: Vec<(serde_json::Value, bool)>,
+}
+
+#[derive(Clone, Copy)]
+struct Lent {
+    entry: usize,
+    /// False when the value was copied because the entry was lent already.
+    lent: bool,
+}
+
+impl JsonCache {
+    unsafe fn lend(&mut self, d: pg_sys::Datum, out: &mut serde_json::Value) -> Lent {
+        let raw = unsafe { bytes(d) };
+        let entry = match self.index.get(raw) {
+            Some(&i) => i,
+            None => {
+                if self.entries.len() >= CACHE_ENTRIES && !self.entries.iter().any(|e| e.1) {
+                    self.index.clear();
+                    self.entries.clear();
+                }
+                // SAFETY: jsonb_out of a jsonb datum returns a palloc'd C string.
+                let text = unsafe {
+                    let c = pg_sys::OidOutputFunctionCall(pg_sys::Oid::from(pg_sys::F_JSONB_OUT), d);
+                    std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned()
+                };
+                // A value that is not JSON cannot come from jsonb; keep it as a string so the
+                // hash fails.
+                let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+                self.entries.push((value, false));
+                if raw.len() <= CACHE_MAX_BYTES {
+                    self.index.insert(raw.to_vec(), self.entries.len() - 1);
+                }
+                self.entries.len() - 1
+            }
+        };
+        let e = &mut self.entries[entry];
+        if e.1 {
+            *out = e.0.clone();
+            return Lent { entry, lent: false };
+        }
+        e.1 = true;
+        *out = std::mem::take(&mut e.0);
+        Lent { entry, lent: true }
+    }
+
+    fn give_back(&mut self, key: Lent, value: &mut serde_json::Value) {
+        if key.lent {
+            let e = &mut self.entries[key.entry];
+            e.0 = std::mem::take(value);
+            e.1 = false;
+        }
+    }
 }
 
 /// The columns of custody.audit_log, in `Record` order, then prev_hash and hash.
