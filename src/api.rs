@@ -274,6 +274,7 @@ impl std::io::BufRead for LineReader<'_> {
 /// (SQL) calls this for slices of 10,000 records, so an export of any size streams.
 #[pg_extern(volatile, parallel_unsafe, name = "_export_chunk")]
 fn export_chunk(from_seq: i64, to_seq: i64, with_header: bool) -> SetOfIterator<'static, String> {
+    flush_wal();
     let lines = capture::internal(|| {
         Spi::connect(|client| {
             let mut lines = Vec::new();
@@ -292,8 +293,9 @@ fn export_chunk(from_seq: i64, to_seq: i64, with_header: bool) -> SetOfIterator<
 
 /// {seq, hash, merkle_root, signed_note} of the latest checkpoint: keep it outside the
 /// database, and pass it back to verify_audit_chain(trusted_digests => ...) later.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 fn audit_digest() -> Option<JsonB> {
+    flush_wal();
     let cp = capture::internal(|| {
         Spi::connect(|client| {
             let all = checkpoints(client, 1, None)?;
@@ -334,7 +336,22 @@ fn audit_head() -> TableIterator<
 /// that read their own records back). False if the writer did not catch up in time.
 #[pg_extern(volatile, parallel_unsafe)]
 fn flush(timeout_ms: default!(i32, 10000)) -> bool {
-    queue::wait_flushed(capture::session_pos(), timeout_ms.max(0) as i64)
+    let stored = queue::wait_flushed(capture::session_pos(), timeout_ms.max(0) as i64);
+    flush_wal();
+    stored
+}
+
+/// Flushes WAL as far as it is written: the custody writer commits asynchronously, so
+/// records it has committed reach disk here, before a caller keeps anything about them
+/// (a digest, an export, "my records are stored").
+fn flush_wal() {
+    // SAFETY: plain WAL flush request up to the current insert position; a standby writes
+    // no WAL of its own.
+    unsafe {
+        if !pg_sys::RecoveryInProgress() {
+            pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr());
+        }
+    }
 }
 
 /// The custody writer's state: chain head, queue fill, lost records.

@@ -55,8 +55,10 @@ struct Shared {
     /// A push that brings `head` to this position wakes the writer; below it the writer is
     /// gathering a batch and wakes by itself (0: every push wakes it).
     wake_at: AtomicU64,
-    /// Sessions waiting in `wait_flushed`: the writer does not gather while there are any.
-    waiters: AtomicU32,
+    /// The furthest position a session has waited for in `wait_flushed` (only grows): while
+    /// it is beyond the stored position someone is waiting, and the writer does not gather.
+    /// A position rather than a count, so that a wait ended by an ERROR leaves nothing behind.
+    wanted: AtomicU64,
     /// The signing key's state as text (under `lock`), for custody.status().
     key_status_len: u32,
     key_status: [u8; 256],
@@ -221,7 +223,7 @@ pub fn wait_flushed(pos: u64, timeout_ms: i64) -> bool {
     }
     let sp = s as *const Shared as *mut Shared;
     let start = std::time::Instant::now();
-    s.waiters.fetch_add(1, Ordering::SeqCst);
+    s.wanted.fetch_max(pos, Ordering::SeqCst);
     // SAFETY: standard condition-variable wait; the writer broadcasts after each commit.
     unsafe { pg_sys::ConditionVariablePrepareToSleep(addr_of_mut!((*sp).flush_cv)) };
     let ok = loop {
@@ -242,7 +244,6 @@ pub fn wait_flushed(pos: u64, timeout_ms: i64) -> bool {
         };
     };
     unsafe { pg_sys::ConditionVariableCancelSleep() };
-    s.waiters.fetch_sub(1, Ordering::SeqCst);
     ok
 }
 
@@ -383,9 +384,9 @@ impl Consumer {
         }
     }
 
-    /// Whether a session is waiting for its records to be stored.
+    /// Whether a session is waiting for records not stored yet.
     pub fn has_waiters(&self) -> bool {
-        self.s.waiters.load(Ordering::SeqCst) > 0
+        self.s.wanted.load(Ordering::SeqCst) > self.s.flushed.load(Ordering::Acquire)
     }
 
     /// Pushes reaching `pos` wake the writer; 0 makes every push wake it.

@@ -91,7 +91,8 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
             }
             let old = pg_sys::CurrentMemoryContext;
             pg_sys::CurrentMemoryContext = row_cxt;
-            let ts = |k: usize| v(k).map_or(0, |d| d.value() as i64 + PG_EPOCH_OFFSET_US);
+            // Wrapping: an infinite timestamp (tampering) then fails the hash, not the backend.
+            let ts = |k: usize| v(k).map_or(0, |d| (d.value() as i64).wrapping_add(PG_EPOCH_OFFSET_US));
             let text = |k: usize, out: &mut String| set_text(out, v(k).map(|d| bytes(d)));
             let opt_text = |k: usize, out: &mut Option<String>| match v(k) {
                 Some(d) => set_text(out.get_or_insert_with(String::new), Some(bytes(d))),
@@ -184,9 +185,16 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
                         if table.is_empty() {
                             break;
                         }
+                        // The cursor may run under a newer snapshot than the one above: fetch
+                        // with the latest, which sees every row version the cursor saw (the
+                        // log is append-only while the library is loaded).
+                        let latest = pg_sys::GetLatestSnapshot();
                         for row in table {
                             let Some(mut tid) = row.get::<pg_sys::ItemPointerData>(1)? else { continue };
-                            if pg_sys::table_tuple_fetch_row_version(rel, &mut tid, snapshot, slot) && !handle(slot) {
+                            if !pg_sys::table_tuple_fetch_row_version(rel, &mut tid, latest, slot) {
+                                pgrx::error!("custody.audit_log changed while it was being verified");
+                            }
+                            if !handle(slot) {
                                 break 'rows;
                             }
                         }
@@ -215,6 +223,9 @@ unsafe fn seq_index(rel: pg_sys::Relation, seq_att: usize) -> pg_sys::Oid {
         let index = &*(*irel).rd_index;
         let ok = (*(*irel).rd_rel).relam == pg_sys::Oid::from(pg_sys::BTREE_AM_OID)
             && index.indisvalid
+            && index.indisready
+            && index.indislive
+            && index.indisunique
             && index.indnatts == 1
             && *index.indkey.values.as_ptr() as usize == seq_att + 1
             && *(*irel).rd_opcintype == pg_sys::INT8OID;
@@ -247,7 +258,7 @@ fn set_text(out: &mut String, bytes: Option<&[u8]>) {
 /// the record while it is verified.
 #[derive(Default)]
 struct JsonCache {
-    index: HashMap<Vec<u8>, usize, std::hash::BuildHasherDefault<crate::policy::Fnv>>,
+    index: HashMap<Vec<u8>, usize>,
     entries: Vec<(serde_json::Value, bool)>,
 }
 
@@ -256,6 +267,17 @@ struct Lent {
     entry: usize,
     /// False when the value was copied because the entry was lent already.
     lent: bool,
+}
+
+/// The JSON value of a jsonb datum, through its text form.
+unsafe fn json_of(d: pg_sys::Datum) -> serde_json::Value {
+    // SAFETY: jsonb_out of a jsonb datum returns a palloc'd C string.
+    let text = unsafe {
+        let c = pg_sys::OidOutputFunctionCall(pg_sys::Oid::from(pg_sys::F_JSONB_OUT), d);
+        std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned()
+    };
+    // A value that is not JSON cannot come from jsonb; keep it as a string so the hash fails.
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
 }
 
 impl JsonCache {
@@ -268,24 +290,21 @@ impl JsonCache {
                     self.index.clear();
                     self.entries.clear();
                 }
-                // SAFETY: jsonb_out of a jsonb datum returns a palloc'd C string.
-                let text = unsafe {
-                    let c = pg_sys::OidOutputFunctionCall(pg_sys::Oid::from(pg_sys::F_JSONB_OUT), d);
-                    std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned()
-                };
-                // A value that is not JSON cannot come from jsonb; keep it as a string so the
-                // hash fails.
-                let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-                self.entries.push((value, false));
-                if raw.len() <= CACHE_MAX_BYTES {
-                    self.index.insert(raw.to_vec(), self.entries.len() - 1);
+                let value = unsafe { json_of(d) };
+                if raw.len() > CACHE_MAX_BYTES {
+                    // Too large to keep: this record's only.
+                    *out = value;
+                    return Lent { entry: usize::MAX, lent: false };
                 }
+                self.entries.push((value, false));
+                self.index.insert(raw.to_vec(), self.entries.len() - 1);
                 self.entries.len() - 1
             }
         };
         let e = &mut self.entries[entry];
         if e.1 {
-            *out = e.0.clone();
+            // Lent already (the same bytes twice in one record): its value is out, read again.
+            *out = unsafe { json_of(d) };
             return Lent { entry, lent: false };
         }
         e.1 = true;
@@ -310,7 +329,18 @@ pub const COLUMNS: [&str; 23] = [
     "sqlstate", "message", "decision", "prev_hash", "hash",
 ];
 
-/// Attribute index (0-based) of each of `COLUMNS`; an ERROR if one is missing.
+/// The type of each of `COLUMNS`.
+const TYPES: [pg_sys::Oid; 23] = [
+    pg_sys::INT8OID, pg_sys::TIMESTAMPTZOID, pg_sys::TIMESTAMPTZOID, pg_sys::TEXTOID,
+    pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::INETOID, pg_sys::TEXTOID, pg_sys::INT4OID,
+    pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::JSONBOID,
+    pg_sys::TEXTOID, pg_sys::BYTEAOID, pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::TEXTOID,
+    pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::BYTEAOID, pg_sys::BYTEAOID,
+];
+
+/// Attribute index (0-based) of each of `COLUMNS`. An ERROR if one is missing or has
+/// another type (possible only if the table was altered while the library was not
+/// loaded): values are read and written by their type, without the SQL layer's checks.
 ///
 /// # Safety
 /// `desc` is a valid tuple descriptor.
@@ -324,12 +354,43 @@ pub unsafe fn column_positions(desc: pg_sys::TupleDesc) -> [usize; 23] {
             }
             let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr());
             if let Some(k) = COLUMNS.iter().position(|c| c.as_bytes() == name.to_bytes()) {
+                if att.atttypid != TYPES[k] {
+                    altered(&format!("column {} has type {}, not {}", COLUMNS[k], u32::from(att.atttypid), u32::from(TYPES[k])));
+                }
                 pos[k] = i;
             }
         }
     }
     if let Some(k) = pos.iter().position(|&p| p == usize::MAX) {
-        pgrx::error!("custody.audit_log has no column {}", COLUMNS[k]);
+        altered(&format!("it has no column {}", COLUMNS[k]));
     }
     pos
+}
+
+/// Columns other than `COLUMNS` (added by a later version, or by someone with the library
+/// unloaded) are left NULL by the writer: refuse to write if that would break a constraint.
+///
+/// # Safety
+/// `desc` is a valid tuple descriptor; `pos` came from `column_positions(desc)`.
+pub unsafe fn check_other_columns_nullable(desc: pg_sys::TupleDesc, pos: &[usize; 23]) {
+    unsafe {
+        for i in 0..(*desc).natts as usize {
+            let att = &*(*desc).attrs.as_ptr().add(i);
+            if !att.attisdropped && !pos.contains(&i) && (att.attnotnull || att.atthasdef || att.attgenerated != 0) {
+                let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy();
+                altered(&format!("column {name} is not one pg_custody writes, and it is NOT NULL, has a default or is generated"));
+            }
+        }
+    }
+}
+
+fn altered(what: &str) -> ! {
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+        format!("custody.audit_log is not as pg_custody created it: {what}"),
+        "pg_custody",
+    )
+    .set_hint("The table was altered while pg_custody was not loaded. Verify the chain from an export, and restore the table's definition.")
+    .report(PgLogLevel::ERROR);
+    unreachable!()
 }

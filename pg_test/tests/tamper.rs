@@ -121,5 +121,21 @@ fn tamper() {
             cluster.restart_unloaded();
         }
     }
+
+    // A column's type changed with the library unloaded: the verifier reads values by their
+    // type, so it refuses with a clear error (XX001) instead of misreading them.
+    cluster.restart_unloaded();
+    let mut c = cluster.connect("tamper_unloaded");
+    c.batch_execute("ALTER TABLE custody.audit_log ALTER COLUMN rows TYPE numeric").unwrap();
+    drop(c);
+    cluster.restart_loaded();
+    let mut c = cluster.connect("tamper_verify");
+    let err = c
+        .query_one("SELECT ok FROM custody.verify_audit_chain()", &[])
+        .expect_err("verification of an altered table must fail");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "XX001", "{db:?}");
+    assert!(db.message().contains("column rows has type"), "{db:?}");
+    drop(c);
     cluster.stop("fast");
 }

@@ -351,6 +351,10 @@ fn checkpoint(chain: &mut Chain, signer: &Signer, queue: &Consumer) {
                 .expect("record public key");
         })
     }));
+    // The writer commits asynchronously; a checkpoint is what auditors copy out, so it is on
+    // disk before anyone can read it as the latest (and the records it covers with it).
+    // SAFETY: plain WAL flush request up to the current insert position.
+    unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
     chain.checkpointed = chain.seq;
     queue.set_last_checkpoint(chain.seq);
 }

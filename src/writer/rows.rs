@@ -41,6 +41,8 @@ pub struct Row {
 pub struct JsonCache {
     index: HashMap<String, usize>,
     entries: Vec<JsonEntry>,
+    /// Entries of texts too large to index: needed for their batch only.
+    unindexed: usize,
 }
 
 struct JsonEntry {
@@ -61,10 +63,11 @@ impl JsonCache {
     pub fn get() -> &'static mut JsonCache {
         #[allow(static_mut_refs)]
         // SAFETY: the writer is single-threaded and holds no other reference across calls.
-        let c = unsafe { JSON.get_or_insert_with(|| JsonCache { index: HashMap::new(), entries: Vec::new() }) };
-        if c.entries.len() >= CACHE_ENTRIES {
+        let c = unsafe { JSON.get_or_insert_with(|| JsonCache { index: HashMap::new(), entries: Vec::new(), unindexed: 0 }) };
+        if c.entries.len() >= CACHE_ENTRIES || c.unindexed > 0 {
             c.index.clear();
             c.entries.clear();
+            c.unindexed = 0;
         }
         c
     }
@@ -78,13 +81,16 @@ impl JsonCache {
                 self.entries.push(JsonEntry { value, lent: false, jsonb: None });
                 if text.len() <= CACHE_MAX_TEXT {
                     self.index.insert(text.to_owned(), self.entries.len() - 1);
+                } else {
+                    self.unindexed += 1;
                 }
                 self.entries.len() - 1
             }
         };
         let e = &mut self.entries[entry];
         if e.lent {
-            *out = e.value.clone();
+            // Lent already (the same text twice in one record): its value is out, parse again.
+            *out = serde_json::from_str(text).ok()?;
             return Some(JsonKey { entry, lent: false });
         }
         e.lent = true;
@@ -143,6 +149,7 @@ pub unsafe fn insert(rows: &[Row], json: &mut JsonCache) {
         let desc = pg_sys::CreateTupleDescCopy((*rel).rd_att);
         let ops = pg_sys::table_slot_callbacks(rel);
         let attno = column_positions(desc);
+        crate::scan::check_other_columns_nullable(desc, &attno);
         let natts = (*desc).natts as usize;
 
         let estate = pg_sys::CreateExecutorState();
