@@ -24,7 +24,7 @@ COMMENT ON FUNCTION custody._export_chunk(bigint, bigint, boolean) IS
 REVOKE ALL ON FUNCTION custody._export_chunk(bigint, bigint, boolean) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION custody._export_chunk(bigint, bigint, boolean) TO custody_auditor;
 COMMENT ON FUNCTION custody.flush(integer) IS
-    'Waits (up to timeout_ms) until every audit record this session queued so far is stored';
+    'Waits (up to timeout_ms) until every audit record this session queued so far is stored, then flushes WAL so they are on disk';
 COMMENT ON FUNCTION custody.status() IS
     'State of the custody writer: pid, chain head, queue fill, lost records, last checkpoint, signing key';
 
