@@ -53,29 +53,7 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
             pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
         );
         let mut json_cache = JsonCache::default();
-        let mut rec = Record {
-            seq: 0,
-            event_time: 0,
-            logged_at: 0,
-            database_name: String::new(),
-            session_user_name: String::new(),
-            current_user_name: String::new(),
-            client_addr: None,
-            application_name: None,
-            backend_pid: 0,
-            nesting_level: 0,
-            xid: None,
-            class: String::new(),
-            command: String::new(),
-            objects: serde_json::Value::Null,
-            statement: None,
-            statement_sha256: None,
-            rows: None,
-            outcome: String::new(),
-            sqlstate: None,
-            message: None,
-            decision: None,
-        };
+        let mut rec = Record::default(); // reused: its strings keep their buffers
         let (mut prev, mut hash) = (Vec::with_capacity(32), Vec::with_capacity(32));
 
         // One record from the slot to `f`; false: stop.

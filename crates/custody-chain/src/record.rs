@@ -26,7 +26,7 @@ pub const TAG_BYTEA: u8 = 0x04;
 pub const TAG_JSON: u8 = 0x05;
 
 /// One audit record, every field except `prev_hash`/`hash`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub seq: i64,
     /// µs since the Unix epoch, UTC.
