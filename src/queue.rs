@@ -1,11 +1,12 @@
 //! The bounded shared-memory queue between sessions and the custody writer, and the small
-//! amount of shared state that goes with it (writer state, durable position, lost records).
+//! amount of shared state that goes with it (writer state, stored position, lost records).
 //!
 //! Sessions append length-prefixed records under one LWLock; the writer alone consumes them.
 //! A record leaves the queue only after the writer has committed it to the audit log, so a
 //! writer that dies mid-batch loses nothing: its successor reads the same bytes again.
-//! Positions are byte offsets that only grow (`head`: written, `tail`: durable), so "is my
-//! record stored?" is one comparison.
+//! Positions are byte offsets that only grow (`head`: written, `tail`: committed by the
+//! writer), so "is my record stored?" is one comparison. The writer commits asynchronously;
+//! a session waiting at COMMIT makes its records durable with its own commit's WAL flush.
 
 use std::ptr::{addr_of_mut, null_mut};
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -39,7 +40,7 @@ struct Shared {
     capacity: u64,
     /// Bytes ever appended (under `lock`).
     head: u64,
-    /// Bytes ever consumed and durably stored (under `lock`; mirrored in `flushed`).
+    /// Bytes ever consumed and committed to the audit log (under `lock`; mirrored in `flushed`).
     tail: u64,
     flushed: AtomicU64,
     space_cv: pg_sys::ConditionVariable,
@@ -134,7 +135,7 @@ pub fn max_record_len() -> usize {
 }
 
 /// Appends one record; waits up to `timeout_ms` for room. Returns the position at which the
-/// record ends: once `flushed() >= pos` it is durably stored.
+/// record ends: once `flushed() >= pos` it is committed to the audit log.
 ///
 /// Safe to call during transaction abort (it raises no error; interrupts are held there).
 pub fn push(payload: &[u8], timeout_ms: i64) -> Result<u64, QueueError> {
@@ -214,7 +215,7 @@ unsafe fn copy_out(s: *const Shared, pos: u64, out: &mut [u8]) {
     }
 }
 
-/// Waits until every record up to `pos` is durably stored, at most `timeout_ms`.
+/// Waits until every record up to `pos` is committed to the audit log, at most `timeout_ms`.
 /// Returns false on timeout. May process interrupts (query cancel raises as usual).
 pub fn wait_flushed(pos: u64, timeout_ms: i64) -> bool {
     let Some(s) = shared() else { return true };
@@ -407,7 +408,7 @@ impl Consumer {
         }
     }
 
-    /// Marks everything before `pos` as durably stored, frees the space and wakes waiters.
+    /// Marks everything before `pos` as committed to the audit log, frees the space and wakes waiters.
     pub fn advance(&self, pos: u64) {
         let sp = self.s as *const Shared as *mut Shared;
         // SAFETY: only the writer moves tail, under the lock.
