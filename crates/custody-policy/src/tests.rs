@@ -460,3 +460,20 @@ fn decisions_are_not_memoized_when_the_policy_reads_changing_inputs() {
         assert_eq!(g.statement_evaluations(), 5, "{src}");
     }
 }
+
+#[test]
+fn the_benchmark_policy_is_memoizable() {
+    // scripts/bench_policy.rego is configuration (e) of make bench: if its decisions could not
+    // be memoized, (e) would measure regorus' interpreter on every statement.
+    let src = include_str!("../../../scripts/bench_policy.rego");
+    let mut g = gate(vec![policy("bench_rules", 1, src)]);
+    let s = alice();
+    let objs = r#"[{"schema":"public","name":"pgbench_accounts","kind":"table","privileges":["SELECT"],"columns":["abalance","aid"]}]"#;
+    for i in 0..10 {
+        let mut st = stmt(&s, "SELECT", objs);
+        st.statements = i;
+        st.now_unix_us += i as i64 * 1000;
+        assert!(g.decide(&st).allowed);
+    }
+    assert_eq!(g.statement_evaluations(), 1);
+}
