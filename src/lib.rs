@@ -12,6 +12,7 @@ mod api;
 mod capture;
 mod error;
 mod hooks;
+mod lend;
 mod policy;
 mod protect;
 mod queue;

@@ -3,18 +3,14 @@
 //! timestamps, jsonb and inet into text and back) cost more than the hashing it fed.
 //!
 //! jsonb values repeat from record to record, so their JSON form is kept in a small cache
-//! keyed by the stored jsonb bytes; every record is still hashed in full.
-
-use std::collections::HashMap;
+//! keyed by the stored jsonb bytes (crate::lend); every record is still hashed in full.
 
 use pgrx::{pg_sys, PgLogLevel, PgSqlErrorCode};
 
 use custody_chain::Record;
 
 use crate::capture::PG_EPOCH_OFFSET_US;
-
-const CACHE_ENTRIES: usize = 4096;
-const CACHE_MAX_BYTES: usize = 4096;
+use crate::lend::{JsonLender, Lent};
 
 /// Calls `f` with each record from..=to (to = None: to the end) in seq order, with its
 /// stored prev_hash and hash, until `f` returns false. The caller needs SELECT on the table.
@@ -52,7 +48,7 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
             pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
             pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
         );
-        let mut json_cache = JsonCache::default();
+        let mut json_cache: JsonLender<Vec<u8>> = JsonLender::new();
         let mut rec = Record::default(); // reused: its strings keep their buffers
         let (mut prev, mut hash) = (Vec::with_capacity(32), Vec::with_capacity(32));
 
@@ -92,7 +88,8 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
             rec.xid = v(10).map(|d| d.value() as i64);
             text(11, &mut rec.class);
             text(12, &mut rec.command);
-            let objects = v(13).map(|d| json_cache.lend(d, &mut rec.objects));
+            json_cache.trim(); // nothing is lent between rows
+            let objects = v(13).map(|d| lend_json(&mut json_cache, d, &mut rec.objects));
             if objects.is_none() {
                 rec.objects = serde_json::Value::Null;
             }
@@ -104,7 +101,7 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
             opt_text(19, &mut rec.message);
             let decision = v(20).map(|d| {
                 let mut value = serde_json::Value::Null;
-                let key = json_cache.lend(d, &mut value);
+                let key = lend_json(&mut json_cache, d, &mut value);
                 rec.decision = Some(value);
                 key
             });
@@ -199,7 +196,7 @@ unsafe fn seq_index(rel: pg_sys::Relation, seq_att: usize) -> pg_sys::Oid {
         }
         let irel = pg_sys::index_open(pk, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let index = &*(*irel).rd_index;
-        let ok = (*(*irel).rd_rel).relam == pg_sys::Oid::from(pg_sys::BTREE_AM_OID)
+        let ok = (*(*irel).rd_rel).relam == pg_sys::BTREE_AM_OID
             && index.indisvalid
             && index.indisready
             && index.indislive
@@ -232,21 +229,6 @@ fn set_text(out: &mut String, bytes: Option<&[u8]>) {
     }
 }
 
-/// The JSON values of jsonb datums, through their text form, by their stored bytes; lent to
-/// the record while it is verified.
-#[derive(Default)]
-struct JsonCache {
-    index: HashMap<Vec<u8>, usize>,
-    entries: Vec<(serde_json::Value, bool)>,
-}
-
-#[derive(Clone, Copy)]
-struct Lent {
-    entry: usize,
-    /// False when the value was copied because the entry was lent already.
-    lent: bool,
-}
-
 /// The JSON value of a jsonb datum, through its text form.
 unsafe fn json_of(d: pg_sys::Datum) -> serde_json::Value {
     // SAFETY: jsonb_out of a jsonb datum returns a palloc'd C string.
@@ -258,45 +240,12 @@ unsafe fn json_of(d: pg_sys::Datum) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
 }
 
-impl JsonCache {
-    unsafe fn lend(&mut self, d: pg_sys::Datum, out: &mut serde_json::Value) -> Lent {
-        let raw = unsafe { bytes(d) };
-        let entry = match self.index.get(raw) {
-            Some(&i) => i,
-            None => {
-                if self.entries.len() >= CACHE_ENTRIES && !self.entries.iter().any(|e| e.1) {
-                    self.index.clear();
-                    self.entries.clear();
-                }
-                let value = unsafe { json_of(d) };
-                if raw.len() > CACHE_MAX_BYTES {
-                    // Too large to keep: this record's only.
-                    *out = value;
-                    return Lent { entry: usize::MAX, lent: false };
-                }
-                self.entries.push((value, false));
-                self.index.insert(raw.to_vec(), self.entries.len() - 1);
-                self.entries.len() - 1
-            }
-        };
-        let e = &mut self.entries[entry];
-        if e.1 {
-            // Lent already (the same bytes twice in one record): its value is out, read again.
-            *out = unsafe { json_of(d) };
-            return Lent { entry, lent: false };
-        }
-        e.1 = true;
-        *out = std::mem::take(&mut e.0);
-        Lent { entry, lent: true }
-    }
-
-    fn give_back(&mut self, key: Lent, value: &mut serde_json::Value) {
-        if key.lent {
-            let e = &mut self.entries[key.entry];
-            e.0 = std::mem::take(value);
-            e.1 = false;
-        }
-    }
+/// Lends the JSON value of a jsonb datum, by its stored bytes.
+unsafe fn lend_json(cache: &mut JsonLender<Vec<u8>>, d: pg_sys::Datum, out: &mut serde_json::Value) -> Lent {
+    let raw = unsafe { bytes(d) };
+    cache
+        .lend(raw, raw.len(), out, || Some(unsafe { json_of(d) }))
+        .expect("json_of always gives a value")
 }
 
 /// The columns of custody.audit_log, in `Record` order, then prev_hash and hash.

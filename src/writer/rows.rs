@@ -16,10 +16,12 @@ use pgrx::pg_sys;
 use custody_chain::{Hash, Record};
 
 use crate::capture::PG_EPOCH_OFFSET_US;
+use crate::lend::{JsonLender, Lent};
 use crate::scan::column_positions;
 
 /// Built inet values (varlena bytes, 8-byte aligned), by their text. Emptied between
-/// batches when full, never during one (the batch's datums point into it).
+/// batches when full, never during one (the batch's datums point into it). The JSON cache
+/// follows the same rule (`JsonCache::get`).
 const CACHE_ENTRIES: usize = 4096;
 const CACHE_MAX_TEXT: usize = 4096;
 static mut INET: Option<HashMap<String, Box<[u64]>>> = None;
@@ -34,87 +36,41 @@ pub struct Row {
     pub decision: Option<JsonKey>,
 }
 
-/// The JSON values of records (objects, decision), by the text the session sent: parsed
-/// once, lent to each record while it is hashed, and built into jsonb once, from the
-/// value's own serialization (what the verifier reads back). Emptied between batches when
-/// full, never during one.
-pub struct JsonCache {
-    index: HashMap<String, usize>,
-    entries: Vec<JsonEntry>,
-    /// Entries of texts too large to index: needed for their batch only.
-    unindexed: usize,
-}
+/// The JSON values of records (objects, decision), by the text the session sent; built
+/// into jsonb once, from the value's own serialization (what the verifier reads back).
+pub struct JsonCache(JsonLender<String>);
 
-struct JsonEntry {
-    value: serde_json::Value,
-    lent: bool,
-    jsonb: Option<Box<[u64]>>,
-}
-
-#[derive(Clone, Copy)]
-pub struct JsonKey {
-    entry: usize,
-    /// False when the value was copied because the entry was lent already.
-    lent: bool,
-}
+pub type JsonKey = Lent;
 
 impl JsonCache {
-    /// The writer's cache, emptied first if it has grown past its size.
+    /// The writer's cache, started over first if it has grown past its size (between
+    /// batches: the previous batch's datums are no longer in use).
     pub fn get() -> &'static mut JsonCache {
         #[allow(static_mut_refs)]
         // SAFETY: the writer is single-threaded and holds no other reference across calls.
-        let c = unsafe { JSON.get_or_insert_with(|| JsonCache { index: HashMap::new(), entries: Vec::new(), unindexed: 0 }) };
-        if c.entries.len() >= CACHE_ENTRIES || c.unindexed > 0 {
-            c.index.clear();
-            c.entries.clear();
-            c.unindexed = 0;
-        }
+        let c = unsafe { JSON.get_or_insert_with(|| JsonCache(JsonLender::new())) };
+        c.0.trim();
         c
     }
 
     /// Moves the value of `text` into `out`; None when `text` is not JSON.
     pub fn lend(&mut self, text: &str, out: &mut serde_json::Value) -> Option<JsonKey> {
-        let entry = match self.index.get(text) {
-            Some(&i) => i,
-            None => {
-                let value = serde_json::from_str(text).ok()?;
-                self.entries.push(JsonEntry { value, lent: false, jsonb: None });
-                if text.len() <= CACHE_MAX_TEXT {
-                    self.index.insert(text.to_owned(), self.entries.len() - 1);
-                } else {
-                    self.unindexed += 1;
-                }
-                self.entries.len() - 1
-            }
-        };
-        let e = &mut self.entries[entry];
-        if e.lent {
-            // Lent already (the same text twice in one record): its value is out, parse again.
-            *out = serde_json::from_str(text).ok()?;
-            return Some(JsonKey { entry, lent: false });
-        }
-        e.lent = true;
-        *out = std::mem::take(&mut e.value);
-        Some(JsonKey { entry, lent: true })
+        self.0.lend(text, text.len(), out, || serde_json::from_str(text).ok())
     }
 
     /// Takes back a value `lend` moved out.
     pub fn give_back(&mut self, key: JsonKey, v: &mut serde_json::Value) {
-        if key.lent {
-            let e = &mut self.entries[key.entry];
-            e.value = std::mem::take(v);
-            e.lent = false;
-        }
+        self.0.give_back(key, v)
     }
 
-    /// The jsonb datum of an entry, built on first use (inside a transaction).
+    /// The jsonb datum of a value, built on first use (inside a transaction).
     unsafe fn datum(&mut self, key: JsonKey) -> pg_sys::Datum {
-        let e = &mut self.entries[key.entry];
-        if e.jsonb.is_none() {
+        let (value, jsonb) = self.0.entry(key);
+        if jsonb.is_none() {
             // SAFETY: the caller is in a transaction; the input function returns a varlena.
-            e.jsonb = Some(unsafe { copy_varlena(build(Input::Jsonb, &e.value.to_string())) });
+            *jsonb = Some(unsafe { copy_varlena(build(Input::Jsonb, &value.to_string())) });
         }
-        pg_sys::Datum::from(e.jsonb.as_ref().expect("just built").as_ptr())
+        pg_sys::Datum::from(jsonb.as_ref().expect("just built").as_ptr())
     }
 }
 
