@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::compile::{add_module, check_functions, new_engine, prepare, LocatedError};
 use crate::input::{write_canonical_json, Keys, StatementInput, SubjectInput};
 use crate::snapshot::Snapshot;
+use crate::split::split;
 
 const DENY: &str = "data.custody.deny";
 const ALLOW: &str = "data.custody.allow";
@@ -104,8 +105,29 @@ pub struct Gate {
     cacheable: bool,
     /// Memoized statement decisions of this snapshot, keyed by `decision_key`.
     decision_memo: HashMap<String, Result<(), Vec<String>>>,
+    /// When not `cacheable` as a whole: the set cut into a part whose outcome is
+    /// memoized and a part evaluated on every statement (see `split.rs`).
+    split: Option<SplitGate>,
     decision_key_buf: String,
     statement_evaluations: u64,
+}
+
+/// A policy set cut in two by `split::split`.
+struct SplitGate {
+    stable: Engine,
+    volatile: Engine,
+    allow_volatile: bool,
+    stable_deny: bool,
+    volatile_deny: bool,
+    /// `decision_key` -> what the stable part says.
+    memo: HashMap<String, StableOutcome>,
+}
+
+/// The stable part's `deny`, and its `allow` when that is stable and `deny` was empty.
+#[derive(Clone)]
+struct StableOutcome {
+    deny: Result<Value, String>,
+    allow: Option<Result<Value, String>>,
 }
 
 /// Most decisions a gate remembers before starting over.
@@ -128,7 +150,14 @@ fn decisions_cacheable(sources: &[&str]) -> bool {
         ".action",
         ".resource",
     ];
-    const VOLATILE: [&str; 6] = ["time.now_ns", "rand.", "uuid.", "http.send", "opa.runtime", "trace("];
+    const VOLATILE: [&str; 6] = [
+        "time.now_ns",
+        "rand.",
+        "uuid.",
+        "http.send",
+        "opa.runtime",
+        "trace(",
+    ];
     for src in sources {
         if VOLATILE.iter().any(|v| src.contains(v)) {
             return false;
@@ -138,15 +167,24 @@ fn decisions_cacheable(sources: &[&str]) -> bool {
         while let Some(i) = src[from..].find("input") {
             let at = from + i;
             from = at + 5;
-            let before_ok = at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_' || bytes[at - 1] == b'.');
+            let before_ok = at == 0
+                || !(bytes[at - 1].is_ascii_alphanumeric()
+                    || bytes[at - 1] == b'_'
+                    || bytes[at - 1] == b'.');
             let after = &src[at + 5..];
-            let after_ident = after.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+            let after_ident = after
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
             if !before_ok || after_ident {
                 continue; // part of another word (e.g. `my_input`, `inputs`)
             }
             if !ALLOWED.iter().any(|p| {
                 after.starts_with(p)
-                    && !after[p.len()..].bytes().next().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    && !after[p.len()..]
+                        .bytes()
+                        .next()
+                        .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
             }) {
                 return false;
             }
@@ -193,6 +231,16 @@ impl Gate {
                 .map_err(|e| format!("policy set does not compile: {e}"))?;
             Some(engine)
         };
+        let split = if cacheable || engine.is_none() {
+            None
+        } else {
+            SplitGate::build(
+                &enabled
+                    .iter()
+                    .map(|p| (p.name.as_str(), p.source.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+        };
 
         let mut attributes: HashMap<String, Vec<HeldAttribute>> = HashMap::new();
         for a in &snapshot.attributes {
@@ -230,6 +278,7 @@ impl Gate {
             row_evaluations: 0,
             cacheable,
             decision_memo: HashMap::new(),
+            split,
             decision_key_buf: String::new(),
             statement_evaluations: 0,
         })
@@ -282,10 +331,13 @@ impl Gate {
                     if self.decision_memo.len() >= DECISION_MEMO_LIMIT {
                         self.decision_memo.clear();
                     }
-                    self.decision_memo.insert(self.decision_key_buf.clone(), r.clone());
+                    self.decision_memo
+                        .insert(self.decision_key_buf.clone(), r.clone());
                     r
                 }
             }
+        } else if self.split.is_some() {
+            self.evaluate_split(input)
         } else {
             self.evaluate_statement(input)
         };
@@ -318,6 +370,92 @@ impl Gate {
             civil.hour,
             civil.weekday
         );
+    }
+
+    /// The split set: the stable part from the memo (evaluated on a miss), the volatile part
+    /// now, their `deny` sets united, then `allow` from whichever part holds it. The same
+    /// order and the same outcome as `evaluate_statement` over the whole set.
+    fn evaluate_split(&mut self, st: &StatementInput) -> Result<(), Vec<String>> {
+        self.decision_key(st);
+        let objects = self.objects_value(st.objects_json).map_err(|e| vec![e])?;
+        let subject = self.keys.subject(
+            st.subject,
+            self.attribute_value(&st.subject.current_user, st.now_unix_us),
+        );
+        let doc = self.keys.statement(st, subject, objects);
+        let declared_allow = self.declared.allow;
+        let sg = self
+            .split
+            .as_mut()
+            .expect("evaluate_split is called with a split");
+        let stable = match sg.memo.get(&self.decision_key_buf) {
+            Some(outcome) => outcome.clone(),
+            None => {
+                self.statement_evaluations += 1;
+                let outcome = sg.evaluate_stable(doc.clone(), declared_allow);
+                if sg.memo.len() >= DECISION_MEMO_LIMIT {
+                    sg.memo.clear();
+                }
+                sg.memo
+                    .insert(self.decision_key_buf.clone(), outcome.clone());
+                outcome
+            }
+        };
+        let stable_deny = stable.deny.map_err(|e| vec![e])?;
+        sg.volatile.set_input(doc);
+        let volatile_deny = if sg.volatile_deny {
+            sg.volatile
+                .eval_rule(DENY.to_string())
+                .map_err(|e| vec![evaluation_error(e)])?
+        } else {
+            Value::Undefined
+        };
+        // Both are sets (a split requires it) or undefined: their union is the whole set's deny.
+        let deny = match (&stable_deny, &volatile_deny) {
+            (Value::Set(a), Value::Set(b)) => Value::from(
+                a.iter()
+                    .chain(b.iter())
+                    .cloned()
+                    .collect::<std::collections::BTreeSet<Value>>(),
+            ),
+            (Value::Undefined, _) => volatile_deny,
+            _ => stable_deny,
+        };
+        let messages = deny_messages(&deny);
+        if !messages.is_empty() {
+            return Err(messages);
+        }
+        if declared_allow {
+            let allow = if sg.allow_volatile {
+                sg.volatile
+                    .eval_rule(ALLOW.to_string())
+                    .map_err(evaluation_error)
+            } else {
+                stable
+                    .allow
+                    .expect("a stable allow is evaluated when deny is empty")
+            };
+            if allow.map_err(|e| vec![e])? != Value::Bool(true) {
+                return Err(vec![
+                    "not allowed: data.custody.allow is not true".to_string()
+                ]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The same gate evaluating its whole set on every statement, to compare against
+    /// (tests and the gate benchmark).
+    #[doc(hidden)]
+    pub fn without_split(mut self) -> Gate {
+        self.split = None;
+        self
+    }
+
+    /// Whether this gate cut its policy set in two (see `split.rs`).
+    #[doc(hidden)]
+    pub fn is_split(&self) -> bool {
+        self.split.is_some()
     }
 
     /// How many statements were evaluated by the engine (not answered from the memo).
@@ -492,6 +630,48 @@ impl Gate {
     #[doc(hidden)]
     pub fn row_evaluations(&self) -> u64 {
         self.row_evaluations
+    }
+}
+
+impl SplitGate {
+    /// None when the set cannot be split, or the parts do not compile on their own (then the
+    /// whole set is evaluated on every statement, as without a split).
+    fn build(modules: &[(&str, &str)]) -> Option<SplitGate> {
+        let parts = split(modules, |rule| decisions_cacheable(&[rule]))?;
+        let engine_of = |part: &dyn Fn(&crate::split::SplitModule) -> &str| -> Option<Engine> {
+            let mut engine = new_engine();
+            for m in &parts.modules {
+                add_module(&mut engine, &m.name, part(m)).ok()?;
+            }
+            prepare(&mut engine).ok()?;
+            Some(engine)
+        };
+        Some(SplitGate {
+            stable: engine_of(&|m| m.stable.as_str())?,
+            volatile: engine_of(&|m| m.volatile.as_str())?,
+            allow_volatile: parts.allow_volatile,
+            stable_deny: parts.stable_deny,
+            volatile_deny: parts.volatile_deny,
+            memo: HashMap::new(),
+        })
+    }
+
+    fn evaluate_stable(&mut self, doc: Value, declared_allow: bool) -> StableOutcome {
+        self.stable.set_input(doc);
+        let deny = if self.stable_deny {
+            self.stable
+                .eval_rule(DENY.to_string())
+                .map_err(evaluation_error)
+        } else {
+            Ok(Value::Undefined)
+        };
+        let deny_empty = deny.as_ref().is_ok_and(|d| deny_messages(d).is_empty());
+        let allow = (declared_allow && !self.allow_volatile && deny_empty).then(|| {
+            self.stable
+                .eval_rule(ALLOW.to_string())
+                .map_err(evaluation_error)
+        });
+        StableOutcome { deny, allow }
     }
 }
 

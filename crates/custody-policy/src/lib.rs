@@ -10,6 +10,7 @@ mod compile;
 mod gate;
 mod input;
 mod snapshot;
+mod split;
 pub mod time;
 
 pub use compile::{compile_check, CompileError, PACKAGE};

@@ -477,3 +477,150 @@ fn the_benchmark_policy_is_memoizable() {
     }
     assert_eq!(g.statement_evaluations(), 1);
 }
+
+/// Statements that vary every input a policy reads: subjects with and without attributes,
+/// commands, objects, clients, times around the day and around an attribute's threshold,
+/// session statement counts.
+fn varied_decisions(split: &mut Gate, whole: &mut Gate) -> usize {
+    let subjects = [
+        alice(),
+        SubjectInput {
+            session_user: "carol".into(),
+            current_user: "carol".into(),
+            roles: vec!["carol".into(), "contractors".into()],
+        },
+        SubjectInput {
+            session_user: "dave".into(),
+            current_user: "postgres".into(),
+            roles: vec!["postgres".into(), "admins".into(), "hr".into()],
+        },
+    ];
+    let objects = [
+        "[]",
+        OBJECTS,
+        r#"[{"schema":"tenant_data","name":"t8_orders","kind":"table","privileges":["SELECT","DELETE"],"columns":["id","ssn"]}]"#,
+        r#"[{"schema":"audit","name":"log","kind":"table","privileges":["INSERT"],"columns":[]},{"schema":"quarantine_x","name":"y","kind":"table","privileges":["SELECT"],"columns":[]}]"#,
+    ];
+    let commands = ["SELECT", "DELETE", "DROP TABLE", "GRANT", "TRUNCATE"];
+    let mut denied = 0;
+    for i in 0..600usize {
+        // What the stable part reads changes every 10 statements, in 60 combinations;
+        // what the volatile part reads changes with every statement.
+        let k = i / 10;
+        let subject = &subjects[k % 3];
+        let mut st = stmt(subject, commands[k % 5], objects[k % 4]);
+        st.client_addr = [Some("10.1.2.3"), Some("192.168.1.9"), None][(k / 20) % 3];
+        // Around 1_900_000_000 (carol's contract end), within one hour of one day.
+        st.now_unix_us = (1_899_997_200 + (i as i64 % 7) * 500) * US;
+        st.statements = [5, 1_000_001, 40, 2_000_000][i % 4];
+        let (a, b) = (split.decide(&st), whole.decide(&st));
+        let error = |d: &Decision| {
+            d.reasons
+                .iter()
+                .any(|r| r.starts_with("policy evaluation error"))
+        };
+        if error(&a) && error(&b) {
+            // When rules in both parts fail, which failure is named first may differ.
+            assert_eq!(a.allowed, b.allowed, "statement {i}");
+        } else {
+            assert_eq!(a, b, "statement {i}");
+        }
+        denied += usize::from(!a.allowed);
+    }
+    denied
+}
+
+fn snapshot_with_attributes(src: &str) -> Snapshot {
+    let attr = |role: &str, key: &str, value: serde_json::Value| Attribute {
+        role: role.into(),
+        key: key.into(),
+        value,
+        valid_from: 0,
+        valid_until: None,
+    };
+    Snapshot {
+        generation: 1,
+        policies: vec![policy("site", 1, src)],
+        attributes: vec![
+            attr("alice", "tenant", json!(7)),
+            attr("carol", "contract_end", json!(1_900_000_000)),
+            attr("carol", "tenant", json!(8)),
+        ],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_split_policy_set_decides_exactly_as_the_whole_set() {
+    let site = include_str!("../examples/site_policy.rego");
+    let cases = [
+        // The gate benchmark's 20 rules: two read input.time.unix and input.session.
+        site.to_string(),
+        // A helper (with an else) that reads the clock makes the rule naming it volatile;
+        // a message both parts produce is reported once; closing quotes end rules.
+        r#"package custody
+expiry := "expired" if {
+    input.time.unix > input.subject.attributes.contract_end
+} else := "current"
+
+deny contains "contract expired" if expiry == "expired"
+deny contains "no truncate" if input.command == "TRUNCATE"
+deny contains "no truncate" if {
+    input.command == "TRUNCATE"
+    input.session.statements > 1000000
+}
+deny contains msg if {
+    some o in input.objects
+    o.schema == "audit"
+    msg := sprintf("%s is protected", [o.name])
+}
+"#
+        .to_string(),
+        // allow reads the clock: evaluated with the volatile part; errors in either part.
+        r#"package custody
+default allow := false
+allow if input.time.unix % 7 != 0
+deny contains "odd" if { input.session.statements == 40; 1 / 0 == 1 }
+deny contains "drop" if { startswith(input.command, "DROP"); x := input.objects[0].columns; count(x) / 0 == 1 }
+deny contains "grant" if input.command == "GRANT"
+"#
+        .to_string(),
+    ];
+    for src in &cases {
+        let mut split = Gate::build(&snapshot_with_attributes(src)).unwrap();
+        assert!(split.is_split(), "{src}");
+        let mut whole = Gate::build(&snapshot_with_attributes(src))
+            .unwrap()
+            .without_split();
+        let denied = varied_decisions(&mut split, &mut whole);
+        assert!(
+            denied > 0 && denied < 600,
+            "{denied} of 600 denied: the inputs must exercise both outcomes\n{src}"
+        );
+        // The stable part was remembered: far fewer evaluations than statements.
+        assert!(
+            split.statement_evaluations() <= 60,
+            "{}",
+            split.statement_evaluations()
+        );
+    }
+}
+
+#[test]
+fn a_policy_set_is_not_split_where_the_analysis_cannot_follow() {
+    // Each has a stable and a volatile deny rule, so only the named reason prevents a split.
+    let stable = "deny contains \"t\" if input.command == \"TRUNCATE\"\n";
+    let volatile = "deny contains \"late\" if input.session.statements > 3\n";
+    for (why, src) in [
+        ("allow reads deny: it must see the whole set", format!("package custody\n{stable}{volatile}allow if count(deny) == 0\n")),
+        ("a boolean deny is not a union of definitions", "package custody\ndeny if input.command == \"TRUNCATE\"\ndeny if input.session.statements > 3\n".to_string()),
+        ("an alias of input hides what is read", format!("package custody\nimport input.session as s\n{stable}{volatile}deny contains \"x\" if s.statements > 3\n")),
+        ("an alias of data hides which rule is read", format!("package custody\nimport data.custody.h as alias\n{stable}{volatile}h if input.time.unix > 0\ndeny contains \"x\" if alias\n")),
+        ("a dynamic reference to data could reach any rule", format!("package custody\n{stable}h if input.time.unix > 0\ndeny contains \"x\" if data.custody[\"h\"]\n")),
+        ("nothing to remember", format!("package custody\n{volatile}")),
+        ("nothing that changes", format!("package custody\n{stable}")),
+    ] {
+        let g = Gate::build(&snapshot_with_attributes(&src)).unwrap_or_else(|e| panic!("{why}: {e}\n{src}"));
+        assert!(!g.is_split(), "{why}\n{src}");
+    }
+}
