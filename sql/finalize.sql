@@ -65,3 +65,19 @@ COMMENT ON FUNCTION custody.attribute(text) IS 'The current user''s attribute, i
 COMMENT ON FUNCTION custody.current_subject() IS '{session_user, current_user, roles, attributes} as policies see them';
 COMMENT ON FUNCTION custody.check(text, jsonb) IS
     'Evaluates data.custody.row_allow for {subject, action, resource}; memoized within a statement; for row policies';
+
+-- custody.check(action, jsonb_build_object('k', col, ...)) is planned as
+-- custody._check_fields(action, 'k', col, ...): the same decision without building the
+-- jsonb on every row (see src/policy/rows.rs).
+CREATE FUNCTION custody._check_fields(action text, VARIADIC "any") RETURNS boolean
+    LANGUAGE c STABLE PARALLEL SAFE
+    AS 'MODULE_PATHNAME', 'custody_check_fields';
+COMMENT ON FUNCTION custody._check_fields(text, "any") IS
+    'custody.check(action, jsonb_build_object(VARIADIC pairs)) without the jsonb: what the planner makes of such a call';
+CREATE FUNCTION custody._check_support(internal) RETURNS internal
+    LANGUAGE c STRICT
+    AS 'MODULE_PATHNAME', 'custody_check_support';
+COMMENT ON FUNCTION custody._check_support(internal) IS
+    'Planner support for custody.check: rewrites a jsonb_build_object resource into custody._check_fields';
+REVOKE ALL ON FUNCTION custody._check_support(internal) FROM PUBLIC;
+ALTER FUNCTION custody.check(text, jsonb) SUPPORT custody._check_support;

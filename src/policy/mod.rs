@@ -173,12 +173,15 @@ unsafe extern "C-unwind" fn roles_changed(_arg: pg_sys::Datum, _cache: i32, _has
     capture::forget_role_names();
 }
 
-/// custody.check() answers within one statement, by (user, action, stored jsonb bytes).
+/// custody.check() answers within one statement, by (user, action, resource bytes).
 pub struct RowMemo {
     epoch: u64,
     generation: u64,
     pub key: Vec<u8>,
-    pub decisions: std::collections::HashMap<Vec<u8>, bool, std::hash::BuildHasherDefault<Fnv>>,
+    /// foldhash: the keys are short and hashed on every row of a scan. FNV (byte at a
+    /// time) was 39 % of a 1M-row scan's time; SipHash costs more than the seeded
+    /// foldhash, whose collisions an attacker writing rows cannot aim at cheaply.
+    pub decisions: std::collections::HashMap<Vec<u8>, bool, foldhash::fast::RandomState>,
 }
 
 impl RowMemo {
@@ -205,26 +208,6 @@ pub fn row_memo() -> &'static mut RowMemo {
         m.decisions.clear();
     }
     m
-}
-
-/// FNV-1a: the memo's keys are short and hashed on every row of a scan, where SipHash's
-/// resistance to chosen collisions costs more than it protects (the keys come from the
-/// table being read, and a collision only costs a comparison).
-#[derive(Default)]
-pub struct Fnv(u64);
-
-impl std::hash::Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
-        for &b in bytes {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x100_0000_01b3);
-        }
-        self.0 = h;
-    }
 }
 
 /// The compiled gate for the snapshot in force, rebuilt when a change was published.

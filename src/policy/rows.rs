@@ -155,8 +155,14 @@ fn drop_row_policy(name: &str) {
     super::store::event(Class::Policy, "DROP ROW POLICY", serde_json::json!({"kind": "row policy", "name": name, "table": table}));
 }
 
+// The functions below are PARALLEL SAFE: in a parallel worker they read what the leader
+// would — the policy set from shared memory, the user the worker runs as, the statement's
+// start time (which workers share) — and record nothing (capture is off in workers).
+// A row policy that calls them can then be evaluated by a Parallel Seq Scan, as a plain
+// predicate is.
+
 /// The current user's attribute `key`, if valid at the statement's start.
-#[pg_extern(stable, parallel_restricted)]
+#[pg_extern(stable, parallel_safe)]
 fn attribute(key: &str) -> Option<JsonB> {
     let gate = super::gate_for_functions()?;
     let who = capture::who();
@@ -165,7 +171,7 @@ fn attribute(key: &str) -> Option<JsonB> {
 }
 
 /// {session_user, current_user, roles, attributes} as policies see them.
-#[pg_extern(stable, parallel_restricted)]
+#[pg_extern(stable, parallel_safe)]
 fn current_subject() -> JsonB {
     let s = super::current_subject();
     let attributes = super::gate_for_functions()
@@ -186,17 +192,16 @@ fn current_subject() -> JsonB {
 /// same user, action and bytes is remembered, so a scan over many rows with few distinct
 /// resources converts and evaluates each resource once. Converting the jsonb to JSON on
 /// every row cost far more than the decision itself.
-#[pg_extern(stable, parallel_restricted)]
+///
+/// When the resource is written `jsonb_build_object('key', column, ...)`, the planner asks
+/// `custody_check_support` and the call becomes `custody._check_fields(action, 'key',
+/// column, ...)`, which does not build the jsonb at all (see there).
+#[pg_extern(stable, parallel_safe)]
 fn check(action: &str, resource: JsonbBytes) -> bool {
     let Some(gate) = super::gate_for_functions() else { return false };
-    // SAFETY: plain read of the current user id.
-    let user = unsafe { pg_sys::GetUserId() };
     let memo = super::row_memo();
     let key = &mut memo.key;
-    key.clear();
-    key.extend_from_slice(&u32::from(user).to_le_bytes());
-    key.extend_from_slice(&(action.len() as u32).to_le_bytes());
-    key.extend_from_slice(action.as_bytes());
+    start_row_key(key, MemoKind::Jsonb, action);
     // SAFETY: the bytes of the detoasted argument, valid for this call.
     key.extend_from_slice(unsafe { resource.bytes() });
     if let Some(&allowed) = memo.decisions.get(key.as_slice()) {
@@ -204,8 +209,32 @@ fn check(action: &str, resource: JsonbBytes) -> bool {
     }
     // SAFETY: the argument is a jsonb datum (the function's declared type).
     let value = unsafe { resource.to_json() };
+    decide_row(gate, action, &value)
+}
+
+/// What follows the common prefix of a row memo key: the two ways a resource arrives
+/// must never share a key.
+#[derive(Clone, Copy)]
+enum MemoKind {
+    Jsonb = 0,
+    Fields = 1,
+}
+
+/// kind, current user, action: the part of a row memo key before the resource.
+fn start_row_key(key: &mut Vec<u8>, kind: MemoKind, action: &str) {
+    // SAFETY: plain read of the current user id.
+    let user = unsafe { pg_sys::GetUserId() };
+    key.clear();
+    key.push(kind as u8);
+    key.extend_from_slice(&u32::from(user).to_le_bytes());
+    key.extend_from_slice(&(action.len() as u32).to_le_bytes());
+    key.extend_from_slice(action.as_bytes());
+}
+
+/// A memo miss: evaluates row_allow and remembers the answer under the key just built.
+fn decide_row(gate: &mut custody_policy::Gate, action: &str, resource: &serde_json::Value) -> bool {
     let subject = super::current_subject();
-    match gate.row_allow(&subject, super::statement_start_unix_us(), action, &value) {
+    match gate.row_allow(&subject, super::statement_start_unix_us(), action, resource) {
         Ok(allowed) => {
             let memo = super::row_memo();
             let key = memo.key.clone();
@@ -222,6 +251,287 @@ fn check(action: &str, resource: JsonbBytes) -> bool {
             .report(PgLogLevel::ERROR);
             false
         }
+    }
+}
+
+/// Value types `custody._check_fields` reads directly, each turned into JSON exactly as
+/// `jsonb_build_object` turns it (numbers, booleans, strings); any other type leaves the
+/// call as written.
+const FIELD_TYPES: [pg_sys::Oid; 6] = [
+    pg_sys::INT2OID,
+    pg_sys::INT4OID,
+    pg_sys::INT8OID,
+    pg_sys::BOOLOID,
+    pg_sys::TEXTOID,
+    pg_sys::VARCHAROID,
+];
+
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_custody_check_support() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// Planner support for `custody.check` (SQL: `custody._check_support(internal)`).
+///
+/// A row policy passes its resource as `jsonb_build_object('tenant', tenant, ...)`. Built
+/// per row, that jsonb costs more than everything else the policy does. On
+/// SupportRequestSimplify, a call whose resource is `jsonb_build_object` with distinct
+/// constant text keys and values of the types in FIELD_TYPES becomes
+/// `custody._check_fields(action, 'tenant', tenant, ...)`: the same arguments, without the
+/// jsonb. Anything else is left as written.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn custody_check_support(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: the planner calls support functions with one internal argument, a request
+    // node; only SupportRequestSimplify is read, and only nodes whose tags were checked.
+    unsafe {
+        let req = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0).cast_mut_ptr::<pg_sys::Node>();
+        if !pgrx::is_a(req, pg_sys::NodeTag::T_SupportRequestSimplify) {
+            return pg_sys::Datum::from(0);
+        }
+        let call = (*req.cast::<pg_sys::SupportRequestSimplify>()).fcall;
+        match check_fields_call(call) {
+            Some(simpler) => pg_sys::Datum::from(simpler),
+            None => pg_sys::Datum::from(0),
+        }
+    }
+}
+
+/// `custody._check_fields(action, k1, v1, ...)` for `custody.check(action,
+/// jsonb_build_object(k1, v1, ...))`, or None.
+///
+/// # Safety
+/// `call` is the planner's FuncExpr of custody.check.
+unsafe fn check_fields_call(call: *mut pg_sys::FuncExpr) -> Option<*mut pg_sys::FuncExpr> {
+    unsafe {
+        let args = pgrx::PgList::<pg_sys::Node>::from_pg((*call).args);
+        let resource = args.get_ptr(1)?;
+        if args.len() != 2 || !pgrx::is_a(resource, pg_sys::NodeTag::T_FuncExpr) {
+            return None;
+        }
+        let build = resource.cast::<pg_sys::FuncExpr>();
+        if (*build).funcid != pg_sys::Oid::from(pg_sys::F_JSONB_BUILD_OBJECT_ANY) || (*build).funcvariadic {
+            return None;
+        }
+        let pairs = pgrx::PgList::<pg_sys::Node>::from_pg((*build).args);
+        if pairs.is_empty() || !pairs.len().is_multiple_of(2) {
+            return None;
+        }
+        let mut keys: Vec<&[u8]> = Vec::with_capacity(pairs.len() / 2);
+        for i in (0..pairs.len()).step_by(2) {
+            let key = pairs.get_ptr(i)?;
+            if !pgrx::is_a(key, pg_sys::NodeTag::T_Const) {
+                return None;
+            }
+            let key = key.cast::<pg_sys::Const>();
+            // A quoted literal stays of type unknown (a C string): jsonb_build_object
+            // takes "any" and converts it to text itself.
+            if !KEY_TYPES.contains(&(*key).consttype) || (*key).constisnull {
+                return None;
+            }
+            let bytes = key_bytes((*key).consttype, (*key).constvalue);
+            if keys.contains(&bytes) {
+                return None; // duplicate keys: jsonb keeps the last; not worth following
+            }
+            keys.push(bytes);
+            if !FIELD_TYPES.contains(&pg_sys::exprType(pairs.get_ptr(i + 1)?)) {
+                return None;
+            }
+        }
+        let target = check_fields_oid()?;
+        let mut new_args = pgrx::PgList::<pg_sys::Node>::new();
+        new_args.push(args.get_ptr(0)?);
+        for i in 0..pairs.len() {
+            new_args.push(pairs.get_ptr(i)?);
+        }
+        Some(pg_sys::makeFuncExpr(
+            target,
+            pg_sys::BOOLOID,
+            new_args.into_pg(),
+            pg_sys::InvalidOid,
+            (*call).inputcollid,
+            pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+        ))
+    }
+}
+
+/// Types of jsonb_build_object's keys that custody._check_fields reads.
+const KEY_TYPES: [pg_sys::Oid; 2] = [pg_sys::TEXTOID, pg_sys::UNKNOWNOID];
+
+/// The bytes of a key: text, or the C string of an unknown-type literal.
+///
+/// # Safety
+/// `datum` is a non-null datum of type `oid`, one of KEY_TYPES.
+unsafe fn key_bytes<'a>(oid: pg_sys::Oid, datum: pg_sys::Datum) -> &'a [u8] {
+    unsafe {
+        if oid == pg_sys::UNKNOWNOID {
+            std::ffi::CStr::from_ptr(datum.cast_mut_ptr::<std::ffi::c_char>()).to_bytes()
+        } else {
+            text_bytes(datum)
+        }
+    }
+}
+
+/// OID of custody._check_fields(text, VARIADIC "any"), if it exists.
+fn check_fields_oid() -> Option<pg_sys::Oid> {
+    let mut names = pgrx::PgList::<pg_sys::String>::new();
+    for part in [c"custody", c"_check_fields"] {
+        // SAFETY: makeString keeps the palloc'd copy made by pstrdup.
+        names.push(unsafe { pg_sys::makeString(pg_sys::pstrdup(part.as_ptr())) });
+    }
+    let types = [pg_sys::TEXTOID, pg_sys::ANYOID];
+    // SAFETY: a qualified name list and two argument types; missing_ok.
+    let oid = unsafe { pg_sys::LookupFuncName(names.into_pg(), 2, types.as_ptr(), true) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+/// The bytes of a text datum (detoasted if it must be; short and packed values as they are).
+///
+/// # Safety
+/// `datum` is a non-null text or varchar datum, valid for the returned lifetime.
+unsafe fn text_bytes<'a>(datum: pg_sys::Datum) -> &'a [u8] {
+    unsafe {
+        let v = datum.cast_mut_ptr::<pg_sys::varlena>();
+        // Only compressed or out-of-line values need detoasting (a call into PostgreSQL,
+        // which pgrx guards with a setjmp: noticeable on every row of a scan).
+        let v = if pgrx::varlena::varatt_is_1b_e(v) || pgrx::varlena::varatt_is_4b_c(v) {
+            pg_sys::pg_detoast_datum_packed(v)
+        } else {
+            v
+        };
+        std::slice::from_raw_parts(pgrx::varlena::vardata_any(v).cast::<u8>(), pgrx::varlena::varsize_any_exhdr(v))
+    }
+}
+
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_custody_check_fields() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `custody._check_fields(action text, VARIADIC "any")`: custody.check with the resource
+/// given as key/value pairs, `jsonb_build_object`'s arguments, instead of the jsonb it
+/// would build. The memo key is made of the keys and the values' own bytes; only on a miss
+/// is the resource built, as JSON, the way jsonb_build_object builds it.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn custody_check_fields(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: the arguments are read within their count, with the types the call site gives
+    // them (get_fn_expr_argtype), which are checked before a value is read.
+    unsafe {
+        let nargs = (*fcinfo).nargs as usize;
+        if pgrx::fcinfo::pg_arg_is_null(fcinfo, 0) {
+            return pgrx::fcinfo::pg_return_null(fcinfo);
+        }
+        if nargs < 3 || !(nargs - 1).is_multiple_of(2) {
+            error!("custody._check_fields takes an action and key/value pairs");
+        }
+        let action = std::str::from_utf8(text_bytes(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0)))
+            .unwrap_or_else(|_| error!("custody.check: the action is not valid UTF-8"));
+        let Some(gate) = super::gate_for_functions() else {
+            return pg_sys::Datum::from(false);
+        };
+        let flinfo = (*fcinfo).flinfo;
+        let types = arg_types(flinfo, nargs);
+        let memo = super::row_memo();
+        let key = &mut memo.key;
+        start_row_key(key, MemoKind::Fields, action);
+        for (i, &oid) in types.iter().enumerate().skip(1) {
+            key.extend_from_slice(&u32::from(oid).to_le_bytes());
+            if pgrx::fcinfo::pg_arg_is_null(fcinfo, i) {
+                key.push(0);
+                continue;
+            }
+            key.push(1);
+            let datum = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, i);
+            match oid {
+                pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID | pg_sys::BOOLOID => {
+                    key.extend_from_slice(&field_int(oid, datum).to_le_bytes());
+                }
+                _ => {
+                    let bytes = key_bytes(oid, datum);
+                    key.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                    key.extend_from_slice(bytes);
+                }
+            }
+        }
+        if let Some(&allowed) = memo.decisions.get(key.as_slice()) {
+            return pg_sys::Datum::from(allowed);
+        }
+        let mut resource = serde_json::Map::new();
+        for i in (1..nargs).step_by(2) {
+            if pgrx::fcinfo::pg_arg_is_null(fcinfo, i) {
+                // jsonb_build_object's own error (its argument i is ours i + 1)
+                pgrx::pg_sys::panic::ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("argument {i}: key must not be null"),
+                    "pg_custody",
+                )
+                .report(PgLogLevel::ERROR);
+            }
+            let name = std::str::from_utf8(key_bytes(types[i], pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, i)))
+                .unwrap_or_else(|_| error!("custody.check: a resource key is not valid UTF-8"))
+                .to_string();
+            let value = if pgrx::fcinfo::pg_arg_is_null(fcinfo, i + 1) {
+                serde_json::Value::Null
+            } else {
+                let datum = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, i + 1);
+                match types[i + 1] {
+                    pg_sys::BOOLOID => serde_json::Value::Bool(datum.value() != 0),
+                    pg_sys::TEXTOID | pg_sys::VARCHAROID => serde_json::Value::String(
+                        std::str::from_utf8(text_bytes(datum))
+                            .unwrap_or_else(|_| error!("custody.check: a resource value is not valid UTF-8"))
+                            .to_string(),
+                    ),
+                    oid => serde_json::Value::from(field_int(oid, datum)),
+                }
+            };
+            // Later keys win, as in jsonb_build_object.
+            resource.insert(name, value);
+        }
+        pg_sys::Datum::from(decide_row(gate, action, &serde_json::Value::Object(resource)))
+    }
+}
+
+/// The argument types of a `custody._check_fields` call site, checked and kept in
+/// `fn_extra` (in the call's own memory context) on its first row.
+///
+/// # Safety
+/// `flinfo` is the call's FmgrInfo and `nargs` its argument count.
+unsafe fn arg_types<'a>(flinfo: *mut pg_sys::FmgrInfo, nargs: usize) -> &'a [pg_sys::Oid] {
+    unsafe {
+        if (*flinfo).fn_extra.is_null() {
+            let types = pg_sys::MemoryContextAlloc((*flinfo).fn_mcxt, nargs * size_of::<pg_sys::Oid>())
+                .cast::<pg_sys::Oid>();
+            for i in 0..nargs {
+                let oid = pg_sys::get_fn_expr_argtype(flinfo, i as i32);
+                let is_key = i % 2 == 1;
+                let readable = match i {
+                    0 => oid == pg_sys::TEXTOID,
+                    _ if is_key => KEY_TYPES.contains(&oid),
+                    _ => FIELD_TYPES.contains(&oid),
+                };
+                if !readable {
+                    error!("custody._check_fields: argument {} has a type it does not read ({oid:?})", i + 1);
+                }
+                types.add(i).write(oid);
+            }
+            (*flinfo).fn_extra = types.cast();
+        }
+        std::slice::from_raw_parts((*flinfo).fn_extra.cast::<pg_sys::Oid>(), nargs)
+    }
+}
+
+/// An int2/int4/int8/bool datum as i64.
+fn field_int(oid: pg_sys::Oid, datum: pg_sys::Datum) -> i64 {
+    match oid {
+        pg_sys::INT2OID => i64::from(datum.value() as i16),
+        pg_sys::INT4OID => i64::from(datum.value() as i32),
+        pg_sys::BOOLOID => i64::from(datum.value() != 0),
+        _ => datum.value() as i64,
     }
 }
 
