@@ -48,6 +48,7 @@ unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) {
     if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0 {
         return;
     }
+    policy::statement_starts();
     let qd_ref = unsafe { &*qd };
     let pstmt = unsafe { &*qd_ref.plannedstmt };
     // A change to the audit log is refused by the permission-check hook below, inside

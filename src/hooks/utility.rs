@@ -141,6 +141,7 @@ unsafe extern "C-unwind" fn custody_process_utility(
         // Protection holds whether or not anything is being recorded.
         let violation = if node.is_null() { None } else { protect::utility_violation(node) };
         let mut verdict = None;
+        policy::statement_starts();
         if capture::active() && !node.is_null() {
             let (class, forced) = classify(node);
             // Utility statements pass the same gate (DDL, GRANT, COPY, SET ROLE, ...).

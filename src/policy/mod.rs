@@ -197,8 +197,17 @@ impl RowMemo {
     }
 }
 
+/// A statement starts (ExecutorStart or ProcessUtility of anything but pg_custody's own
+/// queries): what custody.check() remembered belongs to the previous one. Called whether or
+/// not the statement is recorded or gated, so that the memo never outlives its statement.
+pub fn statement_starts() {
+    if !capture::is_internal() {
+        local().epoch += 1;
+    }
+}
+
 /// The memo of the current statement (emptied when a new statement starts or another
-/// policy set comes into force).
+/// policy set comes into force, together with the gate's own memo of row decisions).
 pub fn row_memo() -> &'static mut RowMemo {
     let l = local();
     let (epoch, generation) = (l.epoch, l.generation);
@@ -206,6 +215,9 @@ pub fn row_memo() -> &'static mut RowMemo {
     if m.epoch != epoch || m.generation != generation {
         (m.epoch, m.generation) = (epoch, generation);
         m.decisions.clear();
+        if let Some(g) = l.gate.as_mut() {
+            g.new_statement();
+        }
     }
     m
 }
@@ -323,12 +335,8 @@ pub struct Pending {
 /// Starts deciding a statement, or None when nothing is to be checked (enforce = off, an
 /// exempt role, no policy and no suspension in force). Called once per statement.
 pub fn prepare() -> Option<Pending> {
-    let mut gate = current_gate();
+    let gate = current_gate();
     let l = local();
-    l.epoch += 1;
-    if let Some(g) = gate.as_deref_mut() {
-        g.new_statement(); // custody.check() memoizes per statement
-    }
     let enforce = settings::enforce();
     if enforce == Enforce::Off {
         return None;

@@ -63,6 +63,16 @@ EXPLAIN (COSTS OFF) SELECT id FROM regress_rows WHERE custody.check('read', to_j
 SELECT custody.check('read', jsonb_build_object(NULL::text, tenant)) FROM regress_rows WHERE id = 1;
 SELECT custody.check(NULL, jsonb_build_object('tenant', tenant)) FROM regress_rows WHERE id = 1;
 
+-- answers are remembered for one statement only: an attribute that expires between two
+-- statements of an open session changes the next one's rows
+SELECT custody.clear_attribute('regress_tenant7', 'tenant');
+SELECT custody.set_attribute('regress_tenant7', 'tenant', '7', valid_until => now() + interval '1 second');
+SET ROLE regress_tenant7;
+SELECT id FROM regress_rows ORDER BY id;                  -- tenant 7 and public
+SELECT pg_sleep(1.2);
+SELECT id FROM regress_rows ORDER BY id;                  -- public only
+RESET ROLE;
+
 SELECT custody.drop_row_policy('regress_by_tenant');
 SELECT custody.drop_policy('rows');
 SELECT custody.clear_attribute('regress_tenant7', 'tenant');
