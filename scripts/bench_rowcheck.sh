@@ -45,11 +45,12 @@ SELECT custody.create_row_policy('by_sql_build', 'rows_build', 'select',
 VACUUM ANALYZE rows_rego, rows_plain, rows_build, rows_jsonb;
 SQL
 # Statement gating is not what is measured here: no deny/allow rules are in force.
-time_query() {  # $1 = table; prints ms of the best of $reps runs, and the count
+time_query() {  # $1 = table, $2 = workers per gather; prints ms of the best of $reps runs, and the count
     local best="" n=""
     for _ in $(seq "$reps"); do
         local out
         out=$(cluster psql "$port" -U bench_reader -d postgres -qAt \
+              -c "SET max_parallel_workers_per_gather = ${2:-2}" \
               -c '\timing on' -c "SELECT count(*) FROM $1" 2>&1)
         n=$(echo "$out" | head -1)
         local ms
@@ -62,6 +63,8 @@ read -r plain_ms plain_n <<< "$(time_query rows_plain)"
 read -r build_ms build_n <<< "$(time_query rows_build)"
 read -r rego_ms rego_n <<< "$(time_query rows_rego)"
 read -r jsonb_ms jsonb_n <<< "$(time_query rows_jsonb)"
+read -r plain1_ms _ <<< "$(time_query rows_plain 0)"
+read -r rego1_ms _ <<< "$(time_query rows_rego 0)"
 echo "### custody.check() in a row policy"
 echo
 echo "SELECT count(*) over 1,000,000 rows, 100 distinct tenants, 10 visible; best of $reps, as a non-superuser role."
@@ -72,6 +75,8 @@ echo "| plain SQL predicate (tenant IN (...)) | $plain_n | $plain_ms | 1.00 |"
 echo "| jsonb_build_object('tenant', tenant) IS NOT NULL AND tenant IN (...) | $build_n | $build_ms | $(awk -v a="$build_ms" -v b="$plain_ms" 'BEGIN { printf "%.2f", a / b }') |"
 echo "| custody.check('read', jsonb_build_object('tenant', tenant)) (planned as custody._check_fields) | $rego_n | $rego_ms | $(awk -v a="$rego_ms" -v b="$plain_ms" 'BEGIN { printf "%.2f", a / b }') |"
 echo "| custody.check('read', jsonb_build_object('tenant', tenant) || '{}') (jsonb built per row) | $jsonb_n | $jsonb_ms | $(awk -v a="$jsonb_ms" -v b="$plain_ms" 'BEGIN { printf "%.2f", a / b }') |"
+echo
+echo "Without parallel workers (max_parallel_workers_per_gather = 0): plain $plain1_ms ms, custody.check (planned as custody._check_fields) $rego1_ms ms, ratio $(awk -v a="$rego1_ms" -v b="$plain1_ms" 'BEGIN { printf "%.2f", a / b }')."
 echo
 echo "Plans (as bench_reader):"
 echo
