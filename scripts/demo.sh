@@ -98,7 +98,7 @@ chmod 644 "$dir.session.sql"
 "$here/cluster.sh" psql "$port" -U demo_contractor -d postgres -f "$dir.session.sql" 2>&1 || true
 
 say "A row policy written as SQL: custody.check() asks Rego about each row"
-psql -q <<'SQL'
+psql -q >/dev/null <<'SQL'
 CREATE TABLE IF NOT EXISTS demo_orders (id int PRIMARY KEY, tenant int, item text);
 INSERT INTO demo_orders SELECT i, i % 3 + 6, 'item ' || i FROM generate_series(1, 9) i ON CONFLICT DO NOTHING;
 GRANT SELECT ON demo_orders TO demo_contractor;
@@ -116,7 +116,7 @@ echo "-- as demo_contractor (attribute tenant = 7): only tenant 7's rows"
 "$here/cluster.sh" psql "$port" -U demo_contractor -d postgres -c "SELECT id, tenant, item FROM demo_orders ORDER BY id"
 echo "-- the planner passes the resource's fields, not a jsonb built per row"
 "$here/cluster.sh" psql "$port" -U demo_contractor -d postgres -c "EXPLAIN (COSTS OFF) SELECT id FROM demo_orders"
-psql -q -c "SELECT custody.drop_row_policy('demo_by_tenant')" -c "SELECT custody.drop_policy('demo_rows')"
+psql -q -c "SELECT custody.drop_row_policy('demo_by_tenant')" -c "SELECT custody.drop_policy('demo_rows')" >/dev/null
 
 say "Every decision is in the chain"
 psql -c "SELECT custody.flush()" -qAt >/dev/null
