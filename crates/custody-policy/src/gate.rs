@@ -328,11 +328,17 @@ impl Gate {
                 Some(r) => r.clone(),
                 None => {
                     let r = self.evaluate_statement(input);
-                    if self.decision_memo.len() >= DECISION_MEMO_LIMIT {
-                        self.decision_memo.clear();
+                    // An evaluation error may be a time limit, which another try may not hit.
+                    let error = r.as_ref().is_err_and(|reasons| {
+                        reasons.iter().any(|m| m.starts_with(EVALUATION_ERROR))
+                    });
+                    if !error {
+                        if self.decision_memo.len() >= DECISION_MEMO_LIMIT {
+                            self.decision_memo.clear();
+                        }
+                        self.decision_memo
+                            .insert(self.decision_key_buf.clone(), r.clone());
                     }
-                    self.decision_memo
-                        .insert(self.decision_key_buf.clone(), r.clone());
                     r
                 }
             }
@@ -393,11 +399,14 @@ impl Gate {
             None => {
                 self.statement_evaluations += 1;
                 let outcome = sg.evaluate_stable(doc.clone(), declared_allow);
-                if sg.memo.len() >= DECISION_MEMO_LIMIT {
-                    sg.memo.clear();
+                // An evaluation error may be a time limit, which another try may not hit.
+                if outcome.deny.is_ok() && !matches!(outcome.allow, Some(Err(_))) {
+                    if sg.memo.len() >= DECISION_MEMO_LIMIT {
+                        sg.memo.clear();
+                    }
+                    sg.memo
+                        .insert(self.decision_key_buf.clone(), outcome.clone());
                 }
-                sg.memo
-                    .insert(self.decision_key_buf.clone(), outcome.clone());
                 outcome
             }
         };
@@ -410,7 +419,8 @@ impl Gate {
         } else {
             Value::Undefined
         };
-        // Both are sets (a split requires it) or undefined: their union is the whole set's deny.
+        // Both are sets (a split requires it) or undefined: their union is the whole set's
+        // deny. Anything else is not what the analysis allowed for: fail closed.
         let deny = match (&stable_deny, &volatile_deny) {
             (Value::Set(a), Value::Set(b)) => Value::from(
                 a.iter()
@@ -418,8 +428,13 @@ impl Gate {
                     .cloned()
                     .collect::<std::collections::BTreeSet<Value>>(),
             ),
-            (Value::Undefined, _) => volatile_deny,
-            _ => stable_deny,
+            (Value::Undefined, Value::Set(_) | Value::Undefined) => volatile_deny,
+            (Value::Set(_), Value::Undefined) => stable_deny,
+            _ => {
+                return Err(vec![format!(
+                    "{EVALUATION_ERROR}data.custody.deny of a split policy set is not a set"
+                )])
+            }
         };
         let messages = deny_messages(&deny);
         if !messages.is_empty() {
@@ -693,10 +708,13 @@ fn deny_messages(deny: &Value) -> Vec<String> {
     }
 }
 
+/// How every reason that is an evaluation error (not a policy's message) begins.
+const EVALUATION_ERROR: &str = "policy evaluation error: ";
+
 /// `policy evaluation error: NAME:LINE:COL: MESSAGE` from a regorus error.
 fn evaluation_error(e: impl std::fmt::Display) -> String {
     format!(
-        "policy evaluation error: {}",
+        "{EVALUATION_ERROR}{}",
         LocatedError::parse(&e.to_string()).one_line()
     )
 }

@@ -122,12 +122,12 @@ pub(crate) fn split(modules: &[(&str, &str)], is_stable: impl Fn(&str) -> bool) 
             let name = rule_name(rule)?;
             let text = source.get(start..end)?;
             rules.push(RuleText {
+                // `deny contains x` exactly: `deny[k] contains x` and `deny.a contains x` are
+                // parsed as set heads too, but build an object.
                 is_set: matches!(
                     rule.as_ref(),
-                    Rule::Spec {
-                        head: RuleHead::Set { .. },
-                        ..
-                    }
+                    Rule::Spec { head: RuleHead::Set { refr, key: Some(_), .. }, .. }
+                        if refr.span().text() == "deny"
                 ),
                 volatile: !is_stable(text),
                 name,
