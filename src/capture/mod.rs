@@ -98,12 +98,22 @@ pub fn init() {
 // ---- re-entry guard ---------------------------------------------------------------------
 
 /// Runs `f` as pg_custody's own work: nothing inside is recorded or gated.
-/// If `f` raises an ERROR the flag is reset by the transaction abort callback.
+///
+/// The level is restored however `f` ends: an ERROR inside it unwinds through here (pgrx
+/// turns it into a panic at the call into PostgreSQL), and a PL/pgSQL EXCEPTION block may
+/// catch it and go on; a level left raised would switch capture and the gate off for the
+/// rest of the session. (The transaction abort callback also resets it.)
 pub fn internal<R>(f: impl FnOnce() -> R) -> R {
+    struct Level;
+    impl Drop for Level {
+        fn drop(&mut self) {
+            let s = state();
+            s.internal = s.internal.saturating_sub(1);
+        }
+    }
     state().internal += 1;
-    let r = f();
-    state().internal -= 1;
-    r
+    let _level = Level;
+    f()
 }
 
 pub fn is_internal() -> bool {

@@ -73,6 +73,17 @@ SELECT pg_sleep(1.2);
 SELECT id FROM regress_rows ORDER BY id;                  -- public only
 RESET ROLE;
 
+-- an error inside pg_custody's own work (here PostgreSQL refusing the expression), caught
+-- by an EXCEPTION block, leaves capture and the gate on for the rest of the session
+DO $$ BEGIN
+    PERFORM custody.create_row_policy('regress_bad', 'regress_rows', 'select', using_expr => 'no_such_column = 1');
+EXCEPTION WHEN undefined_column THEN RAISE NOTICE 'refused: %', SQLERRM;
+END $$;
+SELECT 'recorded after the caught error' AS probe;
+SELECT custody.flush();
+SELECT count(*) AS recorded FROM custody.audit_log
+WHERE backend_pid = pg_backend_pid() AND statement LIKE 'SELECT ''recorded after the caught error''%';
+
 SELECT custody.drop_row_policy('regress_by_tenant');
 SELECT custody.drop_policy('rows');
 SELECT custody.clear_attribute('regress_tenant7', 'tenant');
