@@ -428,6 +428,45 @@ row_allow if {
     drop(cluster);
 }
 
+/// custody.check() remembers answers for one statement. A portal fetched by several Execute
+/// messages is a new statement for PostgreSQL each time (its statement start moves) without
+/// passing ExecutorStart again: rows fetched after an attribute expired are judged without it.
+#[test]
+fn row_answers_follow_each_execute_of_a_portal() {
+    let (cluster, mut b) = authz_cluster("authz_b");
+    b.batch_execute(
+        "CREATE ROLE t_p LOGIN; \
+         CREATE TABLE public.authz_portal (id int, tenant text); \
+         INSERT INTO public.authz_portal SELECT i, 'a' FROM generate_series(1, 6) i; \
+         GRANT SELECT ON public.authz_portal TO t_p",
+    )
+    .unwrap();
+    b.execute(
+        "SELECT custody.set_policy('portal_rows', $1)",
+        &[&"package custody\nrow_allow if input.resource.tenant == input.subject.attributes.tenant\n"],
+    )
+    .unwrap();
+    b.batch_execute(
+        "SELECT custody.create_row_policy('portal_rows', 'public.authz_portal', 'select', \
+            using_expr => $$ custody.check('read', jsonb_build_object('tenant', tenant)) $$); \
+         SELECT custody.set_attribute('t_p', 'tenant', '\"a\"', valid_until => now() + interval '2 seconds')",
+    )
+    .unwrap();
+    let until = unix_now() + 2.0;
+    let mut p = cluster.connect_as("t_p", "authz_p");
+    let mut tx = p.transaction().unwrap();
+    // No ORDER BY: a plain scan, so rows are filtered as they are fetched.
+    let portal = tx.bind("SELECT id FROM public.authz_portal", &[]).unwrap();
+    let first: Vec<i32> = tx.query_portal(&portal, 2).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(first, [1, 2], "fetched while the attribute is valid");
+    std::thread::sleep(Duration::from_secs_f64((until - unix_now()).max(0.0) + 0.3));
+    let rest: Vec<i32> = tx.query_portal(&portal, 10).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(rest, Vec::<i32>::new(), "fetched after the attribute expired");
+    tx.commit().unwrap();
+    drop((p, b));
+    drop(cluster);
+}
+
 const READ_GUARDED: &str = "SELECT count(*) FROM public.authz_guarded";
 
 /// A malformed Rego module is refused (42601, line and column) and the version in force keeps

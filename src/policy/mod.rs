@@ -140,6 +140,8 @@ struct Local {
     /// Bumped for every statement that passes the hooks: custody.check() reuses the
     /// subject it built for the same statement and user instead of rebuilding it per row.
     epoch: u64,
+    /// PostgreSQL's statement start when the epoch last moved (see `sync_statement`).
+    statement_start: i64,
     subject: Option<(u64, pg_sys::Oid, std::rc::Rc<SubjectInput>)>,
     /// custody.check() answers of the current statement (see rows.rs).
     row_memo: Option<RowMemo>,
@@ -156,6 +158,7 @@ static mut LOCAL: Local =
         statements: 0,
         build_error: None,
         epoch: 0,
+        statement_start: 0,
         subject: None,
         row_memo: None,
         allowed_json: None,
@@ -202,7 +205,28 @@ impl RowMemo {
 /// not the statement is recorded or gated, so that the memo never outlives its statement.
 pub fn statement_starts() {
     if !capture::is_internal() {
-        local().epoch += 1;
+        let l = local();
+        l.epoch += 1;
+        // SAFETY: a getter of the transaction state.
+        l.statement_start = unsafe { GetCurrentStatementStartTimestamp() };
+    }
+}
+
+extern "C" {
+    // Declared here as well, without pgrx's setjmp guard: it cannot raise an ERROR, and
+    // custody.check() reads it on every row of a scan.
+    fn GetCurrentStatementStartTimestamp() -> pg_sys::TimestampTz;
+}
+
+/// A statement can also start without passing the hooks: a fast-path function call, or
+/// another Execute of a suspended portal fetching more rows. PostgreSQL moves the statement
+/// start for those; so does the epoch here.
+fn sync_statement(l: &mut Local) {
+    // SAFETY: a getter of the transaction state.
+    let now = unsafe { GetCurrentStatementStartTimestamp() };
+    if now != l.statement_start {
+        l.statement_start = now;
+        l.epoch += 1;
     }
 }
 
@@ -210,6 +234,7 @@ pub fn statement_starts() {
 /// policy set comes into force, together with the gate's own memo of row decisions).
 pub fn row_memo() -> &'static mut RowMemo {
     let l = local();
+    sync_statement(l);
     let (epoch, generation) = (l.epoch, l.generation);
     let m = l.row_memo.get_or_insert_with(|| RowMemo { epoch, generation, key: Vec::new(), decisions: Default::default() });
     if m.epoch != epoch || m.generation != generation {
@@ -412,6 +437,7 @@ pub fn current_subject() -> std::rc::Rc<SubjectInput> {
     // SAFETY: plain read of the current user id.
     let user = unsafe { pg_sys::GetUserId() };
     let l = local();
+    sync_statement(l);
     if let Some((epoch, u, s)) = &l.subject {
         if *epoch == l.epoch && *u == user {
             return s.clone();
