@@ -187,7 +187,10 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
 }
 
 /// The table's primary key if it is what pg_custody created: a valid B-tree on `seq` alone
-/// (0-based attribute `seq_att`); else InvalidOid.
+/// (0-based attribute `seq_att`) with int8's own ordering and no predicate; else InvalidOid.
+/// Anything else (a key rebuilt while the library was unloaded with another operator class,
+/// or made partial by editing the catalog, could order or hide rows) sends the verifier to
+/// the fallback path, which reads every row and orders them itself.
 unsafe fn seq_index(rel: pg_sys::Relation, seq_att: usize) -> pg_sys::Oid {
     unsafe {
         let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
@@ -203,7 +206,9 @@ unsafe fn seq_index(rel: pg_sys::Relation, seq_att: usize) -> pg_sys::Oid {
             && index.indisunique
             && index.indnatts == 1
             && *index.indkey.values.as_ptr() as usize == seq_att + 1
-            && *(*irel).rd_opcintype == pg_sys::INT8OID;
+            && *(*irel).rd_opcintype == pg_sys::INT8OID
+            && *(*irel).rd_opfamily == pg_sys::INTEGER_BTREE_FAM_OID
+            && pg_sys::RelationGetIndexPredicate(irel).is_null();
         pg_sys::index_close(irel, pg_sys::NoLock as pg_sys::LOCKMODE);
         if ok { pk } else { pg_sys::InvalidOid }
     }
