@@ -212,8 +212,8 @@ fn check(action: &str, resource: JsonbBytes) -> bool {
     decide_row(gate, action, &value)
 }
 
-/// What follows the common prefix of a row memo key: the two ways a resource arrives
-/// must never share a key.
+/// The first byte of a row memo key: the two ways a resource arrives (stored jsonb bytes,
+/// or jsonb_build_object's fields) must never share a key.
 #[derive(Clone, Copy)]
 enum MemoKind {
     Jsonb = 0,
