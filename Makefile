@@ -106,6 +106,7 @@ bench: setup
 	cargo build --release -p custody-cli -p custody-chain --examples
 	BEFORE=$(BENCH_BEFORE) scripts/bench.sh $(BENCH_SECONDS) $(BENCH_ROUNDS)
 	scripts/bench_rowcheck.sh
+	scripts/bench_policy_cpu.sh
 
 ## stop / clean: the throwaway clusters
 stop:
