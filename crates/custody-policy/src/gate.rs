@@ -130,6 +130,18 @@ struct StableOutcome {
     allow: Option<Result<Value, String>>,
 }
 
+/// The reason when `allow` is declared and not true.
+const NOT_ALLOWED: &str = "not allowed: data.custody.allow is not true";
+
+/// Remembers a decision, starting over when the memo is full. Callers never pass a failed
+/// evaluation: it may be a time limit, which another try may not hit.
+fn remember<V>(memo: &mut HashMap<String, V>, key: &str, value: V) {
+    if memo.len() >= DECISION_MEMO_LIMIT {
+        memo.clear();
+    }
+    memo.insert(key.to_string(), value);
+}
+
 /// Most decisions a gate remembers before starting over.
 const DECISION_MEMO_LIMIT: usize = 4096;
 
@@ -328,16 +340,11 @@ impl Gate {
                 Some(r) => r.clone(),
                 None => {
                     let r = self.evaluate_statement(input);
-                    // An evaluation error may be a time limit, which another try may not hit.
-                    let error = r.as_ref().is_err_and(|reasons| {
+                    let failed = r.as_ref().is_err_and(|reasons| {
                         reasons.iter().any(|m| m.starts_with(EVALUATION_ERROR))
                     });
-                    if !error {
-                        if self.decision_memo.len() >= DECISION_MEMO_LIMIT {
-                            self.decision_memo.clear();
-                        }
-                        self.decision_memo
-                            .insert(self.decision_key_buf.clone(), r.clone());
+                    if !failed {
+                        remember(&mut self.decision_memo, &self.decision_key_buf, r.clone());
                     }
                     r
                 }
@@ -383,12 +390,7 @@ impl Gate {
     /// order and the same outcome as `evaluate_statement` over the whole set.
     fn evaluate_split(&mut self, st: &StatementInput) -> Result<(), Vec<String>> {
         self.decision_key(st);
-        let objects = self.objects_value(st.objects_json).map_err(|e| vec![e])?;
-        let subject = self.keys.subject(
-            st.subject,
-            self.attribute_value(&st.subject.current_user, st.now_unix_us),
-        );
-        let doc = self.keys.statement(st, subject, objects);
+        let doc = self.statement_doc(st)?;
         let declared_allow = self.declared.allow;
         let sg = self
             .split
@@ -399,13 +401,8 @@ impl Gate {
             None => {
                 self.statement_evaluations += 1;
                 let outcome = sg.evaluate_stable(doc.clone(), declared_allow);
-                // An evaluation error may be a time limit, which another try may not hit.
                 if outcome.deny.is_ok() && !matches!(outcome.allow, Some(Err(_))) {
-                    if sg.memo.len() >= DECISION_MEMO_LIMIT {
-                        sg.memo.clear();
-                    }
-                    sg.memo
-                        .insert(self.decision_key_buf.clone(), outcome.clone());
+                    remember(&mut sg.memo, &self.decision_key_buf, outcome.clone());
                 }
                 outcome
             }
@@ -451,9 +448,7 @@ impl Gate {
                     .expect("a stable allow is evaluated when deny is empty")
             };
             if allow.map_err(|e| vec![e])? != Value::Bool(true) {
-                return Err(vec![
-                    "not allowed: data.custody.allow is not true".to_string()
-                ]);
+                return Err(vec![NOT_ALLOWED.to_string()]);
             }
         }
         Ok(())
@@ -497,12 +492,7 @@ impl Gate {
     /// Ok when the policies let the statement through, else the reasons.
     fn evaluate_statement(&mut self, st: &StatementInput) -> Result<(), Vec<String>> {
         self.statement_evaluations += 1;
-        let objects = self.objects_value(st.objects_json).map_err(|e| vec![e])?;
-        let subject = self.keys.subject(
-            st.subject,
-            self.attribute_value(&st.subject.current_user, st.now_unix_us),
-        );
-        let doc = self.keys.statement(st, subject, objects);
+        let doc = self.statement_doc(st)?;
         let engine = self
             .engine
             .as_mut()
@@ -523,12 +513,20 @@ impl Gate {
                 .eval_rule(ALLOW.to_string())
                 .map_err(|e| vec![evaluation_error(e)])?;
             if allow != Value::Bool(true) {
-                return Err(vec![
-                    "not allowed: data.custody.allow is not true".to_string()
-                ]);
+                return Err(vec![NOT_ALLOWED.to_string()]);
             }
         }
         Ok(())
+    }
+
+    /// The input document of a statement.
+    fn statement_doc(&mut self, st: &StatementInput) -> Result<Value, Vec<String>> {
+        let objects = self.objects_value(st.objects_json).map_err(|e| vec![e])?;
+        let subject = self.keys.subject(
+            st.subject,
+            self.attribute_value(&st.subject.current_user, st.now_unix_us),
+        );
+        Ok(self.keys.statement(st, subject, objects))
     }
 
     fn objects_value(&mut self, json: &str) -> Result<Value, String> {
