@@ -19,6 +19,7 @@ mod queue;
 mod scan;
 mod settings;
 mod shmem;
+mod varlena;
 mod writer;
 
 pgrx::pg_module_magic!();

@@ -11,6 +11,7 @@ use custody_chain::Record;
 
 use crate::capture::PG_EPOCH_OFFSET_US;
 use crate::lend::{JsonLender, Lent};
+use crate::varlena::bytes;
 
 /// Calls `f` with each record from..=to (to = None: to the end) in seq order, with its
 /// stored prev_hash and hash, until `f` returns false. The caller needs SELECT on the table.
@@ -211,21 +212,6 @@ unsafe fn seq_index(rel: pg_sys::Relation, seq_att: usize) -> pg_sys::Oid {
             && pg_sys::RelationGetIndexPredicate(irel).is_null();
         pg_sys::index_close(irel, pg_sys::NoLock as pg_sys::LOCKMODE);
         if ok { pk } else { pg_sys::InvalidOid }
-    }
-}
-
-/// The bytes of a text/bytea/jsonb datum, detoasted (into the current memory context) when
-/// compressed or out of line; others are read in place, without the call into PostgreSQL
-/// (which pgrx guards with a setjmp: 5 % of verification when made for every field).
-unsafe fn bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
-    unsafe {
-        let v = d.cast_mut_ptr::<pg_sys::varlena>();
-        let v = if pgrx::varlena::varatt_is_1b_e(v) || pgrx::varlena::varatt_is_4b_c(v) {
-            pg_sys::pg_detoast_datum_packed(v)
-        } else {
-            v
-        };
-        std::slice::from_raw_parts(pgrx::varlena::vardata_any(v).cast::<u8>(), pgrx::varlena::varsize_any_exhdr(v))
     }
 }
 

@@ -369,7 +369,7 @@ unsafe fn key_bytes<'a>(oid: pg_sys::Oid, datum: pg_sys::Datum) -> &'a [u8] {
         if oid == pg_sys::UNKNOWNOID {
             std::ffi::CStr::from_ptr(datum.cast_mut_ptr::<std::ffi::c_char>()).to_bytes()
         } else {
-            text_bytes(datum)
+            crate::varlena::bytes(datum)
         }
     }
 }
@@ -385,24 +385,6 @@ fn check_fields_oid() -> Option<pg_sys::Oid> {
     // SAFETY: a qualified name list and two argument types; missing_ok.
     let oid = unsafe { pg_sys::LookupFuncName(names.into_pg(), 2, types.as_ptr(), true) };
     (oid != pg_sys::InvalidOid).then_some(oid)
-}
-
-/// The bytes of a text datum (detoasted if it must be; short and packed values as they are).
-///
-/// # Safety
-/// `datum` is a non-null text or varchar datum, valid for the returned lifetime.
-unsafe fn text_bytes<'a>(datum: pg_sys::Datum) -> &'a [u8] {
-    unsafe {
-        let v = datum.cast_mut_ptr::<pg_sys::varlena>();
-        // Only compressed or out-of-line values need detoasting (a call into PostgreSQL,
-        // which pgrx guards with a setjmp: noticeable on every row of a scan).
-        let v = if pgrx::varlena::varatt_is_1b_e(v) || pgrx::varlena::varatt_is_4b_c(v) {
-            pg_sys::pg_detoast_datum_packed(v)
-        } else {
-            v
-        };
-        std::slice::from_raw_parts(pgrx::varlena::vardata_any(v).cast::<u8>(), pgrx::varlena::varsize_any_exhdr(v))
-    }
 }
 
 #[unsafe(no_mangle)]
@@ -429,7 +411,7 @@ pub unsafe extern "C-unwind" fn custody_check_fields(fcinfo: pg_sys::FunctionCal
         if nargs < 3 || !(nargs - 1).is_multiple_of(2) {
             error!("custody._check_fields takes an action and key/value pairs");
         }
-        let action = std::str::from_utf8(text_bytes(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0)))
+        let action = std::str::from_utf8(crate::varlena::bytes(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0)))
             .unwrap_or_else(|_| error!("custody.check: the action is not valid UTF-8"));
         let Some(gate) = super::gate_for_functions() else {
             return pg_sys::Datum::from(false);
@@ -482,7 +464,7 @@ pub unsafe extern "C-unwind" fn custody_check_fields(fcinfo: pg_sys::FunctionCal
                 match types[i + 1] {
                     pg_sys::BOOLOID => serde_json::Value::Bool(datum.value() != 0),
                     pg_sys::TEXTOID | pg_sys::VARCHAROID => serde_json::Value::String(
-                        std::str::from_utf8(text_bytes(datum))
+                        std::str::from_utf8(crate::varlena::bytes(datum))
                             .unwrap_or_else(|_| error!("custody.check: a resource value is not valid UTF-8"))
                             .to_string(),
                     ),
@@ -535,23 +517,17 @@ fn field_int(oid: pg_sys::Oid, datum: pg_sys::Datum) -> i64 {
     }
 }
 
-/// A jsonb argument as it is stored (detoasted), not converted: `custody.check` only needs
-/// its bytes unless they are new.
+/// A jsonb argument as it is stored, not converted: `custody.check` only needs its bytes
+/// unless they are new.
 pub struct JsonbBytes {
     datum: pg_sys::Datum,
-    varlena: *const pg_sys::varlena,
 }
 
 impl JsonbBytes {
     /// # Safety
     /// Only during the call that received the argument.
     unsafe fn bytes(&self) -> &[u8] {
-        unsafe {
-            std::slice::from_raw_parts(
-                pgrx::varlena::vardata_any(self.varlena).cast::<u8>(),
-                pgrx::varlena::varsize_any_exhdr(self.varlena),
-            )
-        }
+        unsafe { crate::varlena::bytes(self.datum) }
     }
 
     /// # Safety
@@ -563,12 +539,7 @@ impl JsonbBytes {
 
 impl FromDatum for JsonbBytes {
     unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
-        if is_null {
-            return None;
-        }
-        // SAFETY: a non-null jsonb datum; detoasting a packed or short value returns it as is.
-        let varlena = unsafe { pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr()) };
-        Some(JsonbBytes { datum: pg_sys::Datum::from(varlena), varlena })
+        (!is_null).then_some(JsonbBytes { datum })
     }
 }
 
