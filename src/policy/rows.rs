@@ -409,10 +409,10 @@ pub unsafe extern "C-unwind" fn custody_check_fields(fcinfo: pg_sys::FunctionCal
             return pgrx::fcinfo::pg_return_null(fcinfo);
         }
         if nargs < 3 || !(nargs - 1).is_multiple_of(2) {
-            error!("custody._check_fields takes an action and key/value pairs");
+            raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "custody._check_fields takes an action and key/value pairs".into());
         }
         let action = std::str::from_utf8(crate::varlena::bytes(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0)))
-            .unwrap_or_else(|_| error!("custody.check: the action is not valid UTF-8"));
+            .unwrap_or_else(|_| not_utf8("the action"));
         let Some(gate) = super::gate_for_functions() else {
             return pg_sys::Datum::from(false);
         };
@@ -447,15 +447,10 @@ pub unsafe extern "C-unwind" fn custody_check_fields(fcinfo: pg_sys::FunctionCal
         for i in (1..nargs).step_by(2) {
             if pgrx::fcinfo::pg_arg_is_null(fcinfo, i) {
                 // jsonb_build_object's own error (its argument i is ours i + 1)
-                pgrx::pg_sys::panic::ErrorReport::new(
-                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                    format!("argument {i}: key must not be null"),
-                    "pg_custody",
-                )
-                .report(PgLogLevel::ERROR);
+                raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("argument {i}: key must not be null"));
             }
             let name = std::str::from_utf8(key_bytes(types[i], pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, i)))
-                .unwrap_or_else(|_| error!("custody.check: a resource key is not valid UTF-8"))
+                .unwrap_or_else(|_| not_utf8("a resource key"))
                 .to_string();
             let value = if pgrx::fcinfo::pg_arg_is_null(fcinfo, i + 1) {
                 serde_json::Value::Null
@@ -465,7 +460,7 @@ pub unsafe extern "C-unwind" fn custody_check_fields(fcinfo: pg_sys::FunctionCal
                     pg_sys::BOOLOID => serde_json::Value::Bool(datum.value() != 0),
                     pg_sys::TEXTOID | pg_sys::VARCHAROID => serde_json::Value::String(
                         std::str::from_utf8(crate::varlena::bytes(datum))
-                            .unwrap_or_else(|_| error!("custody.check: a resource value is not valid UTF-8"))
+                            .unwrap_or_else(|_| not_utf8("a resource value"))
                             .to_string(),
                     ),
                     oid => serde_json::Value::from(field_int(oid, datum)),
@@ -497,7 +492,14 @@ unsafe fn arg_types<'a>(flinfo: *mut pg_sys::FmgrInfo, nargs: usize) -> &'a [pg_
                     _ => FIELD_TYPES.contains(&oid),
                 };
                 if !readable {
-                    error!("custody._check_fields: argument {} has a type it does not read ({oid:?})", i + 1);
+                    raise(
+                        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                        format!(
+                            "custody._check_fields: argument {} is of type {}, which it does not read",
+                            i + 1,
+                            std::ffi::CStr::from_ptr(pg_sys::format_type_be(oid)).to_string_lossy()
+                        ),
+                    );
                 }
                 types.add(i).write(oid);
             }
@@ -505,6 +507,16 @@ unsafe fn arg_types<'a>(flinfo: *mut pg_sys::FmgrInfo, nargs: usize) -> &'a [pg_
         }
         std::slice::from_raw_parts((*flinfo).fn_extra.cast::<pg_sys::Oid>(), nargs)
     }
+}
+
+/// Raises an ERROR with `code`.
+fn raise(code: PgSqlErrorCode, message: String) -> ! {
+    pgrx::pg_sys::panic::ErrorReport::new(code, message, "pg_custody").report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
+fn not_utf8(what: &str) -> ! {
+    raise(PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE, format!("custody.check: {what} is not valid UTF-8"))
 }
 
 /// An int2/int4/int8/bool datum as i64.

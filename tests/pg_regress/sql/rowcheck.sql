@@ -62,6 +62,15 @@ EXPLAIN (COSTS OFF) SELECT id FROM regress_rows WHERE custody.check('read', to_j
 -- as jsonb_build_object would: a NULL key is an error, a NULL action is NULL
 SELECT custody.check('read', jsonb_build_object(NULL::text, tenant)) FROM regress_rows WHERE id = 1;
 SELECT custody.check(NULL, jsonb_build_object('tenant', tenant)) FROM regress_rows WHERE id = 1;
+-- custody._check_fields called directly with what it does not read: 22023
+DO $$ BEGIN
+    PERFORM custody._check_fields('read', 'tenant', 1.5);
+EXCEPTION WHEN invalid_parameter_value THEN RAISE NOTICE 'refused (22023): %', SQLERRM;
+END $$;
+DO $$ BEGIN
+    PERFORM custody._check_fields('read', 'tenant');
+EXCEPTION WHEN invalid_parameter_value THEN RAISE NOTICE 'refused (22023): %', SQLERRM;
+END $$;
 
 -- answers are remembered for one statement only: an attribute that expires between two
 -- statements of an open session changes the next one's rows
