@@ -11,6 +11,25 @@ BEGIN
             MESSAGE = 'pg_custody must be loaded via shared_preload_libraries',
             HINT = 'Add pg_custody to shared_preload_libraries in postgresql.conf and restart the server.';
     END IF;
+    -- The schema holds the evidence: whoever owns it could drop or replace what is in it, and
+    -- objects already in it could shadow pg_custody's functions. CREATE EXTENSION makes it
+    -- when it does not exist; one made beforehand must be a superuser's, and empty.
+    IF EXISTS (SELECT FROM pg_catalog.pg_namespace n JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) n.nspowner
+               WHERE n.nspname OPERATOR(pg_catalog.=) 'custody' AND NOT r.rolsuper) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '42501',
+            MESSAGE = 'schema custody is owned by a role that is not a superuser',
+            HINT = 'Drop the schema, or make a superuser its owner, before CREATE EXTENSION pg_custody.';
+    END IF;
+    IF EXISTS (SELECT FROM pg_catalog.pg_class WHERE relnamespace OPERATOR(pg_catalog.=) 'custody'::pg_catalog.regnamespace)
+       OR EXISTS (SELECT FROM pg_catalog.pg_proc WHERE pronamespace OPERATOR(pg_catalog.=) 'custody'::pg_catalog.regnamespace)
+       OR EXISTS (SELECT FROM pg_catalog.pg_type WHERE typnamespace OPERATOR(pg_catalog.=) 'custody'::pg_catalog.regnamespace)
+       OR EXISTS (SELECT FROM pg_catalog.pg_operator WHERE oprnamespace OPERATOR(pg_catalog.=) 'custody'::pg_catalog.regnamespace) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '55000',
+            MESSAGE = 'schema custody already holds objects',
+            HINT = 'pg_custody needs the schema custody to itself: move or drop what is in it first.';
+    END IF;
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'custody_auditor') THEN
         CREATE ROLE custody_auditor NOLOGIN;
     END IF;

@@ -7,7 +7,20 @@ use pgrx::{pg_sys, JsonB, PgLogLevel, PgSqlErrorCode};
 use custody_chain::export::{ChainHeader, CheckpointLine, RecordLine};
 use custody_chain::{parse_verifier_key, verify_export, ChainVerifier, Digest, ExportLine, Hash};
 
-use crate::{capture, queue, writer};
+use crate::protect::{sql_name, Table};
+use crate::{capture, own, queue, writer};
+
+/// One of the verifier's own statements, with `{audit_log}` and `{checkpoints}` replaced by
+/// the tables' current qualified names (found by OID).
+fn own_sql(template: &str) -> std::ffi::CString {
+    let mut text = template.to_string();
+    for (placeholder, t) in [("{audit_log}", Table::AuditLog), ("{checkpoints}", Table::Checkpoints)] {
+        if text.contains(placeholder) {
+            text = text.replace(placeholder, &sql_name(t));
+        }
+    }
+    std::ffi::CString::new(text).expect("statement templates have no NUL")
+}
 
 /// Records per slice of the export.
 const FETCH: i64 = 10_000;
@@ -18,13 +31,13 @@ fn checkpoints(
     from_seq: i64,
     to_seq: Option<i64>,
 ) -> Result<Vec<CheckpointLine>, pgrx::spi::Error> {
-    let table = client.select(
+    let q = own_sql(
         "SELECT seq, hash, merkle_root, key_id, signature, \
-                (extract(epoch FROM signed_at) * 1000000)::int8, note \
-         FROM custody.checkpoints WHERE seq >= $1 AND ($2::int8 IS NULL OR seq <= $2) ORDER BY seq",
-        None,
-        &[from_seq.into(), to_seq.into()],
-    )?;
+                (EXTRACT(epoch FROM signed_at) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8, note \
+         FROM {checkpoints} WHERE seq OPERATOR(pg_catalog.>=) $1 \
+           AND ($2::pg_catalog.int8 IS NULL OR seq OPERATOR(pg_catalog.<=) $2) ORDER BY seq",
+    );
+    let table = own::select(client, &q, &[from_seq.into(), to_seq.into()])?;
     let mut out = Vec::new();
     for row in table {
         out.push(CheckpointLine {
@@ -113,13 +126,13 @@ fn verify_audit_chain(
     if trusted_digests.is_some() || public_key.is_some() {
         return TableIterator::once(verify_with_checkpoints(from_seq, to_seq, trusted_digests, public_key));
     }
-    let result = capture::internal(|| {
+    let start_sql = own_sql("SELECT hash FROM {audit_log} WHERE seq OPERATOR(pg_catalog.=) $1");
+    let result = own::pinned(|| {
         Spi::connect(|client| {
             let start: Option<Hash> = if from_seq == 1 {
                 Some(writer::genesis())
             } else {
-                client
-                    .select("SELECT hash FROM custody.audit_log WHERE seq = $1", None, &[(from_seq - 1).into()])?
+                own::select(client, &start_sql, &[(from_seq - 1).into()])?
                     .first()
                     .get_one::<Vec<u8>>()?
                     .and_then(|h| h.try_into().ok())
@@ -138,7 +151,10 @@ fn verify_audit_chain(
     });
     let (checked, failure) = result.unwrap_or_else(|e| error!("could not read custody.audit_log: {e}"));
     let row = match failure {
-        None => (true, checked, None, None),
+        None => match crate::scan::log_defect() {
+            None => (true, checked, None, None),
+            Some(what) => (false, checked, None, Some(what)),
+        },
         Some(f) => (false, checked, Some(f.seq), Some(f.kind.to_string())),
     };
     TableIterator::once(row)
@@ -190,7 +206,7 @@ fn verify_with_checkpoints(
             "Pass an array of objects as returned by custody.audit_digest().",
         ),
     };
-    let report = capture::internal(|| {
+    let report = own::pinned(|| {
         Spi::connect(|client| {
             // The export is produced FETCH records at a time as the verifier reads it.
             let mut next_from = 1i64;
@@ -228,7 +244,10 @@ fn verify_with_checkpoints(
     .unwrap_or_else(|e| error!("could not read custody.audit_log: {e}"));
     match report {
         Ok(r) => match r.failure {
-            None => (true, r.records, None, None),
+            None => match crate::scan::log_defect() {
+                None => (true, r.records, None, None),
+                Some(what) => (false, r.records, None, Some(what)),
+            },
             Some(f) => (false, r.records, Some(f.seq), Some(format!("{}: {}", f.class.as_str(), f.reason))),
         },
         Err(e) => (false, 0, None, Some(format!("export could not be read: {e}"))),
@@ -275,7 +294,7 @@ impl std::io::BufRead for LineReader<'_> {
 #[pg_extern(volatile, parallel_unsafe, name = "_export_chunk")]
 fn export_chunk(from_seq: i64, to_seq: i64, with_header: bool) -> SetOfIterator<'static, String> {
     flush_wal();
-    let lines = capture::internal(|| {
+    let lines = own::pinned(|| {
         Spi::connect(|client| {
             let mut lines = Vec::new();
             export_lines(client, from_seq.max(1), Some(to_seq), |l| {
@@ -296,7 +315,7 @@ fn export_chunk(from_seq: i64, to_seq: i64, with_header: bool) -> SetOfIterator<
 #[pg_extern(stable, parallel_restricted)]
 fn audit_digest() -> Option<JsonB> {
     flush_wal();
-    let cp = capture::internal(|| {
+    let cp = own::pinned(|| {
         Spi::connect(|client| {
             let all = checkpoints(client, 1, None)?;
             Ok::<_, pgrx::spi::Error>(all.into_iter().next_back())
@@ -313,19 +332,14 @@ fn audit_head() -> TableIterator<
     'static,
     (name!(seq, Option<i64>), name!(hash, Option<Vec<u8>>), name!(logged_at, Option<pgrx::datum::TimestampWithTimeZone>)),
 > {
-    let row = capture::internal(|| {
+    let q = own_sql("SELECT seq, hash, logged_at FROM {audit_log} ORDER BY seq DESC LIMIT 1");
+    let row = own::pinned(|| {
         Spi::connect(|client| {
-            let t = client
-                .select(
-                    "SELECT seq, hash, logged_at FROM custody.audit_log ORDER BY seq DESC LIMIT 1",
-                    None,
-                    &[],
-                )?
-                .first();
+            let t = own::select(client, &q, &[])?.first();
             if t.is_empty() {
                 return Ok::<_, pgrx::spi::Error>((None, None, None));
             }
-            Ok((t.get::<i64>(1)?, t.get::<Vec<u8>>(2)?, t.get::<pgrx::datum::TimestampWithTimeZone>(3)?))
+            Ok::<_, pgrx::spi::Error>((t.get::<i64>(1)?, t.get::<Vec<u8>>(2)?, t.get::<pgrx::datum::TimestampWithTimeZone>(3)?))
         })
     })
     .unwrap_or_else(|e| error!("could not read custody.audit_log: {e}"));
@@ -361,10 +375,13 @@ fn status() -> JsonB {
         return JsonB(serde_json::json!({ "loaded": false }));
     };
     let state = match s.state {
-        queue::ChainState::Unknown => "starting",
-        queue::ChainState::Absent => "no audit log",
-        queue::ChainState::Ready => "appending",
+        queue::ChainState::Unknown => "starting".to_string(),
+        queue::ChainState::Absent => "no audit log".to_string(),
+        queue::ChainState::Ready if s.writer_pid == 0 => "writer restarting".to_string(),
+        queue::ChainState::Ready => "appending".to_string(),
+        queue::ChainState::Refusing => s.alarm.clone(),
     };
+    let text = |t: &str| if t.is_empty() { serde_json::Value::Null } else { t.into() };
     JsonB(serde_json::json!({
         "signing_key": s.key_status,
         "last_checkpoint_seq": s.last_checkpoint_seq,
@@ -374,5 +391,8 @@ fn status() -> JsonB {
         "queue_bytes_used": s.used,
         "queue_bytes_capacity": s.capacity,
         "lost_records": s.lost,
+        "alarm": text(&s.alarm),
+        "checkpoint_archived_seq": s.archived_seq,
+        "checkpoint_command_error": text(&s.archive_error),
     }))
 }

@@ -13,10 +13,23 @@ pub enum CustodyError {
     QueueUnavailable { timeout_ms: i64 },
     /// The writer did not store this transaction's records in time (durability = commit).
     NotDurable { timeout_ms: i64 },
-    /// A forbidden operation on a protected relation (the audit log).
-    Protected { relation: String, action: String },
+    /// A forbidden operation on a protected relation. `evidence`: the audit log, its
+    /// checkpoints or keys (append-only); otherwise the policy store.
+    Protected { relation: String, action: String, evidence: bool },
     /// DROP of the extension or its tables while custody.allow_drop is off.
     DropRefused { object: String },
+    /// A statement that would change what one of pg_custody's objects is (its schema, its
+    /// definition, what inherits from it, who may write it), refused while loaded.
+    Redefinition { message: String, hint: Option<String> },
+    /// A statement that would hold a lock the custody writer waits for (it would turn every
+    /// writing COMMIT in the cluster into a failure after custody.failure_timeout).
+    WouldBlockWriter { statement: String, relation: String, hint: String },
+    /// Direct DML on a system catalog that changed rows describing built-in objects or
+    /// pg_custody's objects.
+    CatalogRow { catalog: String, what: String },
+    /// One of pg_custody's tables is not as pg_custody created it (changed while the library
+    /// was not loaded); nothing is written to it.
+    NotAsCreated { relation: String, what: String },
 }
 
 impl CustodyError {
@@ -55,7 +68,7 @@ impl CustodyError {
                  for the custody writer."
             ))
             .set_hint("Check the server log and custody.status() for the custody writer."),
-            Protected { relation, action } => ErrorReport::new(
+            Protected { relation, action, evidence: true } => ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("{action} on {relation} is not allowed: it is append-only"),
                 "pg_custody",
@@ -64,6 +77,58 @@ impl CustodyError {
                 "Only the custody writer appends to the audit log and its checkpoints, and \
                  nobody, superusers included, may change them while pg_custody is loaded. This \
                  attempt is recorded.",
+            ),
+            Protected { relation, action, evidence: false } => ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("{action} on {relation} is not allowed: it is changed only by pg_custody's functions"),
+                "pg_custody",
+            )
+            .set_detail(
+                "Policies, attributes, suspensions and row policies are changed through the \
+                 custody.* management functions, which record every change. This attempt is \
+                 recorded.",
+            ),
+            Redefinition { message, hint } => {
+                let e = ErrorReport::new(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, message, "pg_custody")
+                    .set_detail(
+                        "pg_custody's objects cannot be redefined while the library is loaded, \
+                         superusers included. This attempt is recorded.",
+                    );
+                match hint {
+                    Some(h) => e.set_hint(h),
+                    None => e,
+                }
+            }
+            WouldBlockWriter { statement, relation, hint } => ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("{statement} on {relation} is not allowed while pg_custody is loaded"),
+                "pg_custody",
+            )
+            .set_detail(
+                "It would lock the table against the custody writer, and every transaction in the \
+                 cluster that must wait for its audit records would fail meanwhile. This attempt \
+                 is recorded.",
+            )
+            .set_hint(hint),
+            CatalogRow { catalog, what } => ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("direct modification of {catalog} is not allowed here: {what}"),
+                "pg_custody",
+            )
+            .set_detail(
+                "While pg_custody is loaded, system catalog rows that describe built-in objects or \
+                 pg_custody's own objects cannot be inserted, updated or deleted directly, \
+                 superusers included. This attempt is recorded.",
+            )
+            .set_hint("Use the SQL command that makes the change instead of editing the catalog."),
+            NotAsCreated { relation, what } => ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                format!("{relation} is not as pg_custody created it: {what}"),
+                "pg_custody",
+            )
+            .set_hint(
+                "It was changed while pg_custody was not loaded. pg_custody does not write to it \
+                 until it is restored; verify the chain from an export.",
             ),
             DropRefused { object } => ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,

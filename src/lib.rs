@@ -13,6 +13,8 @@ mod capture;
 mod error;
 mod hooks;
 mod lend;
+mod own;
+mod pgver;
 mod policy;
 mod protect;
 mod queue;

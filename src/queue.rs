@@ -17,8 +17,9 @@ use crate::settings;
 
 pub const TRANCHE: &std::ffi::CStr = c"pg_custody";
 /// Present in the data directory while an audit chain exists, so that after a restart
-/// sessions record from their first statement, before the writer has looked.
-const CHAIN_MARKER: &str = "pg_custody.chain";
+/// sessions record from their first statement, before the writer has looked (it is the
+/// file where the writer keeps the chain head, `writer::head`).
+pub const CHAIN_MARKER: &str = "pg_custody.head";
 const WAIT_EVENT: u32 = pg_sys::PG_WAIT_EXTENSION;
 
 /// Whether the writer has found the audit log in `custody.database`.
@@ -32,6 +33,9 @@ pub enum ChainState {
     Absent = 1,
     /// The writer is appending.
     Ready = 2,
+    /// The writer found pg_custody's tables changed (while the library was not loaded) and
+    /// does not write to them: sessions queue records as if the writer were away.
+    Refusing = 3,
 }
 
 #[repr(C)]
@@ -60,10 +64,37 @@ struct Shared {
     /// it is beyond the stored position someone is waiting, and the writer does not gather.
     /// A position rather than a count, so that a wait ended by an ERROR leaves nothing behind.
     wanted: AtomicU64,
-    /// The signing key's state as text (under `lock`), for custody.status().
-    key_status_len: u32,
-    key_status: [u8; 256],
+    /// Lost records the writer has already turned into GAP records (survives writer restarts).
+    lost_recorded: AtomicU64,
+    /// The chain head the writer last committed (under `lock`; `head_valid` false until the
+    /// first writer of this server run has read the table): the writer that follows compares
+    /// the table with it, so a head that went backwards is noticed.
+    head_valid: bool,
+    head_hash: [u8; 32],
+    /// The seq of the last checkpoint custody.checkpoint_command took.
+    archived_seq: AtomicI64,
+    /// Texts for custody.status() (under `lock`).
+    texts: [StatusText; 3],
     // the ring of `capacity` bytes follows
+}
+
+/// A short text in shared memory, for custody.status().
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct StatusText {
+    len: u32,
+    bytes: [u8; 256],
+}
+
+/// The status texts the writer publishes.
+#[derive(Clone, Copy)]
+pub enum Text {
+    /// The signing key's state.
+    Key = 0,
+    /// An alarm about the chain (its head went backwards), or empty.
+    Alarm = 1,
+    /// custody.checkpoint_command's last failure, or empty.
+    Archive = 2,
 }
 
 static mut SHARED: *mut Shared = null_mut();
@@ -125,6 +156,7 @@ pub fn state() -> ChainState {
     match shared().map(|s| s.state.load(Ordering::Acquire)) {
         Some(1) => ChainState::Absent,
         Some(2) => ChainState::Ready,
+        Some(3) => ChainState::Refusing,
         _ => ChainState::Unknown,
     }
 }
@@ -270,6 +302,9 @@ pub fn note_lost() {
 /// What `custody.status()` shows of the queue.
 pub struct Status {
     pub key_status: String,
+    pub alarm: String,
+    pub archive_error: String,
+    pub archived_seq: i64,
     pub last_checkpoint_seq: i64,
     pub capacity: u64,
     pub used: u64,
@@ -283,16 +318,19 @@ pub fn status() -> Option<Status> {
     let s = shared()?;
     let sp = s as *const Shared;
     // SAFETY: a consistent read of head/tail needs the lock.
-    let (used, key_status) = unsafe {
+    let (used, texts) = unsafe {
         pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_SHARED);
         let u = (*sp).head - (*sp).tail;
-        let n = ((*sp).key_status_len as usize).min(256);
-        let k = String::from_utf8_lossy(&(&(*sp).key_status)[..n]).into_owned();
+        let texts = (*sp).texts.map(|t| String::from_utf8_lossy(&t.bytes[..(t.len as usize).min(256)]).into_owned());
         pg_sys::LWLockRelease(s.lock);
-        (u, k)
+        (u, texts)
     };
+    let [key_status, alarm, archive_error] = texts;
     Some(Status {
         key_status,
+        alarm,
+        archive_error,
+        archived_seq: s.archived_seq.load(Ordering::Acquire),
         last_checkpoint_seq: s.last_checkpoint_seq.load(Ordering::Acquire),
         capacity: s.capacity,
         used,
@@ -322,37 +360,65 @@ impl Consumer {
 
     pub fn set_state(&self, st: ChainState) {
         self.s.state.store(st as u32, Ordering::Release);
-        // The writer's working directory is the data directory. Failing to write the marker
-        // only means the first statements after a restart wait for the writer to look.
-        let _ = match st {
-            ChainState::Ready => std::fs::write(CHAIN_MARKER, b"pg_custody audit chain\n"),
-            ChainState::Absent => std::fs::remove_file(CHAIN_MARKER).or(Ok(())),
-            ChainState::Unknown => Ok(()),
-        };
-    }
-
-    pub fn set_head_seq(&self, seq: i64) {
-        self.s.head_seq.store(seq, Ordering::Release);
     }
 
     pub fn set_last_checkpoint(&self, seq: i64) {
         self.s.last_checkpoint_seq.store(seq, Ordering::Release);
     }
 
-    /// Publishes the signing key's state (truncated to 256 bytes) for custody.status().
-    pub fn set_key_status(&self, text: &str) {
+    /// Publishes a status text (truncated to 256 bytes) for custody.status().
+    pub fn set_text(&self, which: Text, text: &str) {
         let sp = self.s as *const Shared as *mut Shared;
         let mut n = text.len().min(256);
         while !text.is_char_boundary(n) {
             n -= 1;
         }
-        // SAFETY: the status text is written under the lock and read under it.
+        // SAFETY: the status texts are written under the lock and read under it.
         unsafe {
             pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            (&mut (*sp).key_status)[..n].copy_from_slice(&text.as_bytes()[..n]);
-            (*sp).key_status_len = n as u32;
+            let t = &mut (*sp).texts[which as usize];
+            t.bytes[..n].copy_from_slice(&text.as_bytes()[..n]);
+            t.len = n as u32;
             pg_sys::LWLockRelease(self.s.lock);
         }
+    }
+
+    /// The head the previous writer of this server run committed, if one did.
+    pub fn committed_head(&self) -> Option<(i64, [u8; 32])> {
+        let sp = self.s as *const Shared;
+        // SAFETY: read under the lock.
+        unsafe {
+            pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_SHARED);
+            let h = (*sp).head_valid.then(|| (self.s.head_seq.load(Ordering::Acquire), (*sp).head_hash));
+            pg_sys::LWLockRelease(self.s.lock);
+            h
+        }
+    }
+
+    /// Publishes the committed head (custody.status() shows its seq).
+    pub fn set_head(&self, seq: i64, hash: &[u8; 32]) {
+        let sp = self.s as *const Shared as *mut Shared;
+        // SAFETY: written under the lock.
+        unsafe {
+            pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            (*sp).head_hash = *hash;
+            (*sp).head_valid = true;
+            self.s.head_seq.store(seq, Ordering::Release);
+            pg_sys::LWLockRelease(self.s.lock);
+        }
+    }
+
+    /// Lost records already recorded as gaps, by this writer or one before it.
+    pub fn lost_recorded(&self) -> u64 {
+        self.s.lost_recorded.load(Ordering::Acquire)
+    }
+
+    pub fn set_lost_recorded(&self, n: u64) {
+        self.s.lost_recorded.store(n, Ordering::Release);
+    }
+
+    pub fn set_archived_seq(&self, seq: i64) {
+        self.s.archived_seq.store(seq, Ordering::Release);
     }
 
     pub fn lost(&self) -> u64 {

@@ -21,8 +21,7 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
     // SAFETY: called from SQL functions, inside a transaction with an active snapshot. The
     // relation and index stay locked (AccessShareLock) until the end of the transaction.
     unsafe {
-        let nsp = pg_sys::get_namespace_oid(c"custody".as_ptr(), false);
-        let relid = pg_sys::get_relname_relid(c"audit_log".as_ptr(), nsp);
+        let relid = log_oid();
         if relid == pg_sys::InvalidOid {
             pgrx::error!("custody.audit_log does not exist in this database (see custody.database)");
         }
@@ -150,12 +149,14 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
             // The primary key is gone (dropped with the library unloaded: tampering, which is
             // what is being looked for). Let the planner order the row versions by seq and
             // fetch each by its ctid.
-            crate::capture::internal(|| {
+            let q = std::ffi::CString::new(format!(
+                "SELECT ctid FROM {} WHERE seq OPERATOR(pg_catalog.>=) $1 ORDER BY seq, ctid",
+                crate::protect::sql_name(crate::protect::Table::AuditLog)
+            ))
+            .expect("no NUL");
+            crate::own::pinned(|| {
                 pgrx::Spi::connect(|client| {
-                    let mut cursor = client.open_cursor(
-                        "SELECT ctid FROM custody.audit_log WHERE seq >= $1 ORDER BY seq, ctid",
-                        &[from_seq.into()],
-                    );
+                    let mut cursor = crate::own::cursor(client, &q, &[from_seq.into()]);
                     'rows: loop {
                         let table = cursor.fetch(10_000)?;
                         if table.is_empty() {
@@ -184,6 +185,28 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
         pg_sys::MemoryContextDelete(row_cxt);
         pg_sys::ExecDropSingleTupleTableSlot(slot);
         pg_sys::table_close(rel, lock);
+    }
+}
+
+/// custody.audit_log's OID (InvalidOid when pg_custody has no audit log in this database).
+pub fn log_oid() -> pg_sys::Oid {
+    crate::protect::ids().map(|i| i.table(crate::protect::Table::AuditLog)).unwrap_or(pg_sys::InvalidOid)
+}
+
+/// Why custody.audit_log is not as pg_custody created it, if it is not (inheritance children
+/// whose rows appear in queries of it, row security hiding rows from auditors, triggers...):
+/// verification reports it, since the records alone may verify.
+pub fn log_defect() -> Option<String> {
+    let relid = log_oid();
+    if relid == pg_sys::InvalidOid {
+        return None;
+    }
+    // SAFETY: opened and closed here, in a transaction.
+    unsafe {
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let why = crate::protect::table::defect(crate::protect::Table::AuditLog, rel);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        why.map(|w| format!("{} is not as pg_custody created it: {w}", crate::protect::label(crate::protect::Table::AuditLog)))
     }
 }
 
@@ -270,6 +293,24 @@ const TYPES: [pg_sys::Oid; 23] = [
 /// # Safety
 /// `desc` is a valid tuple descriptor.
 pub unsafe fn column_positions(desc: pg_sys::TupleDesc) -> [usize; 23] {
+    match unsafe { positions(desc) } {
+        Ok(pos) => pos,
+        Err(what) => altered(&what),
+    }
+}
+
+/// What is wrong with the log's columns, if anything (protect::table reports it).
+///
+/// # Safety
+/// `desc` is a valid tuple descriptor.
+pub unsafe fn column_defect(desc: pg_sys::TupleDesc) -> Option<String> {
+    match unsafe { positions(desc) } {
+        Ok(pos) => unsafe { other_columns_defect(desc, &pos) },
+        Err(what) => Some(what),
+    }
+}
+
+unsafe fn positions(desc: pg_sys::TupleDesc) -> Result<[usize; 23], String> {
     let mut pos = [usize::MAX; 23];
     unsafe {
         for i in 0..(*desc).natts as usize {
@@ -280,16 +321,16 @@ pub unsafe fn column_positions(desc: pg_sys::TupleDesc) -> [usize; 23] {
             let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr());
             if let Some(k) = COLUMNS.iter().position(|c| c.as_bytes() == name.to_bytes()) {
                 if att.atttypid != TYPES[k] {
-                    altered(&format!("column {} has type {}, not {}", COLUMNS[k], u32::from(att.atttypid), u32::from(TYPES[k])));
+                    return Err(format!("column {} has type {}, not {}", COLUMNS[k], u32::from(att.atttypid), u32::from(TYPES[k])));
                 }
                 pos[k] = i;
             }
         }
     }
     if let Some(k) = pos.iter().position(|&p| p == usize::MAX) {
-        altered(&format!("it has no column {}", COLUMNS[k]));
+        return Err(format!("it has no column {}", COLUMNS[k]));
     }
-    pos
+    Ok(pos)
 }
 
 /// Columns other than `COLUMNS` (added by a later version, or by someone with the library
@@ -298,15 +339,22 @@ pub unsafe fn column_positions(desc: pg_sys::TupleDesc) -> [usize; 23] {
 /// # Safety
 /// `desc` is a valid tuple descriptor; `pos` came from `column_positions(desc)`.
 pub unsafe fn check_other_columns_nullable(desc: pg_sys::TupleDesc, pos: &[usize; 23]) {
+    if let Some(what) = unsafe { other_columns_defect(desc, pos) } {
+        altered(&what);
+    }
+}
+
+unsafe fn other_columns_defect(desc: pg_sys::TupleDesc, pos: &[usize; 23]) -> Option<String> {
     unsafe {
         for i in 0..(*desc).natts as usize {
             let att = &*(*desc).attrs.as_ptr().add(i);
             if !att.attisdropped && !pos.contains(&i) && (att.attnotnull || att.atthasdef || att.attgenerated != 0) {
                 let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy();
-                altered(&format!("column {name} is not one pg_custody writes, and it is NOT NULL, has a default or is generated"));
+                return Some(format!("column {name} is not one pg_custody writes, and it is NOT NULL, has a default or is generated"));
             }
         }
     }
+    None
 }
 
 fn altered(what: &str) -> ! {

@@ -37,6 +37,8 @@ static mut ON_FAILURE: c_int = OnFailure::Block as c_int;
 static mut ALLOW_DROP: bool = false;
 /// `custody.signing_key_file` — Ed25519 private key the writer signs checkpoints with.
 static mut SIGNING_KEY_FILE: *mut c_char = std::ptr::null_mut();
+/// `custody.checkpoint_command` — shell command each signed checkpoint is handed to.
+static mut CHECKPOINT_COMMAND: *mut c_char = std::ptr::null_mut();
 /// `custody.checkpoint_interval` — seconds between signed checkpoints.
 static mut CHECKPOINT_INTERVAL_S: c_int = 60;
 /// `custody.enforce` — on, dry_run or off.
@@ -101,6 +103,7 @@ pub const RECORDED_SETTINGS: &[&str] = &[
     "custody.allow_drop",
     "custody.signing_key_file",
     "custody.checkpoint_interval",
+    "custody.checkpoint_command",
     "custody.enforce",
     "custody.exempt_roles",
 ];
@@ -311,6 +314,20 @@ pub fn init() {
             Some(assign_int),
             None,
         );
+        pg_sys::DefineCustomStringVariable(
+            c"custody.checkpoint_command".as_ptr(),
+            c"Shell command each signed checkpoint is handed to, so that a copy leaves the database.".as_ptr(),
+            c"Run by the custody writer like archive_command: %p is a file holding the checkpoint's \
+              digest (JSON), %s its seq, %% a percent sign. Empty: checkpoints leave only as LOG lines."
+                .as_ptr(),
+            addr_of_mut!(CHECKPOINT_COMMAND),
+            c"".as_ptr(),
+            PGC_SIGHUP,
+            su,
+            None,
+            Some(assign_string),
+            None,
+        );
         pg_sys::DefineCustomEnumVariable(
             c"custody.enforce".as_ptr(),
             c"on: statements denied by policy fail; dry_run: they run and the would-be denial is \
@@ -506,6 +523,16 @@ pub fn allow_drop() -> bool {
 /// The signing key file, or None when unset.
 pub fn signing_key_file() -> Option<String> {
     let p = unsafe { SIGNING_KEY_FILE };
+    if p.is_null() {
+        return None;
+    }
+    let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().trim().to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+/// custody.checkpoint_command, or None when unset.
+pub fn checkpoint_command() -> Option<String> {
+    let p = unsafe { CHECKPOINT_COMMAND };
     if p.is_null() {
         return None;
     }

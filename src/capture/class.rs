@@ -14,12 +14,14 @@ pub enum Class {
     MiscSet = 6,
     Policy = 7,
     System = 8,
+    /// Connections: successful and failed authentication.
+    Login = 9,
 }
 
-pub const CLASS_NAMES: [&str; 9] =
-    ["read", "write", "function", "role", "ddl", "misc", "misc_set", "policy", "system"];
+pub const CLASS_NAMES: [&str; 10] =
+    ["read", "write", "function", "role", "ddl", "misc", "misc_set", "policy", "system", "login"];
 
-const ALL_CLASSES: [Class; 9] = [
+const ALL_CLASSES: [Class; 10] = [
     Class::Read,
     Class::Write,
     Class::Function,
@@ -29,6 +31,7 @@ const ALL_CLASSES: [Class; 9] = [
     Class::MiscSet,
     Class::Policy,
     Class::System,
+    Class::Login,
 ];
 
 impl Class {
@@ -50,10 +53,10 @@ impl Class {
 pub struct ClassSet(u16);
 
 impl ClassSet {
-    pub const ALL: ClassSet = ClassSet((1 << 9) - 1);
+    pub const ALL: ClassSet = ClassSet((1 << 10) - 1);
     pub const NONE: ClassSet = ClassSet(0);
     /// `all, -misc_set`
-    pub const DEFAULT: ClassSet = ClassSet(((1 << 9) - 1) & !(1 << Class::MiscSet as u16));
+    pub const DEFAULT: ClassSet = ClassSet(((1 << 10) - 1) & !(1 << Class::MiscSet as u16));
 
     pub fn contains(self, c: Class) -> bool {
         self.0 & (1 << c as u16) != 0
@@ -171,6 +174,6 @@ mod tests {
             assert_eq!(c.name(), *n);
             assert_eq!(Class::from_u8(i as u8), Some(c));
         }
-        assert_eq!(Class::from_u8(9), None);
+        assert_eq!(Class::from_u8(10), None);
     }
 }

@@ -8,6 +8,8 @@
 
 pub mod class;
 pub mod objects;
+pub mod session;
+pub mod sqltext;
 pub mod wire;
 
 use std::ffi::CStr;
@@ -30,6 +32,8 @@ struct Open {
     /// Subtransaction the statement started in: its abort closes the record as an error.
     subid: pg_sys::SubTransactionId,
     rec: Captured,
+    /// Secrets redacted from the statement text: scrubbed from its error message too.
+    secrets: Vec<String>,
 }
 
 /// Per-backend capture state. Backends are single-threaded; see `state()`.
@@ -37,8 +41,16 @@ struct State {
     open: Vec<Open>,
     /// Nesting of statements currently executing (0 = top level).
     depth: i32,
-    /// > 0 while pg_custody runs its own queries: they are never recorded.
-    internal: u32,
+    /// Inside ExecutorStart (expressions are being initialized, not run).
+    in_start: bool,
+    /// While a read of the catalogs only is being started: whether it calls an unsafe
+    /// function (custody.audit_catalog = off records it then).
+    watch: Option<bool>,
+    /// The client's current statement came with bind parameters: error messages are
+    /// recorded as their templates, which cannot contain the values.
+    client_params: bool,
+    /// A fast-path function call's record is open, opened at this statement start.
+    fastpath_start: Option<i64>,
     /// Queue position after this transaction's last record (for durability = commit).
     last_pos: u64,
     /// Queue position after this session's last record (for custody.flush()).
@@ -58,6 +70,8 @@ struct State {
 pub struct ReportedError {
     pub sqlstate: String,
     pub message: String,
+    /// The message before its values were filled in (errmsg's untranslated format).
+    pub template: Option<String>,
     pub query: Option<String>,
 }
 
@@ -71,7 +85,10 @@ struct Session {
 static mut STATE: State = State {
     open: Vec::new(),
     depth: 0,
-    internal: 0,
+    in_start: false,
+    watch: None,
+    client_params: false,
+    fastpath_start: None,
     last_pos: 0,
     session_pos: 0,
     settings_seen: 0,
@@ -95,36 +112,11 @@ pub fn init() {
     state().settings_seen = settings::generation();
 }
 
-// ---- re-entry guard ---------------------------------------------------------------------
-
-/// Runs `f` as pg_custody's own work: nothing inside is recorded or gated.
-///
-/// The level is restored however `f` ends: an ERROR inside it unwinds through here (pgrx
-/// turns it into a panic at the call into PostgreSQL), and a PL/pgSQL EXCEPTION block may
-/// catch it and go on; a level left raised would switch capture and the gate off for the
-/// rest of the session. (The transaction abort callback also resets it.)
-pub fn internal<R>(f: impl FnOnce() -> R) -> R {
-    struct Level;
-    impl Drop for Level {
-        fn drop(&mut self) {
-            let s = state();
-            s.internal = s.internal.saturating_sub(1);
-        }
-    }
-    state().internal += 1;
-    let _level = Level;
-    f()
-}
-
-pub fn is_internal() -> bool {
-    state().internal > 0
-}
-
 // ---- should this statement be recorded? -------------------------------------------------
 
 /// Whether statements are being captured at all in this process right now.
 pub fn active() -> bool {
-    if is_internal() || queue::state() == ChainState::Absent {
+    if crate::own::in_writer() || queue::state() == ChainState::Absent {
         return false;
     }
     // Parallel workers run parts of a plan whose statement the leader records.
@@ -140,42 +132,35 @@ pub fn wanted(class: Class) -> bool {
 
 /// Opens a record for a statement that is starting. `text` is the statement's own text.
 pub fn open(key: usize, class: Class, command: &str, objects: String, text: Option<&str>) {
+    close_fastpath_if_returned();
     let st = state();
-    let (statement, statement_sha256) = statement_text(text);
+    let stored = statement_text(text);
     let rec = Captured {
         event_time: now_unix_us(),
-        database_name: String::new(),
-        session_user_name: String::new(),
-        current_user_name: String::new(),
-        client_addr: None,
-        application_name: None,
-        backend_pid: 0,
         nesting_level: st.depth,
-        xid: None,
         class: class as u8,
         command: command.to_string(),
         objects,
-        statement,
-        statement_sha256,
-        rows: None,
-        outcome: Outcome::Success,
-        sqlstate: None,
-        message: None,
-        decision: None,
+        statement: stored.text,
+        statement_sha256: stored.sha256,
+        ..Default::default()
     };
     let rec = fill_who(rec);
     // SAFETY: plain read of the current subtransaction id.
     let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    st.open.push(Open { key, subid, rec });
+    st.open.push(Open { key, subid, rec, secrets: stored.secrets });
 }
 
 /// A fresh key for a utility statement's record.
 pub fn utility_token() -> usize {
     let st = state();
     st.next_token = st.next_token.wrapping_add(2);
-    // odd numbers never collide with (aligned) QueryDesc pointers
-    st.next_token | 1
+    // odd numbers never collide with (aligned) QueryDesc pointers; 1 is the fast path's
+    (st.next_token | 1).max(3)
 }
+
+/// The key of a fast-path function call's record.
+const FASTPATH_KEY: usize = 1;
 
 pub fn is_open(key: usize) -> bool {
     state().open.iter().rev().any(|o| o.key == key)
@@ -191,54 +176,106 @@ pub fn close(key: usize, rows: Option<i64>) {
     submit(rec, false);
 }
 
+/// Drops the record opened under `key` without queueing it (a read of the catalogs that
+/// turned out to be one custody.audit_catalog = off skips).
+pub fn discard(key: usize) {
+    let st = state();
+    if let Some(i) = st.open.iter().rposition(|o| o.key == key) {
+        st.open.remove(i);
+    }
+}
+
+/// The statement `key` runs with bind parameters. When it is the client's statement, its
+/// error messages are recorded as templates (the values may be in them).
+pub fn mark_bind_parameters(key: usize) {
+    let st = state();
+    if st.open.iter().rev().find(|o| o.key == key).is_some_and(|o| o.rec.nesting_level == 0) {
+        st.client_params = true;
+    }
+}
+
 /// Closes, as errors, every record opened in subtransaction `subid` or later (all of them
 /// when `subid` is None: top-level abort). Called from the abort callbacks.
 pub fn fail_open(subid: Option<pg_sys::SubTransactionId>) {
+    // A fast-path call whose message is over succeeded; only one still running failed.
+    close_fastpath_if_returned();
     let st = state();
     let reported = st.last_error.take();
+    let reported_any = reported.is_some();
+    let client_params = std::mem::take(&mut st.client_params);
     let query = reported.as_ref().and_then(|e| e.query.clone());
-    let (sqlstate, message) = reported
-        .map(|e| (Some(e.sqlstate), Some(e.message)))
-        .unwrap_or((None, Some("statement aborted by an error that was handled by an exception \
-                                 block or not reported to the server log".into())));
+    // Bind parameter values can be in an error message (22P02 quotes the text it could not
+    // read): for a statement that had them, the message's template is kept instead.
+    let params = client_params || query.as_deref().is_some_and(sqltext::has_bind_params);
+    let (sqlstate, message) = match reported {
+        Some(e) => {
+            let m = if params { e.template.unwrap_or_else(|| "(message withheld: the statement had bind parameters)".into()) } else { e.message };
+            (Some(e.sqlstate), Some(m))
+        }
+        None => (None, Some("statement aborted by an error that was handled by an exception \
+                             block or not reported to the server log".into())),
+    };
     let xid = current_xid();
     let mut failed = Vec::new();
     st.open.retain_mut(|o| {
         if subid.is_none_or(|s| o.subid >= s) {
-            failed.push(std::mem::take(&mut o.rec));
+            failed.push((std::mem::take(&mut o.rec), std::mem::take(&mut o.secrets)));
             false
         } else {
             true
         }
     });
+    if st.open.iter().all(|o| o.key != FASTPATH_KEY) {
+        st.fastpath_start = None;
+    }
     if failed.is_empty() {
         // Nothing was open, yet an error was reported: the statement failed before it could
-        // start (syntax error, unknown table, an error while planning) or at commit.
+        // start (syntax error, unknown table, an error while planning, bind parameters that
+        // do not parse), at commit, or a fast-path call was refused before it started.
+        if query.is_none() && reported_any && in_fastpath() && wanted(Class::Function) && active() {
+            let mut rec = fill_who(Captured {
+                event_time: now_unix_us(),
+                class: Class::Function as u8,
+                command: "FUNCTION CALL".into(),
+                objects: "[]".into(),
+                nesting_level: st.depth,
+                ..Default::default()
+            });
+            rec.outcome = Outcome::Error;
+            rec.sqlstate = sqlstate;
+            rec.message = message;
+            rec.xid = xid;
+            submit(rec, true);
+            return;
+        }
         if let Some(text) = query {
             let (class, command) = class::classify_text(&text);
-            if wanted(class) && !is_internal() {
-                let (statement, statement_sha256) = statement_text(Some(&text));
+            if wanted(class) && !crate::own::in_writer() {
+                let stored = statement_text(Some(&text));
                 let mut rec = fill_who(Captured {
                     event_time: now_unix_us(),
                     class: class as u8,
                     command: command.to_string(),
                     objects: "[]".into(),
-                    statement,
-                    statement_sha256,
+                    statement: stored.text,
+                    statement_sha256: stored.sha256,
                     nesting_level: st.depth,
                     ..Default::default()
                 });
                 rec.outcome = Outcome::Error;
                 rec.sqlstate = sqlstate;
-                rec.message = message;
+                rec.message = message.map(|m| sqltext::scrub(&m, &stored.secrets).into_owned());
                 rec.xid = xid;
                 submit(rec, true);
             }
         }
         return;
     }
+    // Secrets of any failed statement are scrubbed from the message all of them share.
+    let secrets: Vec<String> = failed.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
+    let message = message.map(|m| sqltext::scrub(&m, &secrets).into_owned());
     // innermost first, as they finished
-    for mut rec in failed.into_iter().rev() {
+    for (mut rec, _) in failed.into_iter().rev() {
         // A policy denial keeps its outcome; everything else failed with the error.
         if rec.outcome != Outcome::Denied {
             rec.outcome = Outcome::Error;
@@ -247,6 +284,136 @@ pub fn fail_open(subid: Option<pg_sys::SubTransactionId>) {
         rec.message = message.clone();
         rec.xid = xid;
         submit(rec, true);
+    }
+}
+
+fn statement_start() -> i64 {
+    // SAFETY: a getter of the transaction state.
+    unsafe { pg_sys::GetCurrentStatementStartTimestamp() }
+}
+
+// ---- the executor starting, and the functions it will call ------------------------------
+
+/// Runs `f` (standard ExecutorStart) noting that expressions are being initialized. With
+/// `watch`, returns whether they call a function that is not safe (see `function_executes`).
+pub fn starting(watch: bool, f: impl FnOnce()) -> bool {
+    struct Restore(bool, Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let st = state();
+            st.in_start = self.0;
+            st.watch = self.1;
+        }
+    }
+    let st = state();
+    let restore = Restore(st.in_start, st.watch);
+    st.in_start = true;
+    st.watch = watch.then_some(false);
+    f();
+    let seen = state().watch == Some(true);
+    drop(restore);
+    seen
+}
+
+/// Volatile built-in functions a read of the catalogs may call and still be skipped with
+/// custody.audit_catalog = off: they read the clock or a random number and change nothing.
+const SAFE_VOLATILE: [&str; 3] = ["clock_timestamp", "timeofday", "random"];
+
+/// A function PostgreSQL is about to execute (OAT_FUNCTION_EXECUTE): while a statement starts,
+/// whether the function is safe; outside any statement, a fast-path function call.
+pub fn function_executes(func: pg_sys::Oid) {
+    let st = state();
+    if st.in_start {
+        if st.watch == Some(false) && !safe_function(func) {
+            st.watch = Some(true);
+        }
+        return;
+    }
+    if st.depth == 0 && in_fastpath() {
+        fastpath_call(func);
+    }
+}
+
+/// Built in, and not volatile (or on the short list above): reads, computes, changes nothing.
+fn safe_function(func: pg_sys::Oid) -> bool {
+    if u32::from(func) >= pg_sys::FirstNormalObjectId {
+        return false;
+    }
+    // SAFETY: syscache lookups of an existing function.
+    unsafe {
+        pg_sys::func_volatile(func) as u8 != pg_sys::PROVOLATILE_VOLATILE
+            || SAFE_VOLATILE.contains(&objects::cstr(pg_sys::get_func_name(func)).as_str())
+    }
+}
+
+/// Whether the backend is serving a fast-path function call (libpq's PQfn: the large-object
+/// functions, or any function called by OID). PostgreSQL reports the state where activity
+/// tracking is on; without it, a client backend running a function outside any statement
+/// and any query text is one.
+fn in_fastpath() -> bool {
+    // SAFETY: plain reads of process globals set at backend start and per message.
+    unsafe {
+        if pg_sys::MyBackendType != pg_sys::BackendType::B_BACKEND
+            || !pg_sys::debug_query_string.is_null()
+            || !session::logged_in()
+        {
+            return false;
+        }
+        let be = pg_sys::MyBEEntry;
+        if !be.is_null() && (*be).st_state != pg_sys::BackendState::STATE_DISABLED {
+            return (*be).st_state == pg_sys::BackendState::STATE_FASTPATH;
+        }
+        true
+    }
+}
+
+/// Opens (and gates) the record of a fast-path call of `func`: class function, command
+/// FUNCTION CALL, the function as the object, no statement text. It is closed when the next
+/// message starts, at commit, or as an error by the abort.
+fn fastpath_call(func: pg_sys::Oid) {
+    if !active() {
+        return;
+    }
+    close_fastpath();
+    crate::policy::statement_starts();
+    // SAFETY: syscache lookups of the function being called.
+    let object = unsafe {
+        objects::ObjectRef {
+            columns: Vec::new(),
+            kind: "function",
+            name: objects::cstr(pg_sys::get_func_name(func)),
+            privileges: vec!["EXECUTE"],
+            schema: objects::cstr(pg_sys::get_namespace_name(pg_sys::get_func_namespace(func))),
+        }
+    };
+    let objects_json = objects::to_json(&[object]);
+    let pending = crate::policy::prepare();
+    if pending.is_none() && !wanted(Class::Function) {
+        return;
+    }
+    let verdict = pending.map(|p| p.decide("FUNCTION CALL", &objects_json));
+    open(FASTPATH_KEY, Class::Function, "FUNCTION CALL", objects_json, None);
+    state().fastpath_start = Some(statement_start());
+    if let Some(v) = verdict {
+        set_decision(FASTPATH_KEY, v.record_json(), v.denies());
+        if v.denies() {
+            crate::policy::raise_denied(&v);
+        }
+    }
+}
+
+/// Closes the record of a fast-path call once the next message has started (statements the
+/// called function runs itself belong to the call, which is still running).
+fn close_fastpath_if_returned() {
+    if state().fastpath_start.is_some_and(|t| t != statement_start()) {
+        close_fastpath();
+    }
+}
+
+/// Closes the record of a fast-path call that has returned (its transaction commits).
+pub fn close_fastpath() {
+    if state().fastpath_start.take().is_some() {
+        close(FASTPATH_KEY, None);
     }
 }
 
@@ -326,12 +493,14 @@ pub fn depth_leave() {
     st.depth = (st.depth - 1).max(0);
 }
 
-/// After a top-level abort: nothing is executing, nothing of ours is running.
+/// After a top-level abort: nothing is executing.
 pub fn reset_after_abort() {
     let st = state();
     st.depth = 0;
-    st.internal = 0;
+    st.in_start = false;
+    st.watch = None;
     st.last_error = None;
+    st.client_params = false;
 }
 
 pub fn set_depth(d: i32) {
@@ -363,7 +532,7 @@ pub fn record_settings_change(statement: Option<&str>) {
         return;
     }
     st.settings_seen = generation;
-    if is_internal() || queue::state() == ChainState::Absent {
+    if crate::own::in_writer() || queue::state() == ChainState::Absent {
         return;
     }
     let values: serde_json::Map<String, serde_json::Value> = settings::snapshot()
@@ -381,7 +550,7 @@ pub fn record_settings_change(statement: Option<&str>) {
         class: Class::System as u8,
         command: "SETTINGS CHANGED".into(),
         objects,
-        statement: statement.map(|s| statement_text(Some(s)).0).unwrap_or(None),
+        statement: statement.and_then(|s| statement_text(Some(s)).text),
         nesting_level: state().depth,
         ..Default::default()
     };
@@ -422,6 +591,18 @@ fn submit(rec: Captured, in_abort: bool) {
     }
 }
 
+/// Hands a record to the writer from where nothing may wait or raise (error reporting): a
+/// record that does not fit now is counted as lost, and the writer records the gap.
+fn submit_nowait(rec: Captured) {
+    let mut buf = Vec::with_capacity(rec.encoded_len_hint());
+    rec.encode_into(&mut buf);
+    match queue::push(&buf, 0) {
+        Ok(pos) => state().session_pos = pos,
+        Err(QueueError::NoQueue) => {}
+        Err(_) => queue::note_lost(),
+    }
+}
+
 // ---- who, when, where -------------------------------------------------------------------
 
 fn fill_who(mut rec: Captured) -> Captured {
@@ -443,6 +624,28 @@ fn fill_who(mut rec: Captured) -> Captured {
         } else {
             Some(CStr::from_ptr(app).to_string_lossy().into_owned())
         };
+    }
+    rec
+}
+
+/// `fill_who` without catalog access, for records made outside transactions (replication
+/// commands): names come from what this backend looked up before.
+fn fill_who_cached(mut rec: Captured) -> Captured {
+    let st = state();
+    if let Some(s) = st.session.as_ref() {
+        rec.database_name = s.database_name.clone();
+        rec.client_addr = s.client_addr.clone();
+    }
+    // SAFETY: plain reads of the session's user ids, pid and the application_name GUC.
+    unsafe {
+        rec.backend_pid = pg_sys::MyProcPid;
+        let name = |oid: pg_sys::Oid| {
+            st.users.iter().find(|(o, _)| *o == oid).map(|(_, n)| n.clone()).unwrap_or_else(|| format!("oid:{}", u32::from(oid)))
+        };
+        rec.session_user_name = name(pg_sys::GetSessionUserId());
+        rec.current_user_name = name(pg_sys::GetUserId());
+        let app = pg_sys::application_name;
+        rec.application_name = if app.is_null() || *app == 0 { None } else { Some(CStr::from_ptr(app).to_string_lossy().into_owned()) };
     }
     rec
 }
@@ -527,15 +730,30 @@ pub fn now_unix_us() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() + PG_EPOCH_OFFSET_US }
 }
 
-/// Applies `custody.audit_statement` and `custody.max_statement_length`: the text to store
-/// and, when truncated, the SHA-256 of the full text. Truncation respects UTF-8 boundaries.
-fn statement_text(text: Option<&str>) -> (Option<String>, Option<[u8; 32]>) {
-    let Some(text) = text else { return (None, None) };
+/// Applies the redaction of secrets, `custody.audit_statement` and
+/// `custody.max_statement_length`: the text to store and, when truncated, the SHA-256 of the
+/// full (redacted) text. Truncation respects UTF-8 boundaries.
+fn statement_text(text: Option<&str>) -> Stored {
+    let Some(text) = text else { return Stored::default() };
+    // Secrets go before anything is kept or hashed: the log is permanent.
+    let redacted = sqltext::redact(text);
     if settings::statement_text() == StatementText::None {
-        return (None, None);
+        return Stored { secrets: redacted.secrets, ..Stored::default() };
     }
     let limit = settings::max_statement_length().min(queue::max_record_len().saturating_sub(4096));
-    truncate_statement(text, limit)
+    let (text, sha256) = truncate_statement(&redacted.text, limit);
+    Stored { text, sha256, secrets: redacted.secrets }
+}
+
+/// A statement's text as it is recorded.
+#[derive(Default)]
+struct Stored {
+    /// Redacted, truncated at custody.max_statement_length; None when not recorded.
+    text: Option<String>,
+    /// SHA-256 of the whole redacted text, when it was truncated.
+    sha256: Option<[u8; 32]>,
+    /// The secrets redacted (to scrub them from error messages too).
+    secrets: Vec<String>,
 }
 
 pub fn truncate_statement(text: &str, limit: usize) -> (Option<String>, Option<[u8; 32]>) {

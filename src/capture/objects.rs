@@ -22,6 +22,8 @@ pub struct RangeInfo {
     pub objects: Vec<ObjectRef>,
     /// Every relation is in pg_catalog or information_schema (and there is at least one).
     pub catalog_only: bool,
+    /// Some relation needs a privilege other than SELECT (the statement writes or locks).
+    pub writes: bool,
 }
 
 pub fn to_json(objects: &[ObjectRef]) -> String {
@@ -61,13 +63,8 @@ pub unsafe fn from_range_table(rtable: *mut pg_sys::List) -> RangeInfo {
     let mut objects = Vec::new();
     let mut catalog_only = true;
     let mut seen_relation = false;
-    let n = if rtable.is_null() { 0 } else { unsafe { (*rtable).length } };
-    for i in 0..n {
-        let rte = unsafe { pg_sys::list_nth(rtable, i) } as *mut pg_sys::RangeTblEntry;
-        let rte = unsafe { &*rte };
-        if rte.rtekind != pg_sys::RTEKind::RTE_RELATION {
-            continue;
-        }
+    let mut writes = false;
+    for rte in unsafe { crate::pgver::range_table(rtable) } {
         seen_relation = true;
         let nsp = unsafe { pg_sys::get_rel_namespace(rte.relid) };
         let schema = unsafe { cstr(pg_sys::get_namespace_name(nsp)) };
@@ -76,14 +73,15 @@ pub unsafe fn from_range_table(rtable: *mut pg_sys::List) -> RangeInfo {
         }
         let name = unsafe { cstr(pg_sys::get_rel_name(rte.relid)) };
         let mut privileges = Vec::new();
-        let perms = rte.requiredPerms as u64;
+        let perms = rte.perms;
+        writes |= perms & !(pg_sys::ACL_SELECT as u64) != 0;
         for (bit, label) in PRIVILEGES {
             if perms & bit != 0 {
                 privileges.push(label);
             }
         }
         let mut columns = Vec::new();
-        for set in [rte.selectedCols, rte.insertedCols, rte.updatedCols] {
+        for set in [rte.selected, rte.inserted, rte.updated] {
             let mut m = -1;
             loop {
                 m = unsafe { pg_sys::bms_next_member(set, m) };
@@ -119,13 +117,13 @@ pub unsafe fn from_range_table(rtable: *mut pg_sys::List) -> RangeInfo {
         }
         objects.push(ObjectRef {
             columns,
-            kind: relkind_name(rte.relkind as u8),
+            kind: relkind_name(rte.relkind),
             name,
             privileges,
             schema,
         });
     }
-    RangeInfo { objects, catalog_only: seen_relation && catalog_only }
+    RangeInfo { objects, catalog_only: seen_relation && catalog_only, writes }
 }
 
 /// The object a RangeVar names, if it exists (no lock taken, no error raised).

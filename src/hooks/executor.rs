@@ -1,10 +1,11 @@
 //! Executor hooks: open a record when a plannable statement starts — before PostgreSQL's own
-//! permission check, so a denied statement still has its record — and close it at the end.
+//! permission check, so a denied statement still has its record — and close it at the end;
+//! refuse changes to pg_custody's tables; check direct catalog DML once it ran.
 
 use pgrx::pg_sys;
 
 use crate::capture::{self, class::Class, objects};
-use crate::{policy, protect, settings};
+use crate::{own, policy, protect, settings};
 
 static mut PREV_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREV_RUN: pg_sys::ExecutorRun_hook_type = None;
@@ -40,41 +41,61 @@ fn command_tag(op: pg_sys::CmdType::Type) -> (&'static str, Class) {
     }
 }
 
-/// Opens the statement's record if it is to be recorded; refuses changes to the audit log.
+/// How the statement's record was opened.
+#[derive(PartialEq, Eq)]
+enum Opened {
+    No,
+    Yes,
+    /// A read of the system catalogs only, with custody.audit_catalog off: kept only if the
+    /// executor turns out to call a function that is not safe (capture::Watch).
+    UnlessSafe,
+}
+
+/// Opens the statement's record if it is to be recorded; gates it; refuses changes to the
+/// protected tables (after the record is open, so the attempt is recorded).
 ///
 /// # Safety
 /// `qd` must be the QueryDesc passed to ExecutorStart.
-unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) {
+unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) -> Opened {
     if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0 {
-        return;
+        return Opened::No;
     }
     policy::statement_starts();
     let qd_ref = unsafe { &*qd };
     let pstmt = unsafe { &*qd_ref.plannedstmt };
-    // A change to the audit log is refused by the permission-check hook below, inside
+    // A change to a protected table is refused by the permission-check hook below, inside
     // standard_ExecutorStart; the attempt's record must be open by then.
     let violation = unsafe { protect::range_table_violation(pstmt.rtable) };
     let (tag, class) = command_tag(qd_ref.operation);
     if !capture::active() {
-        return;
+        return Opened::No;
     }
     // Every statement passes the policy gate; every decision is recorded. The objects are
     // read from the catalog caches only when the record or the gate needs them.
     let pending = policy::prepare();
     if pending.is_none() && violation.is_none() && !capture::wanted(class) {
-        return;
+        return Opened::No;
     }
     let info = unsafe { objects::from_range_table(pstmt.rtable) };
     let objects_json = objects::to_json(&info.objects);
     let verdict = pending.map(|p| p.decide(tag, &objects_json));
-    if verdict.is_some()
-        || violation.is_some()
-        || !info.catalog_only
-        || settings::audit_catalog()
-    {
-        let source = unsafe { objects::cstr(qd_ref.sourceText) };
-        let text = capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len);
-        capture::open(qd as usize, class, tag, objects_json, Some(text));
+    // custody.audit_catalog = off skips reads of the catalogs only: never a write (a catalog
+    // write has privileges other than SELECT), never a decision or a refusal, and never a
+    // read that calls an unsafe function (decided while the executor initializes).
+    // (A plan that depends on a function or domain that is not built in — one the planner
+    // inlined leaves only this trace — is not skipped either.)
+    let catalog_read = info.catalog_only
+        && pstmt.invalItems.is_null()
+        && qd_ref.operation == pg_sys::CmdType::CMD_SELECT
+        && !info.writes
+        && verdict.is_none()
+        && violation.is_none()
+        && !settings::audit_catalog();
+    let source = unsafe { objects::cstr(qd_ref.sourceText) };
+    let text = capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len);
+    capture::open(qd as usize, class, tag, objects_json, Some(text));
+    if !qd_ref.params.is_null() && unsafe { (*qd_ref.params).numParams } > 0 {
+        capture::mark_bind_parameters(qd as usize);
     }
     if let Some(v) = verdict {
         capture::set_decision(qd as usize, v.record_json(), v.denies());
@@ -82,11 +103,12 @@ unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) {
             policy::raise_denied(&v);
         }
     }
+    if catalog_read { Opened::UnlessSafe } else { Opened::Yes }
 }
 
 /// The permission check PostgreSQL runs after its own ACL check passed (in the executor, and
 /// outside it for RI checks and COPY): nobody but the custody writer may change the audit
-/// log, superusers included.
+/// log, and nobody but pg_custody's own statements the policy store, superusers included.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_executor_check_perms(rtable: *mut pg_sys::List, ereport: bool) -> bool {
     unsafe {
@@ -97,8 +119,17 @@ unsafe extern "C-unwind" fn custody_executor_check_perms(rtable: *mut pg_sys::Li
         }
         match protect::range_table_violation(rtable) {
             None => true,
-            Some((relid, action)) if ereport => protect::refuse(relid, action),
+            Some((t, action)) if ereport => protect::refuse(t, action),
             Some(_) => false,
+        }
+    }
+}
+
+unsafe fn standard_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
+    unsafe {
+        match PREV_START {
+            Some(prev) => prev(qd, eflags),
+            None => pg_sys::standard_ExecutorStart(qd, eflags),
         }
     }
 }
@@ -106,10 +137,23 @@ unsafe extern "C-unwind" fn custody_executor_check_perms(rtable: *mut pg_sys::Li
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_executor_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
     unsafe {
-        open_record(qd, eflags);
-        match PREV_START {
-            Some(prev) => prev(qd, eflags),
-            None => pg_sys::standard_ExecutorStart(qd, eflags),
+        let rtable = (*(*qd).plannedstmt).rtable;
+        if own::in_writer() || own::is_own_text((*qd).sourceText) {
+            // pg_custody's own statement: neither recorded nor gated; it may change the
+            // policy store (the permission check recognises its range table).
+            own::starting(rtable, || capture::starting(false, || standard_start(qd, eflags)));
+            return;
+        }
+        let opened = open_record(qd, eflags);
+        let unsafe_call = capture::starting(opened == Opened::UnlessSafe, || standard_start(qd, eflags));
+        if opened == Opened::UnlessSafe && !unsafe_call {
+            capture::discard(qd as usize);
+        }
+        if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 == 0 {
+            let catalogs = protect::catalog::modified_catalogs(rtable);
+            if !catalogs.is_empty() {
+                protect::catalog::watch(qd as usize, (*(*qd).estate).es_output_cid, catalogs);
+            }
         }
     }
 }
@@ -143,11 +187,15 @@ unsafe extern "C-unwind" fn custody_executor_finish(qd: *mut pg_sys::QueryDesc) 
         }
     }
     capture::depth_leave();
+    // Direct catalog DML ran: refuse it now if it changed rows it may not (the ERROR undoes
+    // it before anything else sees it).
+    protect::catalog::finished(qd as usize);
 }
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_executor_end(qd: *mut pg_sys::QueryDesc) {
     let key = qd as usize;
+    protect::catalog::forget(key);
     if capture::is_open(key) {
         // SAFETY: the estate is still alive until standard_ExecutorEnd.
         let rows = unsafe {

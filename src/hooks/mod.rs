@@ -7,11 +7,15 @@
 //! context lines reach the client exactly as PostgreSQL reported them.
 
 mod executor;
+mod object_access;
+mod session;
 mod utility;
 mod xact;
 
 pub fn init() {
     executor::init();
+    object_access::init();
+    session::init();
     utility::init();
     xact::init();
 }

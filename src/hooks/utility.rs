@@ -7,7 +7,7 @@ use std::ffi::CStr;
 use pgrx::pg_sys;
 
 use crate::capture::{self, class::Class, objects};
-use crate::{policy, protect};
+use crate::{own, policy, protect};
 
 static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
@@ -122,9 +122,72 @@ unsafe fn utility_objects(node: *mut pg_sys::Node) -> String {
     objects::to_json(&out)
 }
 
+/// Runs the statement in PostgreSQL (or the previous hook).
+#[allow(clippy::too_many_arguments)]
+unsafe fn standard_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    unsafe {
+        match PREV_UTILITY {
+            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt, query_string, read_only_tree, context, params, query_env, dest, qc,
+            ),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: pstmt is the utility statement PostgreSQL is about to run.
+    unsafe {
+        // pg_custody's own DDL (row policies) and its extension scripts: not recorded here,
+        // and run as subcommands, which fire no event triggers — nothing but pg_custody's own
+        // code runs inside them.
+        if own::in_writer() || own::is_own_text(query_string) || protect::in_own_script() {
+            let own_context = if context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL {
+                context
+            } else {
+                pg_sys::ProcessUtilityContext::PROCESS_UTILITY_SUBCOMMAND
+            };
+            let scripted = protect::in_own_script() && !own::is_own_text(query_string) && !own::in_writer();
+            // pg_custody's own DDL is checked like anyone's (it never targets its own tables).
+            let node = (*pstmt).utilityStmt;
+            if !scripted && !node.is_null() {
+                if let Some(refusal) = protect::utility::violation(node) {
+                    refusal.report();
+                }
+            }
+            if scripted {
+                // The script's statements are recorded like any nested statement.
+                return recorded(pstmt, query_string, read_only_tree, own_context, params, query_env, dest, qc);
+            }
+            return standard_utility(pstmt, query_string, read_only_tree, own_context, params, query_env, dest, qc);
+        }
+        recorded(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
+    }
+}
+
+/// A utility statement as the client (or a function) runs it: recorded, gated, protected.
+#[allow(clippy::too_many_arguments)]
+unsafe fn recorded(
     pstmt: *mut pg_sys::PlannedStmt,
     query_string: *const std::ffi::c_char,
     read_only_tree: bool,
@@ -139,7 +202,7 @@ unsafe extern "C-unwind" fn custody_process_utility(
     unsafe {
         let node = (*pstmt).utilityStmt;
         // Protection holds whether or not anything is being recorded.
-        let violation = if node.is_null() { None } else { protect::utility_violation(node) };
+        let violation = if node.is_null() { None } else { protect::utility::violation(node) };
         let mut verdict = None;
         policy::statement_starts();
         if capture::active() && !node.is_null() {
@@ -157,8 +220,8 @@ unsafe extern "C-unwind" fn custody_process_utility(
                 capture::open(key, class, &tag, objects_json, Some(text));
             }
         }
-        if let Some((relid, action)) = violation {
-            protect::refuse(relid, action);
+        if let Some(refusal) = violation {
+            refusal.report();
         }
         if let Some(v) = verdict {
             capture::set_decision(key, v.record_json(), v.denies());
@@ -167,20 +230,13 @@ unsafe extern "C-unwind" fn custody_process_utility(
             }
         }
         capture::depth_enter();
-        match PREV_UTILITY {
-            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(
-                pstmt, query_string, read_only_tree, context, params, query_env, dest, qc,
-            ),
-        }
+        standard_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
         capture::depth_leave();
         if key != 0 {
             let rows = if qc.is_null() || (*qc).nprocessed == 0 { None } else { Some((*qc).nprocessed as i64) };
             capture::close(key, rows);
         }
-        if (*pstmt).utilityStmt.is_null() == false
-            && (*(*pstmt).utilityStmt).type_ == pg_sys::NodeTag::T_GrantRoleStmt
-        {
+        if !(*pstmt).utilityStmt.is_null() && (*(*pstmt).utilityStmt).type_ == pg_sys::NodeTag::T_GrantRoleStmt {
             capture::forget_role_names();
         }
     }

@@ -29,7 +29,11 @@ pub fn init() {
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_emit_log(edata: *mut pg_sys::ErrorData) {
     unsafe {
-        let e = &*edata;
+        let e = &mut *edata;
+        if e.elevel == pgrx::PgLogLevel::LOG as i32 && pg_sys::am_walsender {
+            // A replication command being reported (see capture::session).
+            capture::session::reported(e, "", "");
+        }
         if e.elevel >= pgrx::PgLogLevel::ERROR as i32 {
             let code = e.sqlerrcode;
             let mut sqlstate = String::with_capacity(5);
@@ -42,8 +46,12 @@ unsafe extern "C-unwind" fn custody_emit_log(edata: *mut pg_sys::ErrorData) {
             } else {
                 CStr::from_ptr(e.message).to_string_lossy().into_owned()
             };
+            // The untranslated format, before values were filled in (for statements whose
+            // bind parameter values must not be recorded).
+            let template = (!e.message_id.is_null()).then(|| CStr::from_ptr(e.message_id).to_string_lossy().into_owned());
             let query = capture::current_query_text();
-            capture::note_error(capture::ReportedError { sqlstate, message, query });
+            capture::session::reported(e, &sqlstate, &message);
+            capture::note_error(capture::ReportedError { sqlstate, message, template, query });
         }
         if let Some(prev) = PREV_EMIT_LOG {
             prev(edata);
@@ -57,10 +65,13 @@ unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT => {
+            capture::session::startup_committing();
+            capture::close_fastpath();
             crate::policy::store::pre_commit();
             wait_durable();
         }
         XACT_EVENT_PRE_PREPARE => {
+            capture::close_fastpath();
             crate::policy::store::pre_prepare();
             wait_durable();
         }
@@ -68,11 +79,17 @@ unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type
             crate::policy::store::abort();
             capture::fail_open(None);
             capture::reset_after_abort();
+            crate::own::reset_after_abort();
+            crate::protect::catalog::reset();
+            crate::protect::take_extension_dropped();
             capture::take_last_pos();
             unsafe { SUB_DEPTHS.clear() };
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => {
             crate::policy::store::commit();
+            if crate::protect::take_extension_dropped() {
+                crate::writer::head::forget();
+            }
             unsafe { SUB_DEPTHS.clear() };
         }
         _ => {}
@@ -84,7 +101,7 @@ unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type
 /// the transaction instead of committing an unrecorded write.
 fn wait_durable() {
     let pos = capture::take_last_pos();
-    if pos == 0 || settings::durability() == Durability::Async || capture::is_internal() {
+    if pos == 0 || settings::durability() == Durability::Async || crate::own::in_writer() {
         return;
     }
     // SAFETY: reads whether this transaction has an xid (i.e. wrote something).

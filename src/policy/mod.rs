@@ -204,12 +204,10 @@ impl RowMemo {
 /// queries): what custody.check() remembered belongs to the previous one. Called whether or
 /// not the statement is recorded or gated, so that the memo never outlives its statement.
 pub fn statement_starts() {
-    if !capture::is_internal() {
-        let l = local();
-        l.epoch += 1;
-        // SAFETY: a getter of the transaction state.
-        l.statement_start = unsafe { GetCurrentStatementStartTimestamp() };
-    }
+    let l = local();
+    l.epoch += 1;
+    // SAFETY: a getter of the transaction state.
+    l.statement_start = unsafe { GetCurrentStatementStartTimestamp() };
 }
 
 extern "C" {
@@ -285,23 +283,21 @@ fn roles_of(user: pg_sys::Oid) -> Vec<String> {
             true
         }
     };
-    let roles: Vec<String> = capture::internal(|| {
-        Spi::connect(|client| {
-            client
-                .select(
-                    // Granted memberships, transitively: not pg_has_role(), which makes a
-                    // superuser a member of every role (and so of every suspended one).
-                    "WITH RECURSIVE r(oid) AS (SELECT $1::oid UNION \
-                       SELECT m.roleid FROM pg_catalog.pg_auth_members m JOIN r ON m.member = r.oid) \
-                     SELECT coalesce(array_agg(a.rolname::text ORDER BY a.rolname), '{}') \
-                     FROM pg_catalog.pg_roles a JOIN r ON a.oid = r.oid",
-                    None,
-                    &[user.into()],
-                )
-                .ok()
-                .and_then(|t| t.first().get_one::<Vec<String>>().ok().flatten())
-                .unwrap_or_default()
-        })
+    // Granted memberships, transitively: not pg_has_role(), which makes a superuser a member
+    // of every role (and so of every suspended one). pg_custody's own query: search_path is
+    // pinned, so no user-defined `=` on oid or other shadow can change what it returns.
+    let roles: Vec<String> = Spi::connect(|client| {
+        crate::own::select(
+            client,
+            c"WITH RECURSIVE r(oid) AS (SELECT $1::pg_catalog.oid UNION \
+               SELECT m.roleid FROM pg_catalog.pg_auth_members m JOIN r ON m.member OPERATOR(pg_catalog.=) r.oid) \
+             SELECT coalesce(pg_catalog.array_agg(a.rolname::pg_catalog.text ORDER BY a.rolname), '{}') \
+             FROM pg_catalog.pg_roles a JOIN r ON a.oid OPERATOR(pg_catalog.=) r.oid",
+            &[user.into()],
+        )
+        .ok()
+        .and_then(|t| t.first().get_one::<Vec<String>>().ok().flatten())
+        .unwrap_or_default()
     });
     if pushed {
         // SAFETY: pairs with the push above.
@@ -456,27 +452,6 @@ pub fn current_subject() -> std::rc::Rc<SubjectInput> {
 /// The gate for row checks and attribute lookups (None: no snapshot published yet).
 pub fn gate_for_functions() -> Option<&'static mut Gate> {
     current_gate()
-}
-
-/// Runs pg_custody's own writes to its store as the bootstrap superuser, after the caller
-/// was checked (superuser or custody_admin): the store tables are not writable by
-/// custody_admin directly, only through the functions that record every change. On ERROR
-/// the transaction abort restores the caller's identity.
-pub fn with_owner_rights<R>(f: impl FnOnce() -> R) -> R {
-    let mut user = pg_sys::InvalidOid;
-    let mut context: i32 = 0;
-    // SAFETY: the documented save/switch/restore pattern (as in PostgreSQL's own
-    // SECURITY_LOCAL_USERID_CHANGE uses).
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-    }
-    let r = capture::internal(f);
-    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
-    r
 }
 
 /// Raises the denial of a statement (its record was marked denied by the caller).

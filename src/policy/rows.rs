@@ -11,12 +11,30 @@ use crate::capture::{self, class::Class};
 /// Superusers and members of custody_admin only; the refused call is recorded.
 fn check_row_manager() {
     super::store::require_manager("row policies");
+    crate::protect::table::require_oid(crate::protect::Table::RowPolicies);
 }
 
 /// Runs DDL on the caller's behalf with the extension owner's rights (the caller was
-/// checked: superuser or custody_admin); PostgreSQL's own errors still abort the call.
+/// checked: superuser or custody_admin) as one of pg_custody's own statements: search_path
+/// pinned, and run as a subcommand, so no event trigger fires inside it. PostgreSQL's own
+/// errors still abort the call.
 fn run(sql: &str) {
-    super::with_owner_rights(|| Spi::run(sql)).unwrap_or_else(|e| error!("{e}"));
+    let q = std::ffi::CString::new(sql).unwrap_or_else(|_| error!("row policy statements cannot contain NUL characters"));
+    crate::own::as_owner(|| Spi::connect_mut(|client| crate::own::update(client, &q, &[]).map(|_| ())))
+        .unwrap_or_else(|e| error!("{e}"));
+}
+
+/// `schema.table` of a relation, quoted, whatever the session's search_path.
+fn qualified_name(relid: pg_sys::Oid) -> String {
+    // SAFETY: syscache lookups; a missing relation is refused by the caller's regclass cast.
+    unsafe {
+        let rel = pg_sys::get_rel_name(relid);
+        if rel.is_null() {
+            error!("relation with OID {} does not exist", u32::from(relid));
+        }
+        let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
+        capture::objects::cstr(pg_sys::quote_qualified_identifier(nsp, rel))
+    }
 }
 
 /// Refuses `sql` unless it parses as exactly one CREATE POLICY statement.
@@ -72,11 +90,15 @@ fn create_row_policy(
         )
         .report(PgLogLevel::ERROR);
     }
-    let table = capture::internal(|| {
-        Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[tbl.into()])
-    })
-    .unwrap_or_else(|e| error!("{e}"))
-    .unwrap_or_default();
+    if crate::protect::utility::own_relation(tbl).is_some() {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "row policies cannot be created on pg_custody's own tables",
+            "pg_custody",
+        )
+        .report(PgLogLevel::ERROR);
+    }
+    let table = qualified_name(tbl);
     let mut sql = format!(
         "CREATE POLICY {} ON {table} AS RESTRICTIVE FOR {cmd} TO PUBLIC",
         pgrx::spi::quote_identifier(name)
@@ -93,13 +115,17 @@ fn create_row_policy(
     single_create_policy(&sql);
     // PostgreSQL's own errors (an invalid expression) abort the whole call: nothing remains.
     run(&sql);
+    confine_expressions(name, tbl);
     // Restrictive policies only narrow what permissive ones allow: without any permissive
     // policy every row would be hidden, so add one that allows all if the table has none.
-    let has_permissive = capture::internal(|| {
-        Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_policy WHERE polrelid = $1 AND polpermissive)",
+    let has_permissive = Spi::connect(|client| {
+        crate::own::select(
+            client,
+            c"SELECT EXISTS (SELECT FROM pg_catalog.pg_policy WHERE polrelid OPERATOR(pg_catalog.=) $1 AND polpermissive)",
             &[tbl.into()],
-        )
+        )?
+        .first()
+        .get_one::<bool>()
     })
     .unwrap_or_else(|e| error!("{e}"))
     .unwrap_or(false);
@@ -112,18 +138,16 @@ fn create_row_policy(
     run(&format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"));
     let definition = format!("{cmd}|{}|{}", using_expr.unwrap_or(""), check_expr.unwrap_or(""));
     let sha = custody_chain::hex::encode(&Sha256::digest(definition.as_bytes()));
-    let version = super::with_owner_rights(|| {
-        Spi::get_one_with_args::<i32>(
-            "INSERT INTO custody.row_policies AS p (name, table_name, command, using_expr, check_expr, version, sha256, updated_at, updated_by) \
-             VALUES ($1, $2, $3, $4, $5, 1, decode($6, 'hex'), now(), session_user) \
-             ON CONFLICT (name) DO UPDATE SET table_name = excluded.table_name, command = excluded.command, \
-               using_expr = excluded.using_expr, check_expr = excluded.check_expr, version = p.version + 1, \
-               sha256 = excluded.sha256, updated_at = now(), updated_by = session_user \
-             RETURNING version",
-            &[name.into(), table.as_str().into(), cmd.as_str().into(), using_expr.into(), check_expr.into(), sha.as_str().into()],
-        )
-    })
-    .unwrap_or_else(|e| error!("{e}"))
+    let version = super::store::first_row::<i32, i32>(
+        "INSERT INTO {row_policies} AS p (name, table_name, command, using_expr, check_expr, version, sha256, updated_at, updated_by) \
+         VALUES ($1, $2, $3, $4, $5, 1, pg_catalog.decode($6, 'hex'), pg_catalog.now(), session_user) \
+         ON CONFLICT (name) DO UPDATE SET table_name = excluded.table_name, command = excluded.command, \
+           using_expr = excluded.using_expr, check_expr = excluded.check_expr, version = p.version OPERATOR(pg_catalog.+) 1, \
+           sha256 = excluded.sha256, updated_at = pg_catalog.now(), updated_by = session_user \
+         RETURNING version",
+        &[name.into(), table.as_str().into(), cmd.as_str().into(), using_expr.into(), check_expr.into(), sha.as_str().into()],
+    )
+    .and_then(|(v, _)| v)
     .unwrap_or(0);
     super::store::event(
         Class::Policy,
@@ -133,12 +157,120 @@ fn create_row_policy(
     );
 }
 
+/// A row policy's expressions run with the rights of whoever reads the table. A custody_admin
+/// member who neither is a superuser nor owns the table may therefore use only built-in
+/// functions and pg_custody's own there (custody.check, custody.attribute, ...), and no
+/// subqueries: anything else would let them run code of their choosing as every reader.
+/// Checked on the policy as PostgreSQL parsed it; a refusal aborts the whole call.
+fn confine_expressions(name: &str, tbl: pg_sys::Oid) {
+    // SAFETY: plain reads of the current user and the table's owner.
+    let trusted = unsafe {
+        pg_sys::superuser() || pg_sys::has_privs_of_role(pg_sys::GetUserId(), table_owner(tbl))
+    };
+    if trusted {
+        return;
+    }
+    let trees: Vec<Option<String>> = Spi::connect(|client| {
+        let t = crate::own::select(
+            client,
+            c"SELECT polqual::pg_catalog.text, polwithcheck::pg_catalog.text FROM pg_catalog.pg_policy \
+              WHERE polrelid OPERATOR(pg_catalog.=) $1 AND polname OPERATOR(pg_catalog.=) $2",
+            &[tbl.into(), name.into()],
+        )?
+        .first();
+        Ok::<_, pgrx::spi::Error>(vec![t.get::<String>(1)?, t.get::<String>(2)?])
+    })
+    .unwrap_or_else(|e| error!("{e}"));
+    let own_schema = crate::protect::ids().map(|i| i.nsp).unwrap_or(pg_sys::InvalidOid);
+    for tree in trees.into_iter().flatten() {
+        let c = std::ffi::CString::new(tree).unwrap_or_default();
+        // SAFETY: the text is a node tree PostgreSQL just stored; the walk only reads it.
+        let offending = unsafe {
+            let node = pg_sys::stringToNode(c.as_ptr()) as *mut pg_sys::Node;
+            let mut ctx = Confine { own_schema, bad: None };
+            confine_walker(node, (&mut ctx as *mut Confine).cast());
+            ctx.bad
+        };
+        if let Some(what) = offending {
+            pgrx::pg_sys::panic::ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("row policy expressions may not use {what} here"),
+                "pg_custody",
+            )
+            .set_detail(
+                "A row policy's expressions run as whoever reads the table. Members of custody_admin \
+                 who do not own the table may use built-in functions and pg_custody's functions only, \
+                 and no subqueries.",
+            )
+            .set_hint("Ask the table's owner or a superuser to create this row policy.")
+            .report(PgLogLevel::ERROR);
+        }
+    }
+}
+
+fn table_owner(tbl: pg_sys::Oid) -> pg_sys::Oid {
+    // SAFETY: syscache lookup, released before returning.
+    unsafe {
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(tbl));
+        if tup.is_null() {
+            return pg_sys::InvalidOid;
+        }
+        let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tup)).relowner;
+        pg_sys::ReleaseSysCache(tup);
+        owner
+    }
+}
+
+struct Confine {
+    own_schema: pg_sys::Oid,
+    bad: Option<String>,
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn confine_walker(node: *mut pg_sys::Node, ctx: *mut std::ffi::c_void) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    // SAFETY: ctx is the Confine passed by confine_expressions; node a valid expression node.
+    unsafe {
+        let c = &mut *(ctx as *mut Confine);
+        if (*node).type_ == pg_sys::NodeTag::T_SubLink {
+            c.bad = Some("a subquery".into());
+            return true;
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_CoerceToDomain
+            && u32::from((*(node as *mut pg_sys::CoerceToDomain)).resulttype) >= pg_sys::FirstNormalObjectId
+        {
+            c.bad = Some("a domain that is not built in".into());
+            return true;
+        }
+        if pg_sys::check_functions_in_node(node, Some(not_allowed), ctx) {
+            return true;
+        }
+        crate::pgver::walk_expression(node, confine_walker, ctx)
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn not_allowed(func: pg_sys::Oid, ctx: *mut std::ffi::c_void) -> bool {
+    // SAFETY: ctx is the Confine passed by confine_expressions.
+    let c = unsafe { &mut *(ctx as *mut Confine) };
+    // SAFETY: syscache lookups of an existing function.
+    let allowed = u32::from(func) < pg_sys::FirstNormalObjectId || unsafe { pg_sys::get_func_namespace(func) } == c.own_schema;
+    if !allowed {
+        // SAFETY: as above.
+        let name = unsafe { capture::objects::cstr(pg_sys::get_func_name(func)) };
+        c.bad = Some(format!("function {name}"));
+    }
+    !allowed
+}
+
 /// Drops a row policy created by create_row_policy.
 #[pg_extern(volatile, parallel_unsafe)]
 fn drop_row_policy(name: &str) {
     check_row_manager();
     let table = super::store::first_row::<String, String>(
-        "DELETE FROM custody.row_policies WHERE name = $1 RETURNING table_name, name",
+        "DELETE FROM {row_policies} WHERE name OPERATOR(pg_catalog.=) $1 RETURNING table_name, name",
         &[name.into()],
     );
     let Some((Some(table), _)) = table else {

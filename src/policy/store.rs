@@ -8,7 +8,10 @@ use sha2::{Digest as _, Sha256};
 
 use custody_policy::{compile_check, Attribute, Gate, PolicySource, Snapshot, Suspension};
 
+use std::ffi::{CStr, CString};
+
 use crate::capture::{self, class::Class};
+use crate::protect::{sql_name, Table};
 
 /// Changes made by this transaction: publish at commit, record before it.
 struct Pending {
@@ -51,7 +54,7 @@ pub(super) fn require_manager(what: &str) {
 
 /// The checks of every store change: the caller may manage, we are in custody.database,
 /// and changes are serialized (each reads the store back at commit).
-fn check_manager() {
+fn check_manager(writes: Table) {
     require_manager("policies");
     let here = capture::who().database_name;
     if here != crate::settings::database() {
@@ -63,10 +66,47 @@ fn check_manager() {
         .set_hint("Connect to the database named by custody.database; policies there govern every database.")
         .report(PgLogLevel::ERROR);
     }
-    super::with_owner_rights(|| {
-        Spi::run_with_args("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[LOCK_KEY.into()])
+    own_exec(c"SELECT pg_catalog.pg_advisory_xact_lock($1)".into(), &[LOCK_KEY.into()]);
+    // Nothing of anyone else's may run when pg_custody writes its store.
+    crate::protect::table::require_oid(writes);
+}
+
+/// One of the store's own statements, run with the store owner's rights (search_path pinned,
+/// recognised by the hooks as pg_custody's own): the first column of its first row.
+fn own_sql<T: pgrx::FromDatum + pgrx::IntoDatum>(sql: std::borrow::Cow<'_, CStr>, args: &[pgrx::datum::DatumWithOid]) -> Option<T> {
+    crate::own::as_owner(|| {
+        Spi::connect_mut(|client| {
+            let t = crate::own::update(client, &sql, args)?;
+            if t.is_empty() {
+                return Ok::<_, pgrx::spi::Error>(None);
+            }
+            t.first().get::<T>(1)
+        })
     })
-    .unwrap_or_else(|e| error!("{e}"));
+    .unwrap_or_else(|e| error!("{e}"))
+}
+
+/// One of the store's own statements whose result is not needed (see `own_sql`).
+fn own_exec(sql: std::borrow::Cow<'_, CStr>, args: &[pgrx::datum::DatumWithOid]) {
+    crate::own::as_owner(|| Spi::connect_mut(|client| crate::own::update(client, &sql, args).map(|_| ())))
+        .unwrap_or_else(|e| error!("{e}"))
+}
+
+/// A statement over the store's tables, with `{policy_store}`, `{attribute_store}` and
+/// `{suspensions}` replaced by their current qualified names (found by OID).
+pub(super) fn sql(template: &str) -> std::borrow::Cow<'static, CStr> {
+    let mut text = template.to_string();
+    for (placeholder, t) in [
+        ("{policy_store}", Table::PolicyStore),
+        ("{attribute_store}", Table::AttributeStore),
+        ("{suspensions}", Table::Suspensions),
+        ("{row_policies}", Table::RowPolicies),
+    ] {
+        if text.contains(placeholder) {
+            text = text.replace(placeholder, &sql_name(t));
+        }
+    }
+    std::borrow::Cow::Owned(CString::new(text).expect("statement templates have no NUL"))
 }
 
 fn changed(command: &str, object: serde_json::Value) {
@@ -81,15 +121,16 @@ pub fn event(_class: Class, command: &str, object: serde_json::Value) {
     pending().events.push((command.to_string(), object));
 }
 
-/// The first row of a statement that returns at most one (None when it returns none).
-pub(super) fn first_row<A, B>(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Option<(Option<A>, Option<B>)>
+/// The first row of a store statement that returns at most one (None when it returns none).
+pub(super) fn first_row<A, B>(template: &str, args: &[pgrx::datum::DatumWithOid]) -> Option<(Option<A>, Option<B>)>
 where
     A: pgrx::FromDatum + pgrx::IntoDatum,
     B: pgrx::FromDatum + pgrx::IntoDatum,
 {
-    super::with_owner_rights(|| {
+    let q = sql(template);
+    crate::own::as_owner(|| {
         Spi::connect_mut(|client| {
-            let t = client.update(sql, Some(1), args)?;
+            let t = crate::own::update(client, &q, args)?;
             if t.is_empty() {
                 return Ok::<_, pgrx::spi::Error>(None);
             }
@@ -116,7 +157,7 @@ fn bad(code: PgSqlErrorCode, message: String, detail: Option<String>, hint: &str
 /// Compiles a Rego module (package custody) and stores it as the next version of `name`.
 #[pg_extern(volatile, parallel_unsafe)]
 fn set_policy(name: &str, source: &str) {
-    check_manager();
+    check_manager(Table::PolicyStore);
     if let Err(e) = compile_check(name, source) {
         bad(
             PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
@@ -138,17 +179,14 @@ fn set_policy(name: &str, source: &str) {
         );
     }
     let sha = sha256_hex(source);
-    let version = super::with_owner_rights(|| {
-        Spi::get_one_with_args::<i32>(
-            "INSERT INTO custody.policy_store AS p (name, source, version, sha256, enabled, updated_at, updated_by) \
-             VALUES ($1, $2, 1, decode($3, 'hex'), true, now(), session_user) \
-             ON CONFLICT (name) DO UPDATE SET source = excluded.source, version = p.version + 1, \
-               sha256 = excluded.sha256, enabled = true, updated_at = now(), updated_by = session_user \
-             RETURNING version",
-            &[name.into(), source.into(), sha.as_str().into()],
-        )
-    })
-    .unwrap_or_else(|e| error!("{e}"))
+    let version = own_sql::<i32>(
+        sql("INSERT INTO {policy_store} AS p (name, source, version, sha256, enabled, updated_at, updated_by) \
+             VALUES ($1, $2, 1, pg_catalog.decode($3, 'hex'), true, pg_catalog.now(), session_user) \
+             ON CONFLICT (name) DO UPDATE SET source = excluded.source, version = p.version OPERATOR(pg_catalog.+) 1, \
+               sha256 = excluded.sha256, enabled = true, updated_at = pg_catalog.now(), updated_by = session_user \
+             RETURNING version"),
+        &[name.into(), source.into(), sha.as_str().into()],
+    )
     .unwrap_or(0);
     changed("SET POLICY", serde_json::json!({"kind": "policy", "name": name, "version": version, "sha256": sha}));
 }
@@ -156,9 +194,9 @@ fn set_policy(name: &str, source: &str) {
 /// Removes a policy.
 #[pg_extern(volatile, parallel_unsafe)]
 fn drop_policy(name: &str) {
-    check_manager();
+    check_manager(Table::PolicyStore);
     let dropped = first_row::<String, String>(
-        "DELETE FROM custody.policy_store WHERE name = $1 RETURNING encode(sha256, 'hex'), name",
+        "DELETE FROM {policy_store} WHERE name OPERATOR(pg_catalog.=) $1 RETURNING pg_catalog.encode(sha256, 'hex'), name",
         &[name.into()],
     );
     let Some((Some(sha), _)) = dropped else {
@@ -170,10 +208,10 @@ fn drop_policy(name: &str) {
 /// Turns a policy on or off (a new version either way).
 #[pg_extern(volatile, parallel_unsafe)]
 fn enable_policy(name: &str, on: bool) {
-    check_manager();
+    check_manager(Table::PolicyStore);
     let row = first_row::<i32, String>(
-        "UPDATE custody.policy_store SET enabled = $2, version = version + 1, updated_at = now(), \
-         updated_by = session_user WHERE name = $1 RETURNING version, encode(sha256, 'hex')",
+        "UPDATE {policy_store} SET enabled = $2, version = version OPERATOR(pg_catalog.+) 1, updated_at = pg_catalog.now(), \
+         updated_by = session_user WHERE name OPERATOR(pg_catalog.=) $1 RETURNING version, pg_catalog.encode(sha256, 'hex')",
         &[name.into(), on.into()],
     );
     let Some((Some(version), Some(sha))) = row else {
@@ -200,23 +238,20 @@ fn set_attribute(
     valid_from: default!(pgrx::datum::TimestampWithTimeZone, "now()"),
     valid_until: default!(Option<pgrx::datum::TimestampWithTimeZone>, "NULL"),
 ) {
-    check_manager();
+    check_manager(Table::AttributeStore);
     check_role(role);
     if let Some(until) = valid_until {
         if until <= valid_from {
             bad(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "valid_until must be after valid_from".into(), None, "Pass NULL for an attribute that does not expire.");
         }
     }
-    super::with_owner_rights(|| {
-        Spi::run_with_args(
-            "INSERT INTO custody.attribute_store (role, key, value, valid_from, valid_until, set_at, set_by) \
-             VALUES ($1, $2, $3, $4, $5, now(), session_user) \
+    own_exec(
+        sql("INSERT INTO {attribute_store} (role, key, value, valid_from, valid_until, set_at, set_by) \
+             VALUES ($1, $2, $3, $4, $5, pg_catalog.now(), session_user) \
              ON CONFLICT (role, key) DO UPDATE SET value = excluded.value, valid_from = excluded.valid_from, \
-               valid_until = excluded.valid_until, set_at = now(), set_by = session_user",
-            &[role.into(), key.into(), JsonB(value.0.clone()).into(), valid_from.into(), valid_until.into()],
-        )
-    })
-    .unwrap_or_else(|e| error!("{e}"));
+               valid_until = excluded.valid_until, set_at = pg_catalog.now(), set_by = session_user"),
+        &[role.into(), key.into(), JsonB(value.0.clone()).into(), valid_from.into(), valid_until.into()],
+    );
     changed(
         "SET ATTRIBUTE",
         serde_json::json!({"kind": "attribute", "role": role, "name": key, "value": value.0,
@@ -227,14 +262,12 @@ fn set_attribute(
 /// Removes an attribute.
 #[pg_extern(volatile, parallel_unsafe)]
 fn clear_attribute(role: &str, key: &str) {
-    check_manager();
-    let n = super::with_owner_rights(|| {
-        Spi::get_one_with_args::<i64>(
-            "WITH d AS (DELETE FROM custody.attribute_store WHERE role = $1 AND key = $2 RETURNING 1) SELECT count(*) FROM d",
-            &[role.into(), key.into()],
-        )
-    })
-    .unwrap_or_else(|e| error!("{e}"))
+    check_manager(Table::AttributeStore);
+    let n = own_sql::<i64>(
+        sql("WITH d AS (DELETE FROM {attribute_store} WHERE role OPERATOR(pg_catalog.=) $1 \
+             AND key OPERATOR(pg_catalog.=) $2 RETURNING 1) SELECT pg_catalog.count(*) FROM d"),
+        &[role.into(), key.into()],
+    )
     .unwrap_or(0);
     if n == 0 {
         bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("role \"{role}\" has no attribute \"{key}\""), None, "See custody.attributes.");
@@ -245,30 +278,24 @@ fn clear_attribute(role: &str, key: &str) {
 /// Denies every statement of `role` (and of roles acting through it) until resumed.
 #[pg_extern(volatile, parallel_unsafe)]
 fn suspend(role: &str, reason: &str) {
-    check_manager();
+    check_manager(Table::Suspensions);
     check_role(role);
-    super::with_owner_rights(|| {
-        Spi::run_with_args(
-            "INSERT INTO custody.suspensions (role, reason, suspended_at, suspended_by) VALUES ($1, $2, now(), session_user) \
-             ON CONFLICT (role) DO UPDATE SET reason = excluded.reason, suspended_at = now(), suspended_by = session_user",
-            &[role.into(), reason.into()],
-        )
-    })
-    .unwrap_or_else(|e| error!("{e}"));
+    own_exec(
+        sql("INSERT INTO {suspensions} (role, reason, suspended_at, suspended_by) VALUES ($1, $2, pg_catalog.now(), session_user) \
+             ON CONFLICT (role) DO UPDATE SET reason = excluded.reason, suspended_at = pg_catalog.now(), suspended_by = session_user"),
+        &[role.into(), reason.into()],
+    );
     changed("SUSPEND", serde_json::json!({"kind": "role", "name": role, "reason": reason}));
 }
 
 /// Lifts a suspension.
 #[pg_extern(volatile, parallel_unsafe)]
 fn resume(role: &str) {
-    check_manager();
-    let n = super::with_owner_rights(|| {
-        Spi::get_one_with_args::<i64>(
-            "WITH d AS (DELETE FROM custody.suspensions WHERE role = $1 RETURNING 1) SELECT count(*) FROM d",
-            &[role.into()],
-        )
-    })
-    .unwrap_or_else(|e| error!("{e}"))
+    check_manager(Table::Suspensions);
+    let n = own_sql::<i64>(
+        sql("WITH d AS (DELETE FROM {suspensions} WHERE role OPERATOR(pg_catalog.=) $1 RETURNING 1) SELECT pg_catalog.count(*) FROM d"),
+        &[role.into()],
+    )
     .unwrap_or(0);
     if n == 0 {
         bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("role \"{role}\" is not suspended"), None, "See custody.suspensions.");
@@ -278,22 +305,22 @@ fn resume(role: &str) {
 
 /// Reads policies, attributes and suspensions from the store (in custody.database).
 pub fn load_snapshot() -> Snapshot {
-    super::with_owner_rights(|| {
+    let here = crate::protect::ids().map(|i| i.table(Table::PolicyStore) != pg_sys::InvalidOid).unwrap_or(false);
+    if !here {
+        return Snapshot::default();
+    }
+    let (policies, attributes, suspensions) = (
+        sql("SELECT name, version::pg_catalog.int8, source, enabled FROM {policy_store} ORDER BY name"),
+        sql("SELECT role, key, value::pg_catalog.text, \
+                    (EXTRACT(epoch FROM valid_from) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8, \
+                    (EXTRACT(epoch FROM valid_until) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8 \
+             FROM {attribute_store} ORDER BY role, key"),
+        sql("SELECT role, reason FROM {suspensions} ORDER BY role"),
+    );
+    crate::own::as_owner(|| {
         Spi::connect(|client| {
             let mut snap = Snapshot::default();
-            let exists = client
-                .select("SELECT to_regclass('custody.policy_store') IS NOT NULL", None, &[])?
-                .first()
-                .get_one::<bool>()?
-                .unwrap_or(false);
-            if !exists {
-                return Ok::<_, pgrx::spi::Error>(snap);
-            }
-            for row in client.select(
-                "SELECT name, version::int8, source, enabled FROM custody.policy_store ORDER BY name",
-                None,
-                &[],
-            )? {
+            for row in crate::own::select(client, &policies, &[])? {
                 snap.policies.push(PolicySource {
                     name: row.get::<String>(1)?.unwrap_or_default(),
                     version: row.get::<i64>(2)?.unwrap_or_default(),
@@ -301,13 +328,7 @@ pub fn load_snapshot() -> Snapshot {
                     enabled: row.get::<bool>(4)?.unwrap_or(false),
                 });
             }
-            for row in client.select(
-                "SELECT role, key, value::text, (extract(epoch FROM valid_from) * 1000000)::int8, \
-                        (extract(epoch FROM valid_until) * 1000000)::int8 \
-                 FROM custody.attribute_store ORDER BY role, key",
-                None,
-                &[],
-            )? {
+            for row in crate::own::select(client, &attributes, &[])? {
                 snap.attributes.push(Attribute {
                     role: row.get::<String>(1)?.unwrap_or_default(),
                     key: row.get::<String>(2)?.unwrap_or_default(),
@@ -316,13 +337,13 @@ pub fn load_snapshot() -> Snapshot {
                     valid_until: row.get::<i64>(5)?,
                 });
             }
-            for row in client.select("SELECT role, reason FROM custody.suspensions ORDER BY role", None, &[])? {
+            for row in crate::own::select(client, &suspensions, &[])? {
                 snap.suspensions.push(Suspension {
                     role: row.get::<String>(1)?.unwrap_or_default(),
                     reason: row.get::<String>(2)?.unwrap_or_default(),
                 });
             }
-            Ok(snap)
+            Ok::<_, pgrx::spi::Error>(snap)
         })
     })
     .unwrap_or_else(|e| error!("could not read the pg_custody policy store: {e}"))

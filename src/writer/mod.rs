@@ -18,11 +18,15 @@ use custody_chain::{checkpoint_origin, genesis_hash, parse_private_key, Hash, Me
 
 use crate::capture::class::Class;
 use crate::capture::wire::{Captured, Outcome};
-use crate::capture::{self, now_unix_us, PG_EPOCH_OFFSET_US};
+use crate::capture::{now_unix_us, PG_EPOCH_OFFSET_US};
 use crate::queue::{ChainState, Consumer};
-use crate::{protect, settings};
+use crate::protect::{sql_name, Table};
+use crate::{own, settings};
 
+mod archive;
+pub mod head;
 mod rows;
+mod start;
 
 /// Records per batch (one transaction).
 const BATCH_RECORDS: usize = 2000;
@@ -44,7 +48,7 @@ pub fn init() {
         .load();
 }
 
-struct Chain {
+pub struct Chain {
     seq: i64,
     hash: Hash,
     /// RFC 6962 Merkle tree over every record hash, 1..=seq (O(log n) state).
@@ -67,7 +71,7 @@ impl Signer {
         };
         let key = match settings::signing_key_file() {
             None => {
-                queue.set_key_status("none: custody.signing_key_file is not set; checkpoints are not written");
+                queue.set_text(crate::queue::Text::Key, "none: custody.signing_key_file is not set; checkpoints are not written");
                 None
             }
             Some(path) => match std::fs::read_to_string(&path)
@@ -76,14 +80,14 @@ impl Signer {
             {
                 Ok(k) => {
                     let id = custody_chain::hex::encode(&k.key_id());
-                    queue.set_key_status(&format!("loaded: key {} ({id}) from {path}", k.name()));
+                    queue.set_text(crate::queue::Text::Key, &format!("loaded: key {} ({id}) from {path}", k.name()));
                     log!("pg_custody writer: signing checkpoints with key {} ({id})", k.name());
                     Some(k)
                 }
                 Err(e) => {
                     let msg = format!("error: cannot use custody.signing_key_file \"{path}\": {e}; the chain is written unsigned");
                     warning!("pg_custody writer: {msg}");
-                    queue.set_key_status(&msg);
+                    queue.set_text(crate::queue::Text::Key, &msg);
                     None
                 }
             },
@@ -96,56 +100,87 @@ impl Signer {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn custody_writer_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    protect::set_writer();
-    // The writer's own queries are never recorded.
-    capture::internal(|| run());
+    // Everything this process runs is pg_custody's own: never recorded, never gated.
+    own::set_writer();
+    run();
+    // Exit code 1: the postmaster starts a new writer after restart_time, whatever ended this
+    // one (pg_terminate_backend included); at server shutdown it starts none. An ERROR ends
+    // the process the same way.
+    // SAFETY: the documented way for a background worker to end.
+    unsafe { pg_sys::proc_exit(1) };
 }
+
+/// Settings pinned for the writer's whole life, whatever postgresql.conf, ALTER DATABASE or
+/// ALTER ROLE set for its database and role: nothing user-defined is resolved in its SQL, and
+/// no timeout or read-only default can make its writes fail.
+const PINNED: [(&std::ffi::CStr, &std::ffi::CStr); 8] = [
+    (c"search_path", c"pg_catalog, pg_temp"),
+    // Its commits do not wait for their WAL flush: a session that waits for its records at
+    // COMMIT (durability = commit) writes its own commit record after the writer's and
+    // flushes WAL up to it, which stores both with one flush instead of two in a row. Other
+    // records are flushed by the WAL writer within three times wal_writer_delay
+    // (docs/audit-trail.md, section 4).
+    (c"synchronous_commit", c"off"),
+    (c"default_transaction_read_only", c"off"),
+    (c"default_transaction_isolation", c"read committed"),
+    (c"statement_timeout", c"0"),
+    (c"lock_timeout", c"0"),
+    (c"idle_in_transaction_session_timeout", c"0"),
+    (c"session_replication_role", c"origin"),
+];
 
 fn run() {
     BackgroundWorker::connect_worker_to_spi(Some(settings::database()), None);
-    // SAFETY: setting a GUC for this process only. The writer's commits do not wait for
-    // their WAL flush: a session that waits for its records at COMMIT (durability = commit)
-    // writes its own commit record after the writer's and flushes WAL up to it, which stores
-    // both with one flush instead of two in a row. Other records are flushed by the WAL
-    // writer within three times wal_writer_delay (docs/audit-trail.md, section 4).
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"synchronous_commit".as_ptr(),
-            c"off".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
+    for (name, value) in PINNED {
+        // SAFETY: setting GUCs for this process only, above every other source.
+        unsafe {
+            pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_SUSET, pg_sys::GucSource::PGC_S_OVERRIDE)
+        };
     }
     let Some(queue) = Consumer::attach() else { return };
     let mut chain: Option<Chain> = None;
-    let mut lost_recorded = queue.lost();
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH_RECORDS);
     let mut last_settings = settings::generation();
     let mut signer = Signer::load(&queue);
     let mut last_checkpoint = std::time::Instant::now();
+    let mut durable = head::Durable::new();
+    let mut archiver = archive::Archiver::new();
+    let mut refusing_since: Option<std::time::Instant> = None;
     let (mut gathered, mut stopping) = (false, false);
 
     loop {
         if chain.is_none() {
-            chain = BackgroundWorker::transaction(load_head);
-            match &chain {
-                Some(c) => {
+            match BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| start::open(&queue))) {
+                start::Start::Ready(mut c, first) => {
+                    if refusing_since.take().is_some() {
+                        queue.set_text(crate::queue::Text::Alarm, "");
+                    }
                     queue.set_state(ChainState::Ready);
-                    queue.set_head_seq(c.seq);
                     queue.set_last_checkpoint(c.checkpointed);
                     log!("pg_custody writer: appending to custody.audit_log after seq {}", c.seq);
-                    let c = chain.as_mut().expect("just set");
-                    append(c, vec![system_record("WRITER START", None)]);
+                    append(&mut c, first);
+                    queue.set_head(c.seq, &c.hash);
+                    durable.start(head::Head { seq: c.seq, hash: c.hash });
                     // Policies, attributes and suspensions in force for every backend.
                     let snap = BackgroundWorker::transaction(crate::policy::store::load_snapshot);
                     if !crate::policy::publish(&snap) {
                         warning!("pg_custody writer: the policy store does not fit in shared memory");
                     }
-                    queue.set_head_seq(c.seq);
+                    chain = Some(c);
                 }
-                None => {
+                start::Start::Absent => {
                     queue.set_state(ChainState::Absent);
                     queue.discard_all();
+                }
+                start::Start::Refusing(why) => {
+                    // Records stay queued (sessions block or mark gaps, custody.on_failure)
+                    // until the table is restored; say why now and then.
+                    if refusing_since.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        warning!("pg_custody writer: not appending: {why}");
+                        refusing_since = Some(std::time::Instant::now());
+                    }
+                    queue.set_text(crate::queue::Text::Alarm, &format!("refusing: {why}"));
+                    queue.set_state(ChainState::Refusing);
                 }
             }
         }
@@ -157,9 +192,11 @@ fn run() {
         }
 
         let Some(c) = chain.as_mut() else {
-            // Not created yet: look again soon (CREATE EXTENSION pg_custody). Statements are
-            // not recorded until then, so keep the window short; the check is one lookup.
-            if !BackgroundWorker::wait_latch(Some(Duration::from_millis(100))) {
+            // Not created yet, or refusing: look again soon (CREATE EXTENSION pg_custody).
+            // Statements are not recorded until then, so keep the window short; the check is
+            // one lookup.
+            let wait = if queue_state_refusing(&queue) { 1000 } else { 100 };
+            if !BackgroundWorker::wait_latch(Some(Duration::from_millis(wait))) {
                 return;
             }
             continue;
@@ -175,21 +212,17 @@ fn run() {
                 .collect();
             let objects = serde_json::json!([{ "kind": "settings", "name": "custody", "settings": values }]);
             append(c, vec![system_record("SETTINGS RELOADED", Some(objects))]);
+            committed(c, &queue, &mut durable);
         }
 
-        // Records that sessions could not queue: a gap marker, never silence.
-        let lost = queue.lost();
-        if lost > lost_recorded {
-            let n = lost - lost_recorded;
-            let objects = serde_json::json!([{ "kind": "gap", "name": "lost records", "count": n }]);
-            append(c, vec![system_record("GAP", Some(objects))]);
-            lost_recorded = lost;
-        }
+        record_gap(c, &queue, &mut durable);
 
         if c.seq > c.checkpointed && last_checkpoint.elapsed() >= settings::checkpoint_interval() {
-            checkpoint(c, &signer, &queue);
+            checkpoint(c, &signer, &queue, &mut archiver);
             last_checkpoint = std::time::Instant::now();
         }
+        archiver.poll(&queue);
+        durable.sync(false, false);
 
         batch.clear();
         let end = queue.peek(BATCH_RECORDS, BATCH_BYTES, &mut batch);
@@ -212,7 +245,7 @@ fn run() {
                 .collect();
             append(c, records);
             queue.advance(end);
-            queue.set_head_seq(c.seq);
+            committed(c, &queue, &mut durable);
             continue;
         }
 
@@ -227,19 +260,52 @@ fn run() {
                 settings::checkpoint_interval().as_millis().min(1000) as u64,
             )));
         if stop {
-            // Clean shutdown: drain what is queued, then say so in the chain.
+            // Stopping (server shutdown or pg_terminate_backend): drain what is queued, then
+            // say so in the chain; the next writer, if any, says it started.
             batch.clear();
             let end = queue.peek(usize::MAX, usize::MAX, &mut batch);
             let mut records: Vec<Captured> = batch
                 .iter()
                 .map(|b| Captured::decode(b).unwrap_or_else(|_| undecodable()))
                 .collect();
-            records.push(system_record("WRITER STOP", None));
+            records.push(system_record(
+                "WRITER STOP",
+                Some(serde_json::json!([{ "kind": "writer", "name": "stop", "reason": "SIGTERM (server shutdown or pg_terminate_backend)" }])),
+            ));
             append(c, records);
             queue.advance(end);
-            checkpoint(c, &signer, &queue);
+            committed(c, &queue, &mut durable);
+            record_gap(c, &queue, &mut durable);
+            checkpoint(c, &signer, &queue, &mut archiver);
+            // SAFETY: plain WAL flush request: what the head file names must be on disk.
+            unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
+            durable.sync(true, true);
+            archiver.finish(&queue, Duration::from_secs(5));
             return;
         }
+    }
+}
+
+fn queue_state_refusing(_queue: &Consumer) -> bool {
+    crate::queue::state() == ChainState::Refusing
+}
+
+/// After a batch committed: the head for custody.status(), the next writer and the file.
+fn committed(c: &Chain, queue: &Consumer, durable: &mut head::Durable) {
+    queue.set_head(c.seq, &c.hash);
+    durable.committed(head::Head { seq: c.seq, hash: c.hash });
+}
+
+/// Records that sessions could not queue — while this writer ran or before it started (the
+/// count of those recorded survives writer restarts): a gap marker, never silence.
+fn record_gap(c: &mut Chain, queue: &Consumer, durable: &mut head::Durable) {
+    let lost = queue.lost();
+    let recorded = queue.lost_recorded();
+    if lost > recorded {
+        let objects = serde_json::json!([{ "kind": "gap", "name": "lost records", "count": lost - recorded }]);
+        append(c, vec![system_record("GAP", Some(objects))]);
+        queue.set_lost_recorded(lost);
+        committed(c, queue, durable);
     }
 }
 
@@ -250,7 +316,7 @@ fn undecodable() -> Captured {
     r
 }
 
-fn system_record(command: &str, objects: Option<serde_json::Value>) -> Captured {
+pub(crate) fn system_record(command: &str, objects: Option<serde_json::Value>) -> Captured {
     Captured {
         event_time: now_unix_us(),
         database_name: settings::database().to_string(),
@@ -265,49 +331,9 @@ fn system_record(command: &str, objects: Option<serde_json::Value>) -> Captured 
     }
 }
 
-/// Reads the chain head and rebuilds the Merkle tree over every record hash, or None when
-/// the audit log does not exist in this database.
-fn load_head() -> Option<Chain> {
-    Spi::connect(|client| {
-        let exists = client
-            .select("SELECT to_regclass('custody.audit_log') IS NOT NULL", None, &[])
-            .ok()?
-            .first()
-            .get_one::<bool>()
-            .ok()
-            .flatten()
-            .unwrap_or(false);
-        if !exists {
-            return None;
-        }
-        let mut chain = Chain { seq: 0, hash: genesis(), merkle: MerkleBuilder::new(), checkpointed: 0 };
-        let mut cursor = client.open_cursor("SELECT seq, hash FROM custody.audit_log ORDER BY seq", &[]);
-        loop {
-            let table = cursor.fetch(10_000).expect("read custody.audit_log");
-            if table.is_empty() {
-                break;
-            }
-            for row in table {
-                let seq = row.get::<i64>(1).ok().flatten().unwrap_or_default();
-                let h = row.get::<Vec<u8>>(2).ok().flatten().unwrap_or_default();
-                let hash: Hash = h.try_into().unwrap_or([0u8; 32]);
-                chain.merkle.push(&hash);
-                chain.seq = seq;
-                chain.hash = hash;
-            }
-        }
-        chain.checkpointed = client
-            .select("SELECT coalesce(max(seq), 0)::int8 FROM custody.checkpoints", None, &[])
-            .ok()
-            .and_then(|t| t.first().get_one::<i64>().ok().flatten())
-            .unwrap_or(0);
-        Some(chain)
-    })
-}
-
 /// Signs and stores a checkpoint of the chain as it stands (when a key is loaded and
 /// there is something new to cover).
-fn checkpoint(chain: &mut Chain, signer: &Signer, queue: &Consumer) {
+fn checkpoint(chain: &mut Chain, signer: &Signer, queue: &Consumer, archiver: &mut archive::Archiver) {
     let Some(key) = &signer.key else { return };
     if chain.seq <= chain.checkpointed {
         return;
@@ -322,12 +348,22 @@ fn checkpoint(chain: &mut Chain, signer: &Signer, queue: &Consumer) {
     };
     let verifier = key.verifier().to_text();
     BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+        let (checkpoints, keys) = (sql_name(Table::Checkpoints), sql_name(Table::PublicKeys));
+        let insert_checkpoint = std::ffi::CString::new(format!(
+            "INSERT INTO {checkpoints} (seq, hash, merkle_root, key_id, signature, signed_at, note) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .expect("no NUL");
+        let insert_key = std::ffi::CString::new(format!(
+            "INSERT INTO {keys} (key_id, public_key, first_used, last_used) VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (key_id) DO UPDATE SET last_used = excluded.last_used"
+        ))
+        .expect("no NUL");
         Spi::connect_mut(|client| {
             let ts = |us: i64| unsafe { DatumWithOid::new(us - PG_EPOCH_OFFSET_US, pg_sys::TIMESTAMPTZOID) };
             client
                 .update(
-                    "INSERT INTO custody.checkpoints (seq, hash, merkle_root, key_id, signature, signed_at, note) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &*insert_checkpoint,
                     None,
                     &[
                         line.seq.into(),
@@ -342,9 +378,7 @@ fn checkpoint(chain: &mut Chain, signer: &Signer, queue: &Consumer) {
                 .expect("insert checkpoint");
             client
                 .update(
-                    "INSERT INTO custody.public_keys (key_id, public_key, first_used, last_used) \
-                     VALUES ($1, $2, $3, $3) \
-                     ON CONFLICT (key_id) DO UPDATE SET last_used = excluded.last_used",
+                    &*insert_key,
                     None,
                     &[line.key_id.as_str().into(), verifier.as_str().into(), ts(now)],
                 )
@@ -357,6 +391,14 @@ fn checkpoint(chain: &mut Chain, signer: &Signer, queue: &Consumer) {
     unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
     chain.checkpointed = chain.seq;
     queue.set_last_checkpoint(chain.seq);
+    // ... and a copy leaves the database right away.
+    let digest = custody_chain::Digest {
+        seq: line.seq,
+        hash: line.hash,
+        merkle_root: line.merkle_root,
+        signed_note: Some(line.note.clone()),
+    };
+    archiver.checkpoint(line.seq, &digest.to_json(), queue);
 }
 
 /// The prev_hash of record 1: binds the chain to this cluster and database.

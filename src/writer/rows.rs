@@ -93,13 +93,16 @@ pub unsafe fn insert(rows: &[Row], json: &mut JsonCache) {
         inet.clear();
     }
     unsafe {
-        let nsp = pg_sys::get_namespace_oid(c"custody".as_ptr(), false);
-        let relid = pg_sys::get_relname_relid(c"audit_log".as_ptr(), nsp);
+        let relid = crate::scan::log_oid();
         if relid == pg_sys::InvalidOid {
             pgrx::error!("pg_custody writer: custody.audit_log does not exist");
         }
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
         let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        // Nothing but pg_custody's own code may run while it inserts: no trigger, rule,
+        // index expression or user-defined operator class (added while the library was not
+        // loaded). The ERROR ends this writer; the next one refuses until it is restored.
+        crate::protect::table::require(crate::protect::Table::AuditLog, rel);
         // Slots over a private copy of the descriptor: slots over the relcache's own
         // descriptor each pin it in the resource owner, whose release is linear per pin.
         let desc = pg_sys::CreateTupleDescCopy((*rel).rd_att);

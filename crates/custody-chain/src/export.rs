@@ -459,7 +459,7 @@ struct Parsed {
 
 enum Line {
     Chain(ChainHeader),
-    Record { seq: i64, prev_hash: Hash, hash: Hash, computed: Hash },
+    Record { seq: i64, prev_hash: Hash, hash: Hash, computed: Hash, alarm: Option<String> },
     Checkpoint(CheckpointLine),
 }
 
@@ -478,6 +478,7 @@ fn parse_one(lineno: u64, text: &str, copy_text: bool, buf: &mut Vec<u8>) -> Par
         ExportLine::Record(r) => Line::Record {
             seq: r.record.seq,
             computed: r.record.chain_hash_with(&r.prev_hash, buf),
+            alarm: crate::verify::alarm_of(&r.record),
             prev_hash: r.prev_hash,
             hash: r.hash,
         },
@@ -604,9 +605,9 @@ fn verify_lines(
                 report.header = Some(h);
             }
             _ if chain.is_none() => return Err(malformed("the first line must be the \"chain\" line")),
-            Line::Record { seq, prev_hash, hash, computed } => {
+            Line::Record { seq, prev_hash, hash, computed, alarm } => {
                 let (v, origin) = chain.as_mut().expect("checked above");
-                if let Err(f) = v.push_hashed(seq, &prev_hash, &hash, computed) {
+                if let Err(f) = v.push_hashed(seq, &prev_hash, &hash, computed, alarm) {
                     tampered = Some(ExportFailure {
                         seq: f.seq,
                         class: FailureClass::Tamper,

@@ -24,4 +24,4 @@ pub use note::{
     parse_verifier_key, sign_note, verify_note, KeyError, NoteError, PrivateKey, VerifierKey,
 };
 pub use record::{canonical_json, genesis_hash, Record};
-pub use verify::{ChainVerifier, Failure, FailureKind};
+pub use verify::{alarm_of, ChainVerifier, Failure, FailureKind, HEAD_MISMATCH};

@@ -21,6 +21,19 @@ pub enum FailureKind {
     Reordered,
     /// Record 1's prev_hash is not this cluster+database's genesis hash.
     BadGenesis,
+    /// A HEAD MISMATCH record: the writer found the table without records it had stored, or
+    /// with another record where one of them was (docs/chain-format.md, "Alarms").
+    HeadMismatch { message: String },
+}
+
+/// The command of the `system` record the writer appends when the table does not hold the
+/// head it remembers storing.
+pub const HEAD_MISMATCH: &str = "HEAD MISMATCH";
+
+/// The alarm a record raises, if it is a HEAD MISMATCH record: its message.
+pub fn alarm_of(rec: &Record) -> Option<String> {
+    (rec.class == "system" && rec.command == HEAD_MISMATCH)
+        .then(|| rec.message.clone().unwrap_or_else(|| "the table does not hold what the writer stored".into()))
 }
 
 /// The first bad record: its seq (for `MissingSeq`, the first missing seq)
@@ -58,6 +71,7 @@ impl fmt::Display for FailureKind {
             FailureKind::BadGenesis => f.write_str(
                 "bad genesis: the first record's prev_hash is not the genesis hash of this cluster and database",
             ),
+            FailureKind::HeadMismatch { message } => write!(f, "head mismatch: {message}"),
         }
     }
 }
@@ -115,21 +129,26 @@ impl ChainVerifier {
         match self.check(rec, stored_prev_hash, stored_hash) {
             Ok(hash) => {
                 self.accept(rec.seq, hash);
-                Ok(())
+                match alarm_of(rec) {
+                    None => Ok(()),
+                    Some(message) => Err(self.fail(rec.seq, FailureKind::HeadMismatch { message })),
+                }
             }
             Err(kind) => Err(self.fail(rec.seq, kind)),
         }
     }
 
     /// `push` for a record whose chain hash over its stored prev_hash was computed already
-    /// (by another thread): the same checks in the same order, the same result. When the
-    /// link check passes, the stored prev_hash is the one `push` would hash with.
+    /// (by another thread), and whose alarm (`alarm_of`) was read then: the same checks in
+    /// the same order, the same result. When the link check passes, the stored prev_hash is
+    /// the one `push` would hash with.
     pub fn push_hashed(
         &mut self,
         seq: i64,
         stored_prev_hash: &[u8],
         stored_hash: &[u8],
         computed: Hash,
+        alarm: Option<String>,
     ) -> Result<(), Failure> {
         if let Some(f) = &self.failure {
             return Err(f.clone());
@@ -139,7 +158,10 @@ impl ChainVerifier {
         }) {
             Ok(hash) => {
                 self.accept(seq, hash);
-                Ok(())
+                match alarm {
+                    None => Ok(()),
+                    Some(message) => Err(self.fail(seq, FailureKind::HeadMismatch { message })),
+                }
             }
             Err(kind) => Err(self.fail(seq, kind)),
         }
@@ -256,6 +278,39 @@ mod tests {
             v.push(r, p, h).unwrap();
         }
         assert_eq!(v.head(), Some((10, rows[9].2)));
+    }
+
+    #[test]
+    fn head_mismatch_record_fails_verification_at_its_seq() {
+        // A chain whose 4th record is the writer's alarm (correctly hashed and linked).
+        let g = genesis_hash(42, 5);
+        let mut prev = g;
+        let mut rows = Vec::new();
+        for s in 1..=6 {
+            let mut r = sample(s);
+            if s == 4 {
+                r.class = "system".into();
+                r.command = HEAD_MISMATCH.into();
+                r.message = Some("records 2..3 stored by the custody writer are missing".into());
+            }
+            let h = r.chain_hash(&prev);
+            rows.push((r, prev, h));
+            prev = h;
+        }
+        let message = "records 2..3 stored by the custody writer are missing".to_string();
+        assert_eq!(run(g, &rows), fail(4, FailureKind::HeadMismatch { message: message.clone() }));
+        assert_eq!(alarm_of(&rows[3].0), Some(message));
+        assert_eq!(alarm_of(&rows[2].0), None);
+        // The hashed path (parallel export verification) says the same.
+        let mut v = ChainVerifier::new(1, Some(g));
+        let mut result = Ok(());
+        for (r, p, h) in &rows {
+            result = v.push_hashed(r.seq, p, h, r.chain_hash(p), alarm_of(r));
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result.map(|_| 0), fail(4, FailureKind::HeadMismatch { message: "records 2..3 stored by the custody writer are missing".into() }));
     }
 
     #[test]

@@ -1,0 +1,151 @@
+//! Objects created or altered in pg_custody's schema, or attached to its tables, however the
+//! statement reached them (CREATE OR REPLACE FUNCTION custody.verify_audit_chain, ALTER
+//! SCHEMA custody RENAME, ALTER ... SET SCHEMA custody, CREATE EXTENSION x SCHEMA custody,
+//! a foreign key that puts triggers on the log): refused from the object-access hook, which
+//! PostgreSQL calls right after it wrote the catalog row, before the statement can use it.
+//!
+//! The new row is not visible to catalog snapshots yet (no CommandCounterIncrement since),
+//! so it is read with SnapshotSelf.
+
+use pgrx::pg_sys;
+
+use super::{ids, in_own_script, protected};
+use crate::capture::objects::cstr;
+use crate::error::CustodyError;
+
+/// Catalog OIDs pgrx 0.18 does not bind (catalog/pg_*.h; unchanged for decades).
+const REWRITE_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(2618);
+const POLICY_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(3256);
+const CONSTRAINT_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(2606);
+
+/// Catalogs whose objects live in a schema (checked for pg_custody's schema).
+const IN_SCHEMA: [pg_sys::Oid; 8] = [
+    pg_sys::RelationRelationId,
+    pg_sys::ProcedureRelationId,
+    pg_sys::TypeRelationId,
+    pg_sys::OperatorRelationId,
+    pg_sys::CollationRelationId,
+    pg_sys::OperatorClassRelationId,
+    pg_sys::OperatorFamilyRelationId,
+    pg_sys::StatisticExtRelationId,
+];
+
+/// Catalogs whose objects attach to a relation, and the columns naming it.
+const ATTACHED: [(pg_sys::Oid, &str, &[&str]); 4] = [
+    (pg_sys::TriggerRelationId, "trigger", &["tgrelid"]),
+    (REWRITE_RELATION, "rule", &["ev_class"]),
+    (POLICY_RELATION, "policy", &["polrelid"]),
+    (CONSTRAINT_RELATION, "constraint", &["conrelid", "confrelid"]),
+];
+
+/// OAT_POST_CREATE / OAT_POST_ALTER of object (class_id, object_id, sub_id). `internal`: the
+/// server made the change itself (an index copied by REINDEX CONCURRENTLY, say).
+pub fn check(created: bool, class_id: pg_sys::Oid, object_id: pg_sys::Oid, sub_id: i32, internal: bool) {
+    if sub_id != 0 {
+        return; // a column: the statements that add or alter columns of ours are refused first
+    }
+    let Some(ids) = ids() else { return };
+    if in_own_script() {
+        return;
+    }
+    let verb = if created { "create" } else { "alter" };
+    if class_id == pg_sys::NamespaceRelationId {
+        if object_id == ids.nsp {
+            CustodyError::Redefinition {
+                message: format!("cannot {verb} schema {}: it holds pg_custody's objects", own_schema()),
+                hint: None,
+            }
+            .report();
+        }
+        return;
+    }
+    if IN_SCHEMA.contains(&class_id) {
+        // SAFETY: catalog read inside the statement that wrote the row.
+        let Some((nsp, relkind)) = (unsafe { namespace_of(class_id, object_id) }) else { return };
+        if nsp != ids.nsp {
+            return;
+        }
+        // Indexes of pg_custody's tables: CREATE INDEX was checked by the utility hook
+        // (plain columns, CONCURRENTLY), and the server's own copies (REINDEX CONCURRENTLY).
+        let index = relkind == Some(pg_sys::RELKIND_INDEX);
+        if class_id == pg_sys::RelationRelationId && index && (created || internal) {
+            return;
+        }
+        CustodyError::Redefinition {
+            message: format!("cannot {verb} objects in schema {}: it belongs to pg_custody", own_schema()),
+            hint: Some("Create your objects in another schema.".into()),
+        }
+        .report();
+    }
+    if let Some(&(_, kind, cols)) = ATTACHED.iter().find(|(c, _, _)| *c == class_id) {
+        // SAFETY: as above.
+        let relations = unsafe { relations_of(class_id, object_id, cols) };
+        if let Some(t) = relations.into_iter().find_map(protected) {
+            CustodyError::Redefinition {
+                message: format!("cannot {verb} a {kind} on {}", super::label(t)),
+                hint: Some("Nothing may run when pg_custody's tables are written, or refuse what is written to them.".into()),
+            }
+            .report();
+        }
+    }
+}
+
+fn own_schema() -> String {
+    // SAFETY: syscache lookup.
+    ids().map(|i| unsafe { cstr(pg_sys::get_namespace_name(i.nsp)) }).unwrap_or_else(|| "custody".into())
+}
+
+/// Runs `f` on the catalog row of (class_id, object_id) as this command wrote it.
+unsafe fn with_row<R>(class_id: pg_sys::Oid, object_id: pg_sys::Oid, f: impl FnOnce(pg_sys::HeapTuple, pg_sys::TupleDesc) -> R) -> Option<R> {
+    unsafe {
+        let index = pg_sys::get_object_oid_index(class_id);
+        let oidcol = pg_sys::get_object_attnum_oid(class_id);
+        if index == pg_sys::InvalidOid || oidcol <= 0 {
+            return None;
+        }
+        let rel = pg_sys::table_open(class_id, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(&mut key, oidcol, pg_sys::BTEqualStrategyNumber as u16, pg_sys::Oid::from(pg_sys::F_OIDEQ), pg_sys::Datum::from(object_id));
+        let scan = pg_sys::systable_beginscan(rel, index, true, std::ptr::addr_of_mut!(pg_sys::SnapshotSelfData), 1, &mut key);
+        let tup = pg_sys::systable_getnext(scan);
+        let r = (!tup.is_null()).then(|| f(tup, (*rel).rd_att));
+        pg_sys::systable_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        r
+    }
+}
+
+/// An OID column of a catalog row, by name.
+unsafe fn oid_column(tup: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, name: &str) -> Option<pg_sys::Oid> {
+    unsafe {
+        let attno = (0..(*desc).natts as usize).find(|&i| cstr((*(*desc).attrs.as_ptr().add(i)).attname.data.as_ptr()) == name)?;
+        let mut isnull = false;
+        let d = pg_sys::heap_getattr(tup, attno as i32 + 1, desc, &mut isnull);
+        (!isnull).then(|| pg_sys::Oid::from(d.value() as u32))
+    }
+}
+
+/// The schema of an object and, for a relation, its relkind.
+unsafe fn namespace_of(class_id: pg_sys::Oid, object_id: pg_sys::Oid) -> Option<(pg_sys::Oid, Option<u8>)> {
+    unsafe {
+        let nspcol = pg_sys::get_object_attnum_namespace(class_id);
+        if nspcol <= 0 {
+            return None;
+        }
+        with_row(class_id, object_id, |tup, desc| {
+            let mut isnull = false;
+            let nsp = pg_sys::Oid::from(pg_sys::heap_getattr(tup, nspcol as i32, desc, &mut isnull).value() as u32);
+            let relkind = (class_id == pg_sys::RelationRelationId)
+                .then(|| (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tup)).relkind as u8);
+            (nsp, relkind)
+        })
+    }
+}
+
+/// The relations an attached object (trigger, rule, policy, constraint) names.
+unsafe fn relations_of(class_id: pg_sys::Oid, object_id: pg_sys::Oid, cols: &[&str]) -> Vec<pg_sys::Oid> {
+    unsafe {
+        with_row(class_id, object_id, |tup, desc| cols.iter().filter_map(|c| oid_column(tup, desc, c)).collect())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,217 @@
+//! The chain head the writer remembers outside the table it protects: in shared memory across
+//! writer restarts (the queue's committed head) and in a file in the data directory across
+//! server restarts. A table whose head is behind what the writer stored, or whose record at
+//! that seq has another hash, was cut or rewritten while pg_custody was not looking: the
+//! writer records a HEAD MISMATCH and carries on after the highest seq it ever stored, so the
+//! missing seqs stay missing (the writer never reuses a seq).
+//!
+//! The writer commits asynchronously, so the file only ever names a head whose commit record
+//! WAL has already flushed: after a crash the table holds at least that much, and no alarm
+//! is raised for records the crash itself lost (those are what the unclean-stop note in the
+//! next WRITER START record is about).
+
+use std::collections::VecDeque;
+
+use std::time::{Duration, Instant};
+
+use custody_chain::{hex, Hash};
+use pgrx::pg_sys;
+
+use crate::queue::CHAIN_MARKER;
+
+/// A position in the chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub seq: i64,
+    pub hash: Hash,
+}
+
+/// What the file says: the head, and whether the writer that wrote it stopped cleanly.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Remembered {
+    pub head: Head,
+    pub clean: bool,
+}
+
+const MAGIC: &str = "pg_custody-head-1";
+
+/// The file's one line: magic, system identifier, database OID, seq, hash, clean flag.
+pub fn encode(sysid: u64, dboid: u32, r: &Remembered) -> String {
+    format!("{MAGIC} {sysid} {dboid} {} {} {}\n", r.head.seq, hex::encode(&r.head.hash), u8::from(r.clean))
+}
+
+/// Parses the file's line; None when it is not one, or names another cluster or database
+/// (a data directory copied from elsewhere).
+pub fn decode(text: &str, sysid: u64, dboid: u32) -> Option<Remembered> {
+    let mut w = text.split_whitespace();
+    if w.next()? != MAGIC || w.next()?.parse::<u64>().ok()? != sysid || w.next()?.parse::<u32>().ok()? != dboid {
+        return None;
+    }
+    let seq = w.next()?.parse().ok()?;
+    let hash = hex::decode_hash(w.next()?).ok()?;
+    let clean = w.next()? == "1";
+    Some(Remembered { head: Head { seq, hash }, clean })
+}
+
+/// What the table holds compared with what the writer stored.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Check {
+    Consistent,
+    /// Records `from..=to` the writer stored are not in the table.
+    Missing { from: i64, to: i64, expected: Head },
+    /// The table's record at `expected.seq` is not the one the writer stored.
+    Rewritten { expected: Head, found: Hash },
+}
+
+/// Compares the table's head with the remembered one; `hash_at(seq)` reads the table's
+/// stored hash of record `seq`, if it has one.
+pub fn compare(remembered: &Head, table: &Head, hash_at: impl FnOnce(i64) -> Option<Hash>) -> Check {
+    if table.seq < remembered.seq {
+        return Check::Missing { from: table.seq + 1, to: remembered.seq, expected: *remembered };
+    }
+    if remembered.seq == 0 {
+        return Check::Consistent;
+    }
+    match hash_at(remembered.seq) {
+        Some(h) if h == remembered.hash => Check::Consistent,
+        Some(found) => Check::Rewritten { expected: *remembered, found },
+        // The record at that seq is gone although later ones exist: cut out of the middle.
+        None => Check::Missing { from: remembered.seq, to: remembered.seq, expected: *remembered },
+    }
+}
+
+fn identity() -> (u64, u32) {
+    // SAFETY: plain reads of the control file's system identifier and this database's OID.
+    unsafe { (pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId)) }
+}
+
+/// The head the file remembers, if it is this cluster's and database's.
+pub fn read() -> Option<Remembered> {
+    let (sysid, dboid) = identity();
+    let text = std::fs::read_to_string(CHAIN_MARKER).ok()?;
+    let r = decode(&text, sysid, dboid);
+    if r.is_none() {
+        pgrx::warning!("pg_custody writer: {CHAIN_MARKER} does not belong to this cluster and database; ignored");
+    }
+    r
+}
+
+/// Removes the file after pg_custody's extension was dropped in this database
+/// (custody.allow_drop): there is no chain to remember any more.
+pub fn forget() {
+    if read().is_some() {
+        if let Err(e) = std::fs::remove_file(CHAIN_MARKER) {
+            pgrx::warning!("pg_custody: could not remove {CHAIN_MARKER}: {e}");
+        }
+    }
+}
+
+fn write(r: &Remembered) -> std::io::Result<()> {
+    let (sysid, dboid) = identity();
+    let tmp = format!("{CHAIN_MARKER}.tmp");
+    std::fs::write(&tmp, encode(sysid, dboid, r))?;
+    std::fs::rename(&tmp, CHAIN_MARKER)
+}
+
+/// Heads committed but maybe not flushed yet, and the last one written to the file.
+pub struct Durable {
+    pending: VecDeque<(u64, Head)>,
+    written: Option<Head>,
+    last_write: Option<Instant>,
+}
+
+/// How often the file is rewritten at most while records flow.
+const WRITE_EVERY: Duration = Duration::from_millis(100);
+
+impl Durable {
+    pub fn new() -> Durable {
+        Durable { pending: VecDeque::new(), written: None, last_write: None }
+    }
+
+    /// A batch ending at `head` committed; its commit record ends at this LSN.
+    pub fn committed(&mut self, head: Head) {
+        // SAFETY: set by CommitTransaction in this process, read right after.
+        let lsn = unsafe { pg_sys::XactLastCommitEnd };
+        self.pending.push_back((lsn, head));
+    }
+
+    /// Writes the newest head whose commit is flushed, at most every WRITE_EVERY unless
+    /// `now`. `clean`: the writer is stopping after a final flush.
+    pub fn sync(&mut self, now: bool, clean: bool) {
+        // SAFETY: reads the WAL flush position.
+        let flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
+        let mut newest = None;
+        while self.pending.front().is_some_and(|(lsn, _)| *lsn <= flushed) {
+            newest = self.pending.pop_front().map(|(_, h)| h);
+        }
+        let Some(head) = newest.or(if clean { self.written } else { None }) else { return };
+        if !now && self.last_write.is_some_and(|t| t.elapsed() < WRITE_EVERY) {
+            // Keep it for the next call.
+            self.pending.push_front((0, head));
+            return;
+        }
+        match write(&Remembered { head, clean }) {
+            Ok(()) => {
+                self.written = Some(head);
+                self.last_write = Some(Instant::now());
+            }
+            Err(e) => pgrx::warning!("pg_custody writer: could not write {CHAIN_MARKER}: {e}"),
+        }
+    }
+
+    /// Marks the chain head as known at start (the table's, after any alarm was recorded).
+    pub fn start(&mut self, head: Head) {
+        self.pending.clear();
+        self.pending.push_back((0, head));
+        self.sync(true, false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(b: u8) -> Hash {
+        [b; 32]
+    }
+
+    #[test]
+    fn file_round_trip_and_identity() {
+        let r = Remembered { head: Head { seq: 42, hash: h(7) }, clean: true };
+        let line = encode(99, 5, &r);
+        assert_eq!(decode(&line, 99, 5), Some(r));
+        assert_eq!(decode(&line, 98, 5), None, "another cluster");
+        assert_eq!(decode(&line, 99, 6), None, "another database");
+        assert_eq!(decode("garbage", 99, 5), None);
+        assert_eq!(decode("", 99, 5), None);
+    }
+
+    #[test]
+    fn a_table_behind_the_writer_misses_records() {
+        let remembered = Head { seq: 100, hash: h(1) };
+        let table = Head { seq: 95, hash: h(2) };
+        assert_eq!(compare(&remembered, &table, |_| None), Check::Missing { from: 96, to: 100, expected: remembered });
+    }
+
+    #[test]
+    fn a_table_ahead_with_the_same_record_is_consistent() {
+        let remembered = Head { seq: 100, hash: h(1) };
+        let table = Head { seq: 120, hash: h(3) };
+        assert_eq!(compare(&remembered, &table, |s| (s == 100).then_some(h(1))), Check::Consistent);
+        assert_eq!(compare(&remembered, &Head { seq: 100, hash: h(1) }, |_| Some(h(1))), Check::Consistent);
+    }
+
+    #[test]
+    fn a_rewritten_or_removed_record_is_noticed() {
+        let remembered = Head { seq: 100, hash: h(1) };
+        let table = Head { seq: 100, hash: h(9) };
+        assert_eq!(compare(&remembered, &table, |_| Some(h(9))), Check::Rewritten { expected: remembered, found: h(9) });
+        let later = Head { seq: 130, hash: h(4) };
+        assert_eq!(compare(&remembered, &later, |_| None), Check::Missing { from: 100, to: 100, expected: remembered });
+    }
+
+    #[test]
+    fn nothing_remembered_is_consistent() {
+        assert_eq!(compare(&Head { seq: 0, hash: h(0) }, &Head { seq: 0, hash: h(0) }, |_| None), Check::Consistent);
+    }
+}
