@@ -369,3 +369,185 @@ pub fn export_to_file(c: &mut Client, path: &std::path::Path) -> Vec<String> {
     std::fs::write(path, text).expect("write export");
     lines
 }
+
+// ---- Helpers of the attack tests (tests/trust_*.rs) ----
+
+pub mod wire;
+
+/// Runs cleanup statements (each on its own, errors ignored) in a fresh superuser session
+/// when dropped, also when the test panics: roles, event triggers, tables a test created.
+pub struct CleanupOnDrop {
+    pub port: u16,
+    pub sql: Vec<String>,
+}
+
+impl CleanupOnDrop {
+    pub fn new(cluster: &Cluster) -> CleanupOnDrop {
+        CleanupOnDrop { port: cluster.port, sql: Vec::new() }
+    }
+    /// Adds a statement; statements run in the order added.
+    pub fn add(&mut self, sql: impl Into<String>) {
+        self.sql.push(sql.into());
+    }
+}
+
+impl Drop for CleanupOnDrop {
+    fn drop(&mut self) {
+        let conn = format!("host=/tmp port={} user=postgres dbname=postgres application_name=cleanup", self.port);
+        if let Ok(mut c) = Client::connect(&conn, NoTls) {
+            for sql in &self.sql {
+                if let Err(e) = c.simple_query(sql) {
+                    eprintln!("cleanup {sql:?}: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Runs `psql -X -v ON_ERROR_STOP=1 <args>` (the PostgreSQL 15 client); returns (exit code,
+/// stdout, stderr).
+pub fn psql(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("/usr/lib/postgresql/15/bin/psql")
+        .args(["-X", "-v", "ON_ERROR_STOP=1"])
+        .args(args)
+        .output()
+        .expect("run psql");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// SQLSTATE, message and HINT of a failed statement (panics if it succeeded).
+pub fn db_error<T: std::fmt::Debug>(r: Result<T, postgres::Error>, what: &str) -> (String, String, String) {
+    let e = match r {
+        Ok(v) => panic!("{what}: succeeded ({v:?}) but should have failed"),
+        Err(e) => e,
+    };
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{what}: not a server error: {e}"));
+    (db.code().code().to_string(), db.message().to_string(), db.hint().unwrap_or_default().to_string())
+}
+
+/// One stored record, the columns the attack tests look at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rec {
+    pub seq: i64,
+    pub class: String,
+    pub command: String,
+    pub outcome: String,
+    pub sqlstate: Option<String>,
+    pub statement: Option<String>,
+    pub message: Option<String>,
+    pub nesting_level: i32,
+    pub session_user_name: String,
+    pub objects: String,
+}
+
+/// Records of `table` (e.g. `custody.audit_log`) matching `condition` (SQL over its columns,
+/// parameters $1..), in seq order.
+pub fn records_where(
+    c: &mut Client,
+    table: &str,
+    condition: &str,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+) -> Vec<Rec> {
+    let sql = format!(
+        "SELECT seq, class, command, outcome, sqlstate, statement, message, nesting_level, \
+         session_user_name, objects::text FROM {table} WHERE {condition} ORDER BY seq"
+    );
+    c.query(sql.as_str(), params)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| Rec {
+            seq: r.get(0),
+            class: r.get(1),
+            command: r.get(2),
+            outcome: r.get(3),
+            sqlstate: r.get(4),
+            statement: r.get(5),
+            message: r.get(6),
+            nesting_level: r.get(7),
+            session_user_name: r.get(8),
+            objects: r.get(9),
+        })
+        .collect()
+}
+
+/// Records of custody.audit_log whose statement is exactly `statement`.
+pub fn records_of_statement(c: &mut Client, statement: &str) -> Vec<Rec> {
+    records_where(c, "custody.audit_log", "statement = $1", &[&statement])
+}
+
+/// Asserts `statement` has exactly one record, with this outcome and SQLSTATE; returns it.
+pub fn assert_recorded(c: &mut Client, statement: &str, outcome: &str, sqlstate: Option<&str>) -> Rec {
+    let recs = records_of_statement(c, statement);
+    assert_eq!(recs.len(), 1, "expected one record of {statement:?}, found {recs:?}");
+    let r = recs.into_iter().next().unwrap();
+    assert_eq!(
+        (r.outcome.as_str(), r.sqlstate.as_deref()),
+        (outcome, sqlstate),
+        "record of {statement:?}: {r:?}"
+    );
+    r
+}
+
+/// Restarts the cluster with the library (must run while unloaded) without waiting for the
+/// writer to append (for tests where it is expected to refuse, or the schema was renamed).
+pub fn restart_loaded_nowait(cluster: &Cluster) {
+    let mut c = cluster.connect("harness");
+    c.batch_execute("ALTER SYSTEM RESET shared_preload_libraries").expect("reload");
+    drop(c);
+    cluster.start();
+}
+
+/// The writer's pid from `custody.status()` (None when no writer runs).
+pub fn writer_pid(c: &mut Client) -> Option<i32> {
+    let pid: Option<i64> = c
+        .query_one("SELECT (custody.status()->>'writer_pid')::int8", &[])
+        .expect("custody.status()")
+        .get(0);
+    pid.map(|p| p as i32)
+}
+
+/// Waits (bounded by `within`) until a writer other than `old` runs and appends; returns its pid.
+pub fn wait_new_writer(c: &mut Client, old: i32, within: Duration) -> i32 {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = c
+            .query_one("SELECT (custody.status()->>'writer_pid')::int8, custody.status()->>'state'", &[])
+            .expect("custody.status()");
+        let (pid, state): (Option<i64>, Option<String>) = (r.get(0), r.get(1));
+        if let Some(p) = pid.filter(|&p| p as i32 != old) {
+            if state.as_deref() == Some("appending") {
+                return p as i32;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new appending writer within {within:?} after pid {old} ended: pid {pid:?}, state {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `f` and returns its result with the time it took.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t = Instant::now();
+    let r = f();
+    (r, t.elapsed())
+}
+
+/// Runs a command as the postgres OS user (for files the server must own or write).
+pub fn as_postgres(program: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--", program])
+        .args(args)
+        .output()
+        .expect("run as postgres");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

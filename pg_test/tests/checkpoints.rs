@@ -173,11 +173,18 @@ fn consistent_full_rewrite_caught_by_digest_and_signatures() {
     assert!(n as i64 > d - k, "rewrote only {n} records");
     drop(c);
 
-    // Loaded: the hashes and links alone cannot tell; the trusted digest can.
+    // Loaded: the hashes and links alone cannot tell, but the writer remembers the head it
+    // stored (and it was rewritten): a HEAD MISMATCH record, which verification reports...
     cluster.restart_loaded();
     let mut c = cluster.connect("ckpt_verify");
     flush(&mut c);
-    assert_chain_ok(&mut c);
+    let v = verify(&mut c);
+    assert!(!v.ok, "rewrite not noticed by the writer: {v:?}");
+    assert!(v.reason.as_deref().unwrap_or_default().starts_with("head mismatch"), "{v:?}");
+    let alarm: i64 = query_i64(&mut c, "SELECT seq FROM custody.audit_log WHERE command = 'HEAD MISMATCH'", &[]);
+    assert_eq!(v.first_bad_seq, Some(alarm), "{v:?}");
+    assert!(alarm > d, "the alarm comes after the rewritten records: {alarm} <= {d}");
+    // ...and, for an attacker who also edited that memory, the trusted digest does.
     let rewritten: Option<String> =
         c.query_one("SELECT statement FROM custody.audit_log WHERE seq = $1", &[&k]).unwrap().get(0);
     assert_eq!(rewritten.as_deref(), Some("SELECT 'rewritten'"));
@@ -233,10 +240,15 @@ fn truncated_tail_caught_by_digest() {
     cluster.restart_loaded();
     let mut c = cluster.connect("ckpt_verify");
     flush(&mut c);
-    // The remaining records are consistent, and new ones are appended after the new head...
-    assert_chain_ok(&mut c);
+    // The writer remembers the head it stored: the cut stays a gap in seq, followed by a
+    // HEAD MISMATCH record, so the chain alone no longer verifies...
+    let v = verify(&mut c);
+    assert!(!v.ok, "truncation not detected by the remembered head: {v:?}");
+    assert_eq!(v.first_bad_seq, Some(d - 19), "{v:?}");
+    let alarms = query_i64(&mut c, "SELECT count(*) FROM custody.audit_log WHERE command = 'HEAD MISMATCH'", &[]);
+    assert_eq!(alarms, 1, "no HEAD MISMATCH record");
     let head = query_i64(&mut c, "SELECT max(seq) FROM custody.audit_log", &[]);
-    // ...but the digest vouches for what was cut off.
+    // ...and the digest vouches for what was cut off.
     let v = verify_with(&mut c, Some(&digests), None);
     eprintln!("truncated (head {head}, digest {d}): {v:?}");
     assert!(!v.ok, "truncation not detected by the trusted digest: {v:?}");

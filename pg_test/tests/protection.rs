@@ -38,8 +38,8 @@ fn protection() {
             "42501",
         ),
         (format!("/* {m} */ CREATE RULE {m}_r AS ON INSERT TO custody.audit_log DO INSTEAD NOTHING"), "42501"),
-        // PostgreSQL's own dependency check refuses first (the extension owns the table).
-        (format!("/* {m} */ DROP TABLE custody.audit_log"), "2BP01"),
+        // Refused before PostgreSQL locks the table (the writer would wait behind the lock).
+        (format!("/* {m} */ DROP TABLE custody.audit_log"), "42501"),
         (format!("/* {m} */ DROP EXTENSION pg_custody"), "42501"),
     ];
     for (sql, want) in &attempts {

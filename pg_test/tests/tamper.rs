@@ -98,8 +98,12 @@ fn tamper() {
         assert!(r.get::<_, bool>(0), "{}: prefix 1..{} does not verify", case.name, case.k - 1);
         drop(c);
 
-        // Unloaded: restore the saved records (this drops what was appended meanwhile).
+        // Unloaded: restore the saved records. This drops what was appended meanwhile, which
+        // the writer would rightly report as cut off (trust_head.rs): the test also removes
+        // the head the writer remembers, with the file-system access nothing in the database
+        // can stop.
         cluster.restart_unloaded();
+        let _ = std::fs::remove_file(cluster.dir.join("pg_custody.head"));
         let mut c = cluster.connect("tamper_unloaded");
         c.batch_execute("TRUNCATE custody.audit_log; INSERT INTO custody.audit_log SELECT * FROM public.backup")
             .unwrap();
@@ -128,8 +132,15 @@ fn tamper() {
     let mut c = cluster.connect("tamper_unloaded");
     c.batch_execute("ALTER TABLE custody.audit_log ALTER COLUMN rows TYPE numeric").unwrap();
     drop(c);
-    cluster.restart_loaded();
+    restart_loaded_nowait(&cluster);
     let mut c = cluster.connect("tamper_verify");
+    // The writer does not write to a table it did not make this way; it says why.
+    wait_until(
+        &mut c,
+        "SELECT coalesce(custody.status()->>'state' LIKE 'refusing: %column rows has type%', false)",
+        &[],
+        "the writer to refuse the altered log",
+    );
     let err = c
         .query_one("SELECT ok FROM custody.verify_audit_chain()", &[])
         .expect_err("verification of an altered table must fail");
