@@ -158,6 +158,51 @@ echo "exported $(wc -l < "$dir.export.jsonl") lines to $dir.export.jsonl"
 echo "\$ custody verify --log $dir.export.jsonl --public-key '$pub' --digest $dir.digest.json"
 custody verify --log "$dir.export.jsonl" --public-key "$pub" --digest "$dir.digest.json"
 
+say "An insider's attack, refused: a custody_admin member tries to run her code inside pg_custody"
+psql -q <<'SQL'
+DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'demo_alice') THEN CREATE ROLE demo_alice LOGIN; END IF; END $$;
+GRANT custody_admin TO demo_alice;
+CREATE SCHEMA IF NOT EXISTS demo_alice AUTHORIZATION demo_alice;
+SQL
+cat > "$dir.alice.sql" <<'SQL'
+-- her now() makes her a superuser if it ever runs with pg_custody's rights
+CREATE OR REPLACE FUNCTION demo_alice.now() RETURNS timestamptz LANGUAGE plpgsql AS $f$
+BEGIN
+    EXECUTE 'ALTER ROLE demo_alice SUPERUSER';
+    RETURN pg_catalog.now();
+EXCEPTION WHEN OTHERS THEN RETURN pg_catalog.now();
+END $f$;
+SET search_path = demo_alice, pg_catalog;
+SELECT custody.set_attribute('demo_alice', 'team', '"audit"');
+\echo '-- and she tries to delete her trail, and to hide it by renaming the schema'
+\set ON_ERROR_STOP 0
+DELETE FROM custody.audit_log;
+ALTER SCHEMA custody RENAME TO hidden;
+SQL
+chmod 644 "$dir.alice.sql"
+"$here/cluster.sh" psql "$port" -U demo_alice -d postgres -f "$dir.alice.sql" 2>&1 || true
+psql -c "SELECT rolname, rolsuper FROM pg_roles WHERE rolname = 'demo_alice'"
+psql -c "SELECT custody.flush()" -qAt >/dev/null
+psql -c "SELECT seq, current_user_name AS role, command, outcome, sqlstate, left(statement, 45) AS statement
+         FROM custody.audit_log WHERE session_user_name = 'demo_alice' ORDER BY seq DESC LIMIT 4"
+
+say "An attack with the library unloaded, detected: the newest records are cut off"
+psql -c "SELECT custody.flush()" -qAt >/dev/null
+head=$(psql -qAt -c "SELECT max(seq) FROM custody.audit_log")
+unloaded
+psql -qc "DELETE FROM custody.audit_log WHERE seq > $head - 5"
+psql -qc "DELETE FROM custody.checkpoints WHERE seq > $head - 5"
+echo "deleted every record after seq $((head - 5)), and their checkpoints, as a superuser with the library unloaded"
+loaded
+for _ in $(seq 50); do   # the writer compares the table with the head it remembers
+    [ "$(psql -qAt -c "SELECT custody.status()->>'alarm' IS NOT NULL")" = t ] && break
+    sleep 0.2
+done
+psql -c "SELECT custody.status()->>'alarm' AS alarm"
+psql -c "SELECT seq, command, outcome, objects->0->>'from' AS missing_from, objects->0->>'to' AS missing_to
+         FROM custody.audit_log WHERE command = 'HEAD MISMATCH'"
+psql -c "SELECT * FROM custody.verify_audit_chain()"
+
 say "Done. The cluster is still running:"
 echo "  psql -h /tmp -p $port -U postgres postgres"
 echo "  (stop it with: make stop; remove it with: make clean; every make demo starts a fresh cluster)"

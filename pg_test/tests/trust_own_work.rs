@@ -493,3 +493,73 @@ fn indexes_on_the_log_run_no_user_code_and_never_block() {
     assert_recorded(&mut c, &drop_conc, "success", None);
     assert_chain_ok(&mut c);
 }
+
+/// Attack: a custody_admin member who does not own a table puts their own code in a row
+/// policy on it (a function of their schema, or a subquery): the expression would run as
+/// every role that reads the table, with that role's privileges.
+/// Defence: such a member may use only built-in functions and pg_custody's own in row
+/// policies, no subqueries (42501, recorded, nothing created); the table's owner and
+/// superusers may use anything, as CREATE POLICY allows them.
+#[test]
+fn row_policies_of_custody_admins_run_no_code_of_theirs() {
+    let cluster = Cluster::shared();
+    let m = marker("rp_confine");
+    let admin = format!("{m}_admin");
+    let mut su = cluster.connect("rp_setup");
+    let mut cleanup = CleanupOnDrop::new(&cluster);
+    su.batch_execute(&format!(
+        "CREATE ROLE {admin} LOGIN; GRANT custody_admin TO {admin}; \
+         CREATE SCHEMA {admin} AUTHORIZATION {admin}; \
+         CREATE TABLE public.{m}_t (tenant int); CREATE TABLE public.{m}_own (tenant int); \
+         ALTER TABLE public.{m}_own OWNER TO {admin}"
+    ))
+    .unwrap();
+    cleanup.add(format!("DROP TABLE IF EXISTS public.{m}_t, public.{m}_own"));
+    cleanup.add(format!("DROP SCHEMA IF EXISTS {admin} CASCADE"));
+    cleanup.add(format!("DROP ROLE IF EXISTS {admin}"));
+    let mut a = cluster.connect_as(&admin, "rp_admin");
+    a.batch_execute(&format!("CREATE FUNCTION {admin}.leak() RETURNS boolean LANGUAGE sql AS 'SELECT true'"))
+        .unwrap();
+
+    let refused = [
+        (format!("{admin}.leak()"), "function leak"),
+        ("(SELECT true)".to_string(), "a subquery"),
+        (format!("tenant = 1 AND {admin}.leak()"), "function leak"),
+    ];
+    for (i, (expr, what)) in refused.iter().enumerate() {
+        let sql = format!(
+            "/* {m} */ SELECT custody.create_row_policy('{m}_p{i}', 'public.{m}_t', using_expr => $x${expr}$x$)"
+        );
+        let (code, message, _) = db_error(a.simple_query(&sql), &sql);
+        assert_eq!(code, "42501", "{sql}: {message}");
+        assert!(message.contains(what), "{sql}: message {message:?} does not name {what:?}");
+        flush(&mut a);
+        let n = query_i64(
+            &mut su,
+            "SELECT count(*) FROM pg_catalog.pg_policy WHERE polname = $1",
+            &[&format!("{m}_p{i}")],
+        );
+        assert_eq!(n, 0, "{sql}: the policy was created");
+        flush(&mut su);
+        assert_recorded(&mut su, &sql, "error", Some("42501"));
+    }
+
+    // Built-in functions and pg_custody's own are fine.
+    a.batch_execute(&format!(
+        "SELECT custody.create_row_policy('{m}_ok', 'public.{m}_t', \
+         using_expr => $x$tenant = 1 OR custody.check('read', jsonb_build_object('tenant', tenant))$x$)"
+    ))
+    .unwrap();
+    a.batch_execute(&format!("SELECT custody.drop_row_policy('{m}_ok')")).unwrap();
+    // The owner of a table may put their own function there, and so may a superuser.
+    a.batch_execute(&format!(
+        "SELECT custody.create_row_policy('{m}_owner', 'public.{m}_own', using_expr => $x${admin}.leak()$x$)"
+    ))
+    .unwrap();
+    a.batch_execute(&format!("SELECT custody.drop_row_policy('{m}_owner')")).unwrap();
+    su.batch_execute(&format!(
+        "SELECT custody.create_row_policy('{m}_su', 'public.{m}_t', using_expr => $x${admin}.leak()$x$); \
+         SELECT custody.drop_row_policy('{m}_su')"
+    ))
+    .unwrap();
+}
