@@ -1,19 +1,33 @@
 # pg_custody — the front door. `make demo` and `make test` set up everything they need on a
 # fresh Debian 12 machine (as root, or a user with sudo) and are safe to run again.
+#
+# PostgreSQL versions: 15 (Debian's), 16, 17 and 18 (server trees fetched into target/pg by
+# scripts/pgserver.sh). `make test` runs every kind of test on each of them; PG=17 picks one
+# (`PG=17 make test`, `make demo PG=18`). demo, install and bench use 15 unless PG says
+# otherwise; `make install PG_CONFIG=/path/to/pg_config` installs into any server.
 
-PG_CONFIG   ?= /usr/lib/postgresql/15/bin/pg_config
-PGBIN       := /usr/lib/postgresql/15/bin
-PGXS_DIR    := /usr/lib/postgresql/15/lib/pgxs
+VERSIONS    := 15 16 17 18
+PG          ?=
+TEST_PGS    := $(or $(PG),$(VERSIONS))
+ONE_PG      := $(or $(PG),15)
+PGSERVER    := scripts/pgserver.sh
+# The server's bin directory (fetched on first use; evaluated only by targets that need it).
+PGBIN        = $(shell $(PGSERVER) bindir $(ONE_PG))
+PG_CONFIG   ?= $(PGBIN)/pg_config
 PGRX_VER    := 0.18.0
+# Versions cargo-pgrx must know (make test asks for all it runs).
+PGRX_PGS    ?= $(ONE_PG)
 APT_PKGS    := postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CLUSTER     := scripts/cluster.sh
 DEMO_DIR    := target/demo-cluster
 DEMO_PORT   := 54329
-REGRESS_DIR := target/regress-cluster
-REGRESS_PORT:= 54330
-CLIENT_DIR  := target/client-cluster
-CLIENT_PORT := 54331
+REGRESS_DIR := target/regress-cluster-$(ONE_PG)
+# Ports per version (5NN30, 5NN31; own clusters of the client tests add up to 99), so a
+# cluster a failed run left behind never serves another version's tests.
+REGRESS_PORT:= 5$(ONE_PG)30
+CLIENT_DIR  := target/client-cluster-$(ONE_PG)
+CLIENT_PORT := 5$(ONE_PG)31
 BINDIR      ?= /usr/local/bin
 BENCH_SECONDS ?= 20
 BENCH_ROUNDS  ?= 3
@@ -22,12 +36,12 @@ BENCH_BEFORE  ?=
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup deps pgrx build install demo test test-unit test-pg test-regress \
-        test-client bench stop clean
+.PHONY: all setup deps pgrx build install install-dev demo test test-version test-unit \
+        test-pg test-regress test-client bench stop clean
 
 all: build
 
-## setup: Debian packages, cargo-pgrx $(PGRX_VER), pgrx pointed at the system PostgreSQL 15
+## setup: Debian packages, cargo-pgrx $(PGRX_VER), pgrx pointed at the servers (offline)
 setup: deps pgrx
 
 deps:
@@ -42,32 +56,44 @@ pgrx: deps
 	    echo "== installing cargo-pgrx $(PGRX_VER) (a few minutes)"; \
 	    cargo install cargo-pgrx --version $(PGRX_VER) --locked; \
 	fi
-	@if ! grep -qs '^pg15 *= *"$(PG_CONFIG)"' $(HOME)/.pgrx/config.toml; then \
-	    cargo pgrx init --pg15 $(PG_CONFIG); \
-	fi
+	$(PGSERVER) pgrx-init $(PGRX_PGS)
 
-## build: the extension and the `custody` command-line verifier
+## build: the extension and the `custody` command-line verifier (debug)
 build: setup
-	cargo build --lib
+	cargo build --lib --no-default-features --features pg$(ONE_PG)
 	cargo build -p custody-cli
 
-## install: the extension into PostgreSQL 15, `custody` into $(BINDIR)
+## install: the extension (release build) into PostgreSQL $(ONE_PG), or the server PG_CONFIG
+## names, and `custody` into $(BINDIR)
 install: setup
+	$(SUDO) env PATH="$(PATH)" cargo pgrx install --profile dist --pg-config $(PG_CONFIG)
+	cargo build --profile dist -p custody-cli
+	$(SUDO) install -m 0755 target/dist/custody $(BINDIR)/custody
+
+# The debug build the tests run against (quicker to build than a release one).
+install-dev: setup
 	$(SUDO) env PATH="$(PATH)" cargo pgrx install --pg-config $(PG_CONFIG)
 	cargo build -p custody-cli
-	$(SUDO) install -m 0755 target/debug/custody $(BINDIR)/custody
 
 ## demo: a throwaway cluster with pg_custody, and a short tour of what it does
 demo: install
-	$(CLUSTER) stop $(DEMO_DIR) immediate; rm -rf $(DEMO_DIR) $(DEMO_DIR).key $(DEMO_DIR).*.json*
-	$(CLUSTER) start $(DEMO_DIR) $(DEMO_PORT)
-	scripts/demo.sh $(DEMO_PORT) $(DEMO_DIR)
+	PGBIN=$(PGBIN) $(CLUSTER) stop $(DEMO_DIR) immediate; rm -rf $(DEMO_DIR) $(DEMO_DIR).key $(DEMO_DIR).*.json*
+	PGBIN=$(PGBIN) $(CLUSTER) start $(DEMO_DIR) $(DEMO_PORT)
+	PGBIN=$(PGBIN) scripts/demo.sh $(DEMO_PORT) $(DEMO_DIR)
 
-## test: every kind of test; non-zero exit on any failure
-test: setup
+## test: every kind of test on every supported version (PG=NN: one); non-zero exit on failure
+test:
+	$(MAKE) setup PGRX_PGS="$(TEST_PGS)"
 	$(MAKE) test-unit
+	@for v in $(TEST_PGS); do \
+	    echo "== PostgreSQL $$v"; \
+	    $(MAKE) test-version PG=$$v || exit 1; \
+	done
+
+# Every kind of test that needs a server, on PostgreSQL $(ONE_PG).
+test-version:
 	$(MAKE) test-pg
-	$(MAKE) install
+	$(MAKE) install-dev
 	$(MAKE) test-regress
 	$(MAKE) test-client
 
@@ -77,32 +103,33 @@ test-unit:
 
 # 2. in-backend #[pg_test]s (and the extension crate's plain #[test]s), server run as postgres
 test-pg: setup
-	mkdir -p target/pgrx-test-data && chown postgres: target/pgrx-test-data 2>/dev/null || true
-	env -u RUST_BACKTRACE cargo pgrx test pg15 --runas postgres --pgdata $(CURDIR)/target/pgrx-test-data
+	mkdir -p target/pgrx-test-data-$(ONE_PG) && chown postgres: target/pgrx-test-data-$(ONE_PG) 2>/dev/null || true
+	env -u RUST_BACKTRACE cargo pgrx test pg$(ONE_PG) --runas postgres --pgdata $(CURDIR)/target/pgrx-test-data-$(ONE_PG)
 
 # 3. pg_regress golden files against a fresh cluster (cargo pgrx regress cannot run as root)
 test-regress:
-	$(CLUSTER) stop $(REGRESS_DIR) immediate; rm -rf $(REGRESS_DIR) target/regress-out
-	$(CLUSTER) start $(REGRESS_DIR) $(REGRESS_PORT)
-	mkdir -p target/regress-out
-	$(PGXS_DIR)/src/test/regress/pg_regress --use-existing --bindir=$(PGBIN) \
+	PGBIN=$(PGBIN) $(CLUSTER) stop $(REGRESS_DIR) immediate; rm -rf $(REGRESS_DIR) target/regress-out-$(ONE_PG)
+	PGBIN=$(PGBIN) $(CLUSTER) start $(REGRESS_DIR) $(REGRESS_PORT)
+	mkdir -p target/regress-out-$(ONE_PG)
+	$$(dirname $$($(PG_CONFIG) --pgxs))/../test/regress/pg_regress --use-existing --bindir=$(PGBIN) \
 	    --host=/tmp --port=$(REGRESS_PORT) --user=postgres --dbname=postgres \
-	    --inputdir=tests/pg_regress --outputdir=target/regress-out \
+	    --inputdir=tests/pg_regress --outputdir=target/regress-out-$(ONE_PG) \
 	    $$(cd tests/pg_regress/sql && ls *.sql | sed 's/\.sql$$//' | sort) \
-	  || { cat target/regress-out/regression.diffs; $(CLUSTER) stop $(REGRESS_DIR); exit 1; }
-	$(CLUSTER) stop $(REGRESS_DIR)
+	  || { cat target/regress-out-$(ONE_PG)/regression.diffs; PGBIN=$(PGBIN) $(CLUSTER) stop $(REGRESS_DIR); exit 1; }
+	PGBIN=$(PGBIN) $(CLUSTER) stop $(REGRESS_DIR)
 
 # 4. client-side tests with real connections, crashes and restarts
 test-client:
-	$(CLUSTER) stop $(CLIENT_DIR) immediate; rm -rf $(CLIENT_DIR)
-	CUSTODY_TEST_PGDATA=$(CURDIR)/$(CLIENT_DIR) CUSTODY_TEST_PORT=$(CLIENT_PORT) \
-	    cargo test -p pg_custody_client_tests -- --test-threads=1
-	$(CLUSTER) stop $(CLIENT_DIR)
+	PGBIN=$(PGBIN) $(CLUSTER) stop $(CLIENT_DIR) immediate; rm -rf $(CLIENT_DIR)
+	PGBIN=$(PGBIN) CUSTODY_TEST_PGBIN=$(PGBIN) CUSTODY_TEST_PGDATA=$(CURDIR)/$(CLIENT_DIR) \
+	    CUSTODY_TEST_PORT=$(CLIENT_PORT) cargo test -p pg_custody_client_tests -- --test-threads=1; \
+	    rc=$$?; PGBIN=$(PGBIN) $(CLUSTER) stop $(CLIENT_DIR); exit $$rc
 
 ## bench: what auditing costs (pgbench with and without the library, pgAudit alongside);
-## release build. Measures and prints; never part of `make test`.
+## release build, PostgreSQL 15 (pgAudit comes from Debian). Measures and prints; never part
+## of `make test`.
 bench: setup
-	$(SUDO) env PATH="$(PATH)" cargo pgrx install --release --pg-config $(PG_CONFIG)
+	$(SUDO) env PATH="$(PATH)" cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config
 	cargo build --release -p custody-cli -p custody-chain --examples
 	BEFORE=$(BENCH_BEFORE) scripts/bench.sh $(BENCH_SECONDS) $(BENCH_ROUNDS)
 	scripts/bench_rowcheck.sh
@@ -110,9 +137,13 @@ bench: setup
 
 ## stop / clean: the throwaway clusters
 stop:
-	-$(CLUSTER) stop $(DEMO_DIR)
-	-$(CLUSTER) stop $(REGRESS_DIR)
-	-$(CLUSTER) stop $(CLIENT_DIR)
+	-@for v in $(VERSIONS); do \
+	    if [ $$v = 15 ]; then b=/usr/lib/postgresql/15/bin; else b=$(CURDIR)/target/pg/$$v/bin; fi; \
+	    [ -x $$b/pg_ctl ] || continue; \
+	    for d in target/regress-cluster-$$v target/client-cluster-$$v target/demo-cluster; do \
+	        [ -f $$d/PG_VERSION ] && [ "$$(cat $$d/PG_VERSION)" = $$v ] && PGBIN=$$b $(CLUSTER) stop $$d; \
+	    done; \
+	done; true
 
 clean: stop
-	rm -rf $(DEMO_DIR) $(REGRESS_DIR) $(CLIENT_DIR) target/pgrx-test-data target/regress-out
+	rm -rf $(DEMO_DIR) target/regress-cluster-* target/client-cluster-* target/pgrx-test-data-* target/regress-out-*

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Throwaway PostgreSQL 15 clusters for the demo and the tests, run as the postgres user
-# (PostgreSQL refuses to run as root).
+# Throwaway PostgreSQL clusters for the demo and the tests, run as the postgres user
+# (PostgreSQL refuses to run as root). PGBIN names the server's bin directory
+# (scripts/pgserver.sh bindir MAJOR); Debian's PostgreSQL 15 by default.
 #   scripts/cluster.sh start DIR PORT [setting=value ...]   create if needed, (re)start
 #   scripts/cluster.sh stop DIR [mode]                      stop (mode: fast | immediate)
 #   scripts/cluster.sh psql PORT [psql args...]             psql as postgres
 set -euo pipefail
-BIN=/usr/lib/postgresql/15/bin
+BIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
 cmd=${1:?usage: cluster.sh start|stop|psql ...}; shift
@@ -31,8 +32,10 @@ start)
     if as_pg "$BIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
         as_pg "$BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
     fi
-    # RUST_BACKTRACE would append backtraces to error DETAIL lines (shared/CONTEXT.md).
-    as_pg env -u RUST_BACKTRACE "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
+    # RUST_BACKTRACE would append backtraces to error DETAIL lines (shared/CONTEXT.md). A
+    # server tree's contrib modules (postgres_fdw, dblink) need its own libpq, not Debian's.
+    as_pg env -u RUST_BACKTRACE LD_LIBRARY_PATH="$(dirname "$BIN")/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
     ;;
 stop)
     dir=$(realpath -m "${1:?DIR}"); mode=${2:-fast}

@@ -3,6 +3,7 @@
 set -euo pipefail
 port=${1:?port}; dir=$(realpath "${2:?cluster dir}")
 here=$(cd "$(dirname "$0")" && pwd)
+psql_bin="${PGBIN:-/usr/lib/postgresql/15/bin}/psql"
 psql() { "$here/cluster.sh" psql "$port" -v ON_ERROR_STOP=1 "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 unloaded() { psql -qc "ALTER SYSTEM SET shared_preload_libraries = 'plpgsql'"; "$here/cluster.sh" start "$dir" "$port"; }
@@ -87,10 +88,10 @@ SELECT owner FROM demo_accounts ORDER BY id;
 \echo '-- in the open session: denied by policy (balance column)'
 SELECT owner, balance FROM demo_accounts ORDER BY id;
 \echo '-- meanwhile, another session: SELECT custody.suspend(''demo_contractor'', ''offboarding'')'
-\! /usr/lib/postgresql/15/bin/psql -X -q -h /tmp -p $port -U postgres -d postgres -c "SELECT custody.suspend('demo_contractor', 'offboarding')" >/dev/null
+\! $psql_bin -X -q -h /tmp -p $port -U postgres -d postgres -c "SELECT custody.suspend('demo_contractor', 'offboarding')" >/dev/null
 \echo '-- the same open session, next statement: denied'
 SELECT owner FROM demo_accounts ORDER BY id;
-\! /usr/lib/postgresql/15/bin/psql -X -q -h /tmp -p $port -U postgres -d postgres -c "SELECT custody.resume('demo_contractor')" >/dev/null
+\! $psql_bin -X -q -h /tmp -p $port -U postgres -d postgres -c "SELECT custody.resume('demo_contractor')" >/dev/null
 \echo '-- after custody.resume(), same session: allowed again'
 SELECT owner FROM demo_accounts ORDER BY id;
 SQL

@@ -355,17 +355,11 @@ fn flush(timeout_ms: default!(i32, 10000)) -> bool {
     stored
 }
 
-/// Flushes WAL as far as it is written: the custody writer commits asynchronously, so
-/// records it has committed reach disk here, before a caller keeps anything about them
-/// (a digest, an export, "my records are stored").
+/// Flushes WAL up to the custody writer's last commit: it commits asynchronously, so
+/// records it has committed reach disk here, before a caller keeps anything about them (a
+/// digest, an export, "my records are stored").
 fn flush_wal() {
-    // SAFETY: plain WAL flush request up to the current insert position; a standby writes
-    // no WAL of its own.
-    unsafe {
-        if !pg_sys::RecoveryInProgress() {
-            pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr());
-        }
-    }
+    queue::flush_stored();
 }
 
 /// The custody writer's state: chain head, queue fill, lost records.

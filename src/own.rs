@@ -59,6 +59,13 @@ pub fn in_writer() -> bool {
     state().writer
 }
 
+/// Whether pg_custody's own work is running (the writer, or a statement of its own being
+/// prepared or run through SPI): functions it runs are not the client's.
+pub fn running() -> bool {
+    let st = state();
+    st.writer || !st.texts.is_empty() || st.pinned > 0
+}
+
 /// Runs `f` with `search_path = pg_catalog, pg_temp`, restored when `f` returns (after an
 /// ERROR the (sub)transaction abort restores it, as it does for a function's SET clause).
 pub fn pinned<R>(f: impl FnOnce() -> R) -> R {

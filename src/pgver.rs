@@ -15,28 +15,141 @@ pub struct RelationEntry {
     pub updated: *mut pg_sys::Bitmapset,
 }
 
+/// The list a range table's entries take their permissions from: PostgreSQL 16 moved them
+/// to `RTEPermissionInfo`s (`PlannedStmt.permInfos`, the permission hook's `rtePermInfos`);
+/// NIL on 15, where each entry carries its own.
+pub type PermInfos = *mut pg_sys::List;
+
+/// A plan's permission list (see `PermInfos`).
+///
+/// # Safety
+/// `pstmt` is a valid PlannedStmt.
+pub unsafe fn plan_perm_infos(pstmt: &pg_sys::PlannedStmt) -> PermInfos {
+    #[cfg(feature = "pg15")]
+    {
+        let _ = pstmt;
+        std::ptr::null_mut()
+    }
+    #[cfg(not(feature = "pg15"))]
+    {
+        pstmt.permInfos
+    }
+}
+
+/// A parsed query's permission list (see `PermInfos`).
+///
+/// # Safety
+/// `query` is a valid Query.
+pub unsafe fn query_perm_infos(query: &pg_sys::Query) -> PermInfos {
+    #[cfg(feature = "pg15")]
+    {
+        let _ = query;
+        std::ptr::null_mut()
+    }
+    #[cfg(not(feature = "pg15"))]
+    {
+        query.rteperminfos
+    }
+}
+
 /// The relation entries (RTE_RELATION) of a range table, in order.
 ///
 /// # Safety
-/// `rtable` must be a valid List of RangeTblEntry, or NIL, alive while the iterator is used.
-pub unsafe fn range_table(rtable: *mut pg_sys::List) -> impl Iterator<Item = RelationEntry> {
+/// `rtable` must be a valid List of RangeTblEntry, or NIL, and `perm_infos` its permission
+/// list, both alive while the iterator is used.
+pub unsafe fn range_table(rtable: *mut pg_sys::List, perm_infos: PermInfos) -> impl Iterator<Item = RelationEntry> {
     let n = if rtable.is_null() { 0 } else { unsafe { (*rtable).length } };
     (0..n).filter_map(move |i| {
         // SAFETY: i < length of a valid list of RangeTblEntry (caller's contract).
         let rte = unsafe { &*(pg_sys::list_nth(rtable, i) as *mut pg_sys::RangeTblEntry) };
-        (rte.rtekind == pg_sys::RTEKind::RTE_RELATION).then(|| RelationEntry {
-            relid: rte.relid,
-            relkind: rte.relkind as u8,
-            perms: rte.requiredPerms as u64,
-            selected: rte.selectedCols,
-            inserted: rte.insertedCols,
-            updated: rte.updatedCols,
-        })
+        if rte.rtekind != pg_sys::RTEKind::RTE_RELATION {
+            return None;
+        }
+        // SAFETY: the entry and its permission list belong together (caller's contract).
+        let (perms, selected, inserted, updated) = unsafe { permissions(rte, perm_infos) };
+        Some(RelationEntry { relid: rte.relid, relkind: rte.relkind as u8, perms, selected, inserted, updated })
     })
 }
 
+type Permissions = (u64, *mut pg_sys::Bitmapset, *mut pg_sys::Bitmapset, *mut pg_sys::Bitmapset);
+
+#[cfg(feature = "pg15")]
+unsafe fn permissions(rte: &pg_sys::RangeTblEntry, _perm_infos: PermInfos) -> Permissions {
+    (rte.requiredPerms as u64, rte.selectedCols, rte.insertedCols, rte.updatedCols)
+}
+
+#[cfg(not(feature = "pg15"))]
+unsafe fn permissions(rte: &pg_sys::RangeTblEntry, perm_infos: PermInfos) -> Permissions {
+    let k = rte.perminfoindex as i32;
+    if k == 0 || perm_infos.is_null() || k > unsafe { (*perm_infos).length } {
+        return (0, std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
+    }
+    // SAFETY: perminfoindex is 1-based into the statement's RTEPermissionInfo list.
+    let p = unsafe { &*(pg_sys::list_nth(perm_infos, k - 1) as *mut pg_sys::RTEPermissionInfo) };
+    (p.requiredPerms as u64, p.selectedCols, p.insertedCols, p.updatedCols)
+}
+
+/// ExecutorCheckPerms_hook: PostgreSQL 16 added the permission list to its arguments. Both
+/// forms call `crate::hooks::executor::check_perms`.
+#[cfg(feature = "pg15")]
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn check_perms_hook(rtable: *mut pg_sys::List, ereport: bool) -> bool {
+    // SAFETY: forwarded from PostgreSQL's call.
+    unsafe { crate::hooks::executor::check_perms(rtable, std::ptr::null_mut(), ereport) }
+}
+
+#[cfg(not(feature = "pg15"))]
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn check_perms_hook(rtable: *mut pg_sys::List, perm_infos: PermInfos, ereport: bool) -> bool {
+    // SAFETY: forwarded from PostgreSQL's call.
+    unsafe { crate::hooks::executor::check_perms(rtable, perm_infos, ereport) }
+}
+
+/// Calls a previous ExecutorCheckPerms_hook.
+///
+/// # Safety
+/// The arguments PostgreSQL passed to the hook.
+pub unsafe fn call_check_perms(
+    prev: pg_sys::ExecutorCheckPerms_hook_type,
+    rtable: *mut pg_sys::List,
+    perm_infos: PermInfos,
+    ereport: bool,
+) -> bool {
+    let Some(prev) = prev else { return true };
+    #[cfg(feature = "pg15")]
+    {
+        let _ = perm_infos;
+        unsafe { prev(rtable, ereport) }
+    }
+    #[cfg(not(feature = "pg15"))]
+    unsafe {
+        prev(rtable, perm_infos, ereport)
+    }
+}
+
+/// ExecInsertIndexTuples (PostgreSQL 16 added `onlySummarizing`), for a plain insert.
+///
+/// # Safety
+/// As ExecInsertIndexTuples.
+pub unsafe fn insert_index_tuples(
+    rri: *mut pg_sys::ResultRelInfo,
+    slot: *mut pg_sys::TupleTableSlot,
+    estate: *mut pg_sys::EState,
+) -> *mut pg_sys::List {
+    unsafe {
+        #[cfg(feature = "pg15")]
+        {
+            pg_sys::ExecInsertIndexTuples(rri, slot, estate, false, false, std::ptr::null_mut(), std::ptr::null_mut())
+        }
+        #[cfg(not(feature = "pg15"))]
+        {
+            pg_sys::ExecInsertIndexTuples(rri, slot, estate, false, false, std::ptr::null_mut(), std::ptr::null_mut(), false)
+        }
+    }
+}
+
 /// The start of libpq's `Port` (libpq/libpq-be.h), which pgrx does not bind: the fields
-/// pg_custody reads to record a login, laid out as PostgreSQL 15 declares them.
+/// pg_custody reads to record a login, laid out as each version declares them.
 #[repr(C)]
 struct PortPrefix {
     sock: std::ffi::c_int,
@@ -49,7 +162,11 @@ struct PortPrefix {
     remote_hostname_resolv: std::ffi::c_int,
     remote_hostname_errcode: std::ffi::c_int,
     remote_port: *mut std::ffi::c_char,
+    // 15 and 16: CAC_state canAcceptConnections; 17: nothing; 18: char local_host[64].
+    #[cfg(any(feature = "pg15", feature = "pg16"))]
     can_accept_connections: std::ffi::c_int,
+    #[cfg(feature = "pg18")]
+    local_host: [std::ffi::c_char; 64],
     database_name: *mut std::ffi::c_char,
     user_name: *mut std::ffi::c_char,
     cmdline_options: *mut std::ffi::c_char,
@@ -90,9 +207,10 @@ pub unsafe fn client_port<'a>(port: *mut pg_sys::Port) -> Option<ClientPort<'a>>
 /// `#[pg_guard]`: an ERROR raised inside it has to cross the C frames as an ERROR.
 pub type Walker = unsafe extern "C-unwind" fn(*mut pg_sys::Node, *mut std::ffi::c_void) -> bool;
 
+#[cfg(feature = "pg15")]
 extern "C-unwind" {
-    // Not in pgrx's bindings for PostgreSQL 15 (nodes/nodeFuncs.h); renamed
-    // expression_tree_walker_impl, behind a macro, from 16 on.
+    // Not in pgrx's bindings for PostgreSQL 15 (nodes/nodeFuncs.h). From 16 on it is
+    // expression_tree_walker_impl behind a macro, which pgrx binds.
     fn expression_tree_walker(node: *mut pg_sys::Node, walker: Walker, context: *mut std::ffi::c_void) -> bool;
 }
 
@@ -103,5 +221,147 @@ extern "C-unwind" {
 pub unsafe fn walk_expression(node: *mut pg_sys::Node, walker: Walker, context: *mut std::ffi::c_void) -> bool {
     // SAFETY: forwarded under the caller's contract; the boundary turns an ERROR raised in
     // the walk into a Rust panic here, as for every call pgrx makes into PostgreSQL.
-    unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| expression_tree_walker(node, walker, context)) }
+    unsafe {
+        #[cfg(feature = "pg15")]
+        {
+            pg_sys::ffi::pg_guard_ffi_boundary(|| expression_tree_walker(node, walker, context))
+        }
+        #[cfg(not(feature = "pg15"))]
+        {
+            pg_sys::expression_tree_walker_impl(node, Some(walker), context)
+        }
+    }
 }
+
+/// Attribute `i` (0-based) of a tuple descriptor (PostgreSQL 18 replaced `attrs` by compact
+/// attributes and a `TupleDescAttr` accessor).
+///
+/// # Safety
+/// `desc` is a valid tuple descriptor and `i < natts`.
+pub unsafe fn attr<'a>(desc: pg_sys::TupleDesc, i: usize) -> &'a pg_sys::FormData_pg_attribute {
+    unsafe {
+        #[cfg(feature = "pg18")]
+        {
+            &*pg_sys::TupleDescAttr(desc, i as i32)
+        }
+        #[cfg(not(feature = "pg18"))]
+        {
+            &*(*desc).attrs.as_ptr().add(i)
+        }
+    }
+}
+
+/// index_beginscan without instrumentation (PostgreSQL 18 added it) or ORDER BY keys.
+///
+/// # Safety
+/// As index_beginscan.
+pub unsafe fn index_beginscan(
+    heap: pg_sys::Relation,
+    index: pg_sys::Relation,
+    snapshot: pg_sys::Snapshot,
+    nkeys: i32,
+) -> pg_sys::IndexScanDesc {
+    unsafe {
+        #[cfg(feature = "pg18")]
+        {
+            pg_sys::index_beginscan(heap, index, snapshot, std::ptr::null_mut(), nkeys, 0)
+        }
+        #[cfg(not(feature = "pg18"))]
+        {
+            pg_sys::index_beginscan(heap, index, snapshot, nkeys, 0)
+        }
+    }
+}
+
+/// The relation's primary key index (PostgreSQL 18 asks whether a deferrable one will do:
+/// pg_custody's is not deferrable, and one that is would not be its own).
+///
+/// # Safety
+/// `rel` is an open relation.
+pub unsafe fn primary_key_index(rel: pg_sys::Relation) -> pg_sys::Oid {
+    unsafe {
+        #[cfg(feature = "pg18")]
+        {
+            pg_sys::RelationGetPrimaryKeyIndex(rel, false)
+        }
+        #[cfg(not(feature = "pg18"))]
+        {
+            pg_sys::RelationGetPrimaryKeyIndex(rel)
+        }
+    }
+}
+
+/// ExecutorRun_hook: PostgreSQL 18 dropped `execute_once`. Both forms call
+/// `crate::hooks::executor::run`.
+#[cfg(not(feature = "pg18"))]
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn executor_run_hook(
+    qd: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+) {
+    // SAFETY: forwarded from PostgreSQL's call.
+    unsafe { crate::hooks::executor::run(qd, direction, count, execute_once) }
+}
+
+#[cfg(feature = "pg18")]
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn executor_run_hook(qd: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64) {
+    // SAFETY: forwarded from PostgreSQL's call.
+    unsafe { crate::hooks::executor::run(qd, direction, count, true) }
+}
+
+/// Calls the previous ExecutorRun_hook, or standard_ExecutorRun.
+///
+/// # Safety
+/// The arguments PostgreSQL passed to the hook.
+pub unsafe fn call_executor_run(
+    prev: pg_sys::ExecutorRun_hook_type,
+    qd: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+) {
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        match prev {
+            Some(prev) => prev(qd, direction, count, execute_once),
+            None => pg_sys::standard_ExecutorRun(qd, direction, count, execute_once),
+        }
+        #[cfg(feature = "pg18")]
+        {
+            let _ = execute_once;
+            match prev {
+                Some(prev) => prev(qd, direction, count),
+                None => pg_sys::standard_ExecutorRun(qd, direction, count),
+            }
+        }
+    }
+}
+
+/// pg_statistic_ext's OID (pgrx 0.18 binds it for 15 to 17 only).
+pub const STATISTIC_EXT_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(3381);
+
+/// Memory for a GUC check hook's `extra`, from the allocator PostgreSQL releases it with:
+/// libc's on 15 (free()), the GUC memory context from 16 on (guc_free()).
+///
+/// # Safety
+/// As malloc; NULL when out of memory.
+pub unsafe fn guc_extra_alloc(size: usize) -> *mut std::ffi::c_void {
+    #[cfg(feature = "pg15")]
+    {
+        extern "C" {
+            fn malloc(size: usize) -> *mut std::ffi::c_void;
+        }
+        unsafe { malloc(size) }
+    }
+    #[cfg(not(feature = "pg15"))]
+    unsafe {
+        pg_sys::guc_malloc(pg_sys::LOG as i32, size)
+    }
+}
+
+/// Whether a statement's `stmt_location` points at its first token (18: leading comments
+/// are not part of it) rather than right after the previous statement's `;` (15 to 17).
+pub const STMT_LOCATION_AT_FIRST_TOKEN: bool = cfg!(feature = "pg18");

@@ -16,10 +16,23 @@ use pgrx::pg_sys;
 use crate::settings;
 
 pub const TRANCHE: &std::ffi::CStr = c"pg_custody";
-/// Present in the data directory while an audit chain exists, so that after a restart
-/// sessions record from their first statement, before the writer has looked (it is the
-/// file where the writer keeps the chain head, `writer::head`).
-pub const CHAIN_MARKER: &str = "pg_custody.head";
+/// Where the writer keeps the chain head of database `dboid` (`writer::head`), in the data
+/// directory. While such a file exists sessions record from their first statement after a
+/// restart, before the writer has looked.
+pub fn head_file(dboid: u32) -> String {
+    format!("pg_custody.{dboid}.head")
+}
+
+/// Whether the data directory holds a head file (for any database).
+fn a_chain_exists() -> bool {
+    std::fs::read_dir(".").is_ok_and(|d| {
+        d.flatten().any(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("pg_custody.") && n.ends_with(".head")
+        })
+    })
+}
 const WAIT_EVENT: u32 = pg_sys::PG_WAIT_EXTENSION;
 
 /// Whether the writer has found the audit log in `custody.database`.
@@ -73,6 +86,9 @@ struct Shared {
     head_hash: [u8; 32],
     /// The seq of the last checkpoint custody.checkpoint_command took.
     archived_seq: AtomicI64,
+    /// End of the writer's last commit record in WAL: what must be flushed for everything it
+    /// stored so far to be on disk.
+    commit_lsn: AtomicU64,
     /// Texts for custody.status() (under `lock`).
     texts: [StatusText; 3],
     // the ring of `capacity` bytes follows
@@ -119,7 +135,7 @@ pub unsafe fn attach_shmem() {
             (*p).lock = addr_of_mut!((*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock);
             (*p).capacity = settings::queue_size_bytes() as u64;
             // The postmaster's working directory is the data directory.
-            let st = if std::path::Path::new(CHAIN_MARKER).exists() {
+            let st = if a_chain_exists() {
                 ChainState::Unknown
             } else {
                 ChainState::Absent
@@ -291,6 +307,37 @@ fn wake_writer() {
     }
 }
 
+/// The writer committed a batch ending at (seq, hash): for custody.status(), for the next
+/// writer of this server run, and for `flush_stored`. Called right after every commit, so
+/// that what shared memory remembers is never behind the table.
+pub fn writer_committed(seq: i64, hash: &[u8; 32]) {
+    let Some(s) = shared() else { return };
+    let sp = s as *const Shared as *mut Shared;
+    // SAFETY: XactLastCommitEnd was set by the commit this process just made; the head is
+    // written under the lock.
+    unsafe {
+        s.commit_lsn.fetch_max(pg_sys::XactLastCommitEnd, Ordering::AcqRel);
+        pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        (*sp).head_hash = *hash;
+        (*sp).head_valid = true;
+        s.head_seq.store(seq, Ordering::Release);
+        pg_sys::LWLockRelease(s.lock);
+    }
+}
+
+/// Flushes WAL up to the writer's last commit: everything it has stored is then on disk
+/// (it commits asynchronously). Nothing to do on a standby, which writes no WAL of its own.
+pub fn flush_stored() {
+    let Some(s) = shared() else { return };
+    let lsn = s.commit_lsn.load(Ordering::Acquire);
+    // SAFETY: a WAL flush request no further than a commit record that was written.
+    unsafe {
+        if lsn != 0 && !pg_sys::RecoveryInProgress() {
+            pg_sys::XLogFlush(lsn);
+        }
+    }
+}
+
 /// Counts a record that could not be queued; the writer records the gap.
 pub fn note_lost() {
     if let Some(s) = shared() {
@@ -392,19 +439,6 @@ impl Consumer {
             let h = (*sp).head_valid.then(|| (self.s.head_seq.load(Ordering::Acquire), (*sp).head_hash));
             pg_sys::LWLockRelease(self.s.lock);
             h
-        }
-    }
-
-    /// Publishes the committed head (custody.status() shows its seq).
-    pub fn set_head(&self, seq: i64, hash: &[u8; 32]) {
-        let sp = self.s as *const Shared as *mut Shared;
-        // SAFETY: written under the lock.
-        unsafe {
-            pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            (*sp).head_hash = *hash;
-            (*sp).head_valid = true;
-            self.s.head_seq.store(seq, Ordering::Release);
-            pg_sys::LWLockRelease(self.s.lock);
         }
     }
 

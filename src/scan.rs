@@ -18,6 +18,9 @@ use crate::varlena::bytes;
 /// One `Record` is reused from row to row (its strings keep their buffers), and each JSON
 /// value is lent to it from the cache while `f` runs.
 pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Record, &[u8], &[u8]) -> bool) {
+    // From the start of the chain, rows below seq 1 are read too: they are not part of the
+    // chain, but queries of the log show them, so the verifier must see (and refuse) them.
+    let from_seq = if from_seq <= 1 { i64::MIN } else { from_seq };
     // SAFETY: called from SQL functions, inside a transaction with an active snapshot. The
     // relation and index stay locked (AccessShareLock) until the end of the transaction.
     unsafe {
@@ -136,7 +139,7 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
                 pg_sys::Oid::from(pg_sys::F_INT8GE),
                 pg_sys::Datum::from(from_seq),
             );
-            let scan = pg_sys::index_beginscan(rel, irel, snapshot, 1, 0);
+            let scan = crate::pgver::index_beginscan(rel, irel, snapshot, 1);
             pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
             while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
                 if !handle(slot) {
@@ -217,7 +220,7 @@ pub fn log_defect() -> Option<String> {
 /// the fallback path, which reads every row and orders them itself.
 unsafe fn seq_index(rel: pg_sys::Relation, seq_att: usize) -> pg_sys::Oid {
     unsafe {
-        let pk = pg_sys::RelationGetPrimaryKeyIndex(rel);
+        let pk = crate::pgver::primary_key_index(rel);
         if pk == pg_sys::InvalidOid {
             return pk;
         }
@@ -314,7 +317,7 @@ unsafe fn positions(desc: pg_sys::TupleDesc) -> Result<[usize; 23], String> {
     let mut pos = [usize::MAX; 23];
     unsafe {
         for i in 0..(*desc).natts as usize {
-            let att = &*(*desc).attrs.as_ptr().add(i);
+            let att = crate::pgver::attr(desc, i);
             if att.attisdropped {
                 continue;
             }
@@ -347,7 +350,7 @@ pub unsafe fn check_other_columns_nullable(desc: pg_sys::TupleDesc, pos: &[usize
 unsafe fn other_columns_defect(desc: pg_sys::TupleDesc, pos: &[usize; 23]) -> Option<String> {
     unsafe {
         for i in 0..(*desc).natts as usize {
-            let att = &*(*desc).attrs.as_ptr().add(i);
+            let att = crate::pgver::attr(desc, i);
             if !att.attisdropped && !pos.contains(&i) && (att.attnotnull || att.atthasdef || att.attgenerated != 0) {
                 let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy();
                 return Some(format!("column {name} is not one pg_custody writes, and it is NOT NULL, has a default or is generated"));

@@ -363,10 +363,6 @@ pub fn init() {
 
 // ---- check and assign hooks -------------------------------------------------------------
 
-extern "C" {
-    fn malloc(size: usize) -> *mut c_void;
-}
-
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn check_audit(
     newval: *mut *mut c_char,
@@ -377,9 +373,9 @@ unsafe extern "C-unwind" fn check_audit(
     let text = unsafe { CStr::from_ptr(*newval) }.to_string_lossy();
     match ClassSet::parse(&text) {
         Ok(set) => {
-            // GUC "extra" must come from malloc: PostgreSQL 15 releases it with free().
-            // SAFETY: malloc returns a block aligned for any scalar type, or NULL.
-            let p = unsafe { malloc(std::mem::size_of::<ClassSet>()) } as *mut ClassSet;
+            // SAFETY: the allocator PostgreSQL frees GUC "extra" with; aligned for any
+            // scalar type, or NULL.
+            let p = unsafe { crate::pgver::guc_extra_alloc(std::mem::size_of::<ClassSet>()) } as *mut ClassSet;
             if p.is_null() {
                 return false;
             }

@@ -100,6 +100,17 @@ impl Cluster {
         wait_ready(&mut c);
     }
 
+    /// Removes the heads the writer remembers across restarts (`$PGDATA/pg_custody.<db oid>.head`,
+    /// one per database with a chain): the file-system access nothing in the database can stop.
+    pub fn remove_head_files(&self) {
+        for e in std::fs::read_dir(&self.dir).expect("data directory").flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("pg_custody.") && n.ends_with(".head") {
+                std::fs::remove_file(e.path()).expect("remove head file");
+            }
+        }
+    }
+
     /// Restarts the cluster without the library (nothing is recorded or protected).
     pub fn restart_unloaded(&self) {
         let mut c = self.connect("harness");
@@ -404,10 +415,17 @@ impl Drop for CleanupOnDrop {
     }
 }
 
-/// Runs `psql -X -v ON_ERROR_STOP=1 <args>` (the PostgreSQL 15 client); returns (exit code,
+/// A program of the PostgreSQL server under test (`CUSTODY_TEST_PGBIN`, as the Makefile
+/// sets it; Debian's PostgreSQL 15 by default).
+pub fn pg_program(name: &str) -> PathBuf {
+    let bin = std::env::var("CUSTODY_TEST_PGBIN").ok().filter(|b| !b.is_empty());
+    PathBuf::from(bin.unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into())).join(name)
+}
+
+/// Runs `psql -X -v ON_ERROR_STOP=1 <args>` (the server's own client); returns (exit code,
 /// stdout, stderr).
 pub fn psql(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new("/usr/lib/postgresql/15/bin/psql")
+    let out = Command::new(pg_program("psql"))
         .args(["-X", "-v", "ON_ERROR_STOP=1"])
         .args(args)
         .output()

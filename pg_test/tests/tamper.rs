@@ -103,7 +103,7 @@ fn tamper() {
         // the head the writer remembers, with the file-system access nothing in the database
         // can stop.
         cluster.restart_unloaded();
-        let _ = std::fs::remove_file(cluster.dir.join("pg_custody.head"));
+        cluster.remove_head_files();
         let mut c = cluster.connect("tamper_unloaded");
         c.batch_execute("TRUNCATE custody.audit_log; INSERT INTO custody.audit_log SELECT * FROM public.backup")
             .unwrap();

@@ -211,8 +211,9 @@ fn replication_commands_are_recorded() {
     std::fs::create_dir_all(&dir).unwrap();
     chown_postgres(&dir);
     let target = dir.join("backup");
+    let pg_basebackup = pg_program("pg_basebackup");
     let (code, out, err) = as_postgres(
-        "/usr/lib/postgresql/15/bin/pg_basebackup",
+        pg_basebackup.to_str().unwrap(),
         &["-D", target.to_str().unwrap(), "-h", "/tmp", "-p", &port, "-U", &role, "-X", "none", "-c", "fast"],
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -34,6 +34,22 @@ struct Open {
     rec: Captured,
     /// Secrets redacted from the statement text: scrubbed from its error message too.
     secrets: Vec<String>,
+    /// A read of the catalogs only that custody.audit_catalog = off skips: dropped when it
+    /// finishes unless it called a function that is not safe (see `function_executes`).
+    tentative: bool,
+}
+
+/// A record not tied to an executing statement: a fast-path function call, or a function
+/// that is not built in running while a client statement was parsed or planned. It is
+/// closed when the next message starts, at commit, or as an error by the abort.
+struct Loose {
+    /// FASTPATH_KEY or PLANNED_KEY.
+    key: usize,
+    /// The statement start (message) it was opened in.
+    start: i64,
+    /// PLANNED_KEY: the client's query string (address and text) that was being prepared,
+    /// so that the statement's own record can stand for it once it executes.
+    source: Option<(usize, Box<[u8]>)>,
 }
 
 /// Per-backend capture state. Backends are single-threaded; see `state()`.
@@ -43,14 +59,11 @@ struct State {
     depth: i32,
     /// Inside ExecutorStart (expressions are being initialized, not run).
     in_start: bool,
-    /// While a read of the catalogs only is being started: whether it calls an unsafe
-    /// function (custody.audit_catalog = off records it then).
-    watch: Option<bool>,
     /// The client's current statement came with bind parameters: error messages are
     /// recorded as their templates, which cannot contain the values.
     client_params: bool,
-    /// A fast-path function call's record is open, opened at this statement start.
-    fastpath_start: Option<i64>,
+    /// The loose record that is open, if any.
+    loose: Option<Loose>,
     /// Queue position after this transaction's last record (for durability = commit).
     last_pos: u64,
     /// Queue position after this session's last record (for custody.flush()).
@@ -86,9 +99,8 @@ static mut STATE: State = State {
     open: Vec::new(),
     depth: 0,
     in_start: false,
-    watch: None,
     client_params: false,
-    fastpath_start: None,
+    loose: None,
     last_pos: 0,
     session_pos: 0,
     settings_seen: 0,
@@ -132,7 +144,7 @@ pub fn wanted(class: Class) -> bool {
 
 /// Opens a record for a statement that is starting. `text` is the statement's own text.
 pub fn open(key: usize, class: Class, command: &str, objects: String, text: Option<&str>) {
-    close_fastpath_if_returned();
+    close_loose_if_returned();
     let st = state();
     let stored = statement_text(text);
     let rec = Captured {
@@ -148,7 +160,15 @@ pub fn open(key: usize, class: Class, command: &str, objects: String, text: Opti
     let rec = fill_who(rec);
     // SAFETY: plain read of the current subtransaction id.
     let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    st.open.push(Open { key, subid, rec, secrets: stored.secrets });
+    st.open.push(Open { key, subid, rec, secrets: stored.secrets, tentative: false });
+}
+
+/// Marks the open record `key` as a read of the catalogs that is dropped when it finishes
+/// unless it calls a function that is not safe.
+pub fn set_tentative(key: usize) {
+    if let Some(o) = state().open.iter_mut().rev().find(|o| o.key == key) {
+        o.tentative = true;
+    }
 }
 
 /// A fresh key for a utility statement's record.
@@ -161,6 +181,9 @@ pub fn utility_token() -> usize {
 
 /// The key of a fast-path function call's record.
 const FASTPATH_KEY: usize = 1;
+/// The key of the record of functions run while a client statement was parsed or planned
+/// (QueryDesc pointers are aligned, utility tokens odd).
+const PLANNED_KEY: usize = 2;
 
 pub fn is_open(key: usize) -> bool {
     state().open.iter().rev().any(|o| o.key == key)
@@ -170,20 +193,16 @@ pub fn is_open(key: usize) -> bool {
 pub fn close(key: usize, rows: Option<i64>) {
     let st = state();
     let Some(i) = st.open.iter().rposition(|o| o.key == key) else { return };
-    let mut rec = st.open.remove(i).rec;
+    let o = st.open.remove(i);
+    if o.tentative {
+        return; // a read of the catalogs only, which called nothing unsafe
+    }
+    let mut rec = o.rec;
     rec.rows = rows;
     rec.xid = current_xid();
     submit(rec, false);
 }
 
-/// Drops the record opened under `key` without queueing it (a read of the catalogs that
-/// turned out to be one custody.audit_catalog = off skips).
-pub fn discard(key: usize) {
-    let st = state();
-    if let Some(i) = st.open.iter().rposition(|o| o.key == key) {
-        st.open.remove(i);
-    }
-}
 
 /// The statement `key` runs with bind parameters. When it is the client's statement, its
 /// error messages are recorded as templates (the values may be in them).
@@ -197,8 +216,9 @@ pub fn mark_bind_parameters(key: usize) {
 /// Closes, as errors, every record opened in subtransaction `subid` or later (all of them
 /// when `subid` is None: top-level abort). Called from the abort callbacks.
 pub fn fail_open(subid: Option<pg_sys::SubTransactionId>) {
-    // A fast-path call whose message is over succeeded; only one still running failed.
-    close_fastpath_if_returned();
+    // A fast-path call whose message is over succeeded; only one still running failed (and
+    // so for functions run while a statement was prepared).
+    close_loose_if_returned();
     let st = state();
     let reported = st.last_error.take();
     let reported_any = reported.is_some();
@@ -225,8 +245,8 @@ pub fn fail_open(subid: Option<pg_sys::SubTransactionId>) {
             true
         }
     });
-    if st.open.iter().all(|o| o.key != FASTPATH_KEY) {
-        st.fastpath_start = None;
+    if st.loose.as_ref().is_some_and(|l| st.open.iter().all(|o| o.key != l.key)) {
+        st.loose = None;
     }
     if failed.is_empty() {
         // Nothing was open, yet an error was reported: the statement failed before it could
@@ -294,43 +314,40 @@ fn statement_start() -> i64 {
 
 // ---- the executor starting, and the functions it will call ------------------------------
 
-/// Runs `f` (standard ExecutorStart) noting that expressions are being initialized. With
-/// `watch`, returns whether they call a function that is not safe (see `function_executes`).
-pub fn starting(watch: bool, f: impl FnOnce()) -> bool {
-    struct Restore(bool, Option<bool>);
+/// Runs `f` (standard ExecutorStart) noting that expressions are being initialized, not run.
+pub fn starting(f: impl FnOnce()) {
+    struct Restore(bool);
     impl Drop for Restore {
         fn drop(&mut self) {
-            let st = state();
-            st.in_start = self.0;
-            st.watch = self.1;
+            state().in_start = self.0;
         }
     }
     let st = state();
-    let restore = Restore(st.in_start, st.watch);
+    let _restore = Restore(st.in_start);
     st.in_start = true;
-    st.watch = watch.then_some(false);
     f();
-    let seen = state().watch == Some(true);
-    drop(restore);
-    seen
 }
 
 /// Volatile built-in functions a read of the catalogs may call and still be skipped with
 /// custody.audit_catalog = off: they read the clock or a random number and change nothing.
 const SAFE_VOLATILE: [&str; 3] = ["clock_timestamp", "timeofday", "random"];
 
-/// A function PostgreSQL is about to execute (OAT_FUNCTION_EXECUTE): while a statement starts,
-/// whether the function is safe; outside any statement, a fast-path function call.
+/// A function PostgreSQL is about to execute (OAT_FUNCTION_EXECUTE): while a tentative read
+/// of the catalogs runs, whether the function is safe; outside any executing statement, a
+/// fast-path call, or code running while a client statement is parsed or planned (a
+/// domain's CHECK on a literal, an IMMUTABLE function the planner folds).
 pub fn function_executes(func: pg_sys::Oid) {
     let st = state();
-    if st.in_start {
-        if st.watch == Some(false) && !safe_function(func) {
-            st.watch = Some(true);
-        }
+    if st.open.iter().any(|o| o.tentative) && !safe_function(func) {
+        st.open.iter_mut().for_each(|o| o.tentative = false);
+    }
+    if st.in_start || st.depth != 0 {
         return;
     }
-    if st.depth == 0 && in_fastpath() {
+    if in_fastpath() {
         fastpath_call(func);
+    } else if u32::from(func) >= pg_sys::FirstNormalObjectId {
+        planned_call(func);
     }
 }
 
@@ -374,7 +391,41 @@ fn fastpath_call(func: pg_sys::Oid) {
     if !active() {
         return;
     }
-    close_fastpath();
+    close_loose();
+    function_record(func, FASTPATH_KEY, None);
+}
+
+/// Opens (and gates) the record of a function that is not built in running while the
+/// client's statement is parsed or planned, before the statement's own record opens (or
+/// without it ever opening: Bind without Execute, a plan that is never run). Class function,
+/// command FUNCTION CALL, the function as the object, the client's statement as the text;
+/// one per message. When the statement then executes with a record of its own, that record
+/// stands for it (`statement_executes`).
+fn planned_call(func: pg_sys::Oid) {
+    // SAFETY: plain reads of process globals.
+    let (backend, query) = unsafe { (pg_sys::MyBackendType, pg_sys::debug_query_string) };
+    if backend != pg_sys::BackendType::B_BACKEND
+        || query.is_null()
+        || !session::logged_in()
+        || !active()
+        || crate::own::running()
+    {
+        return;
+    }
+    let start = statement_start();
+    if state().loose.as_ref().is_some_and(|l| l.key == PLANNED_KEY && l.start == start) {
+        return; // this message already has its record
+    }
+    close_loose();
+    // SAFETY: debug_query_string is the NUL-terminated text of the client's query.
+    let bytes: Box<[u8]> = unsafe { CStr::from_ptr(query) }.to_bytes().into();
+    let text = current_query_text();
+    function_record(func, PLANNED_KEY, Some((query as usize, bytes, text)));
+}
+
+/// The loose record of a call of `func` under `key`, gated; `planned`: the query string it
+/// was prepared from, and its text for the record.
+fn function_record(func: pg_sys::Oid, key: usize, planned: Option<(usize, Box<[u8]>, Option<String>)>) {
     crate::policy::statement_starts();
     // SAFETY: syscache lookups of the function being called.
     let object = unsafe {
@@ -392,28 +443,58 @@ fn fastpath_call(func: pg_sys::Oid) {
         return;
     }
     let verdict = pending.map(|p| p.decide("FUNCTION CALL", &objects_json));
-    open(FASTPATH_KEY, Class::Function, "FUNCTION CALL", objects_json, None);
-    state().fastpath_start = Some(statement_start());
+    let (source, text) = match planned {
+        Some((ptr, bytes, text)) => (Some((ptr, bytes)), text),
+        None => (None, None),
+    };
+    open(key, Class::Function, "FUNCTION CALL", objects_json, text.as_deref());
+    state().loose = Some(Loose { key, start: statement_start(), source });
     if let Some(v) = verdict {
-        set_decision(FASTPATH_KEY, v.record_json(), v.denies());
+        set_decision(key, v.record_json(), v.denies());
         if v.denies() {
             crate::policy::raise_denied(&v);
         }
     }
 }
 
-/// Closes the record of a fast-path call once the next message has started (statements the
-/// called function runs itself belong to the call, which is still running).
-fn close_fastpath_if_returned() {
-    if state().fastpath_start.is_some_and(|t| t != statement_start()) {
-        close_fastpath();
+/// Closes the loose record once the next message has started (statements a fast-path call
+/// runs itself belong to the call, which is still running).
+fn close_loose_if_returned() {
+    if state().loose.as_ref().is_some_and(|l| l.start != statement_start()) {
+        close_loose();
     }
 }
 
-/// Closes the record of a fast-path call that has returned (its transaction commits).
-pub fn close_fastpath() {
-    if state().fastpath_start.take().is_some() {
-        close(FASTPATH_KEY, None);
+/// Closes the loose record: the call returned, or the transaction commits.
+pub fn close_loose() {
+    if let Some(l) = state().loose.take() {
+        close(l.key, None);
+    }
+}
+
+/// A client statement (depth 0) starts executing from `source`: whether functions ran while
+/// it was parsed or planned (the open PLANNED_KEY record is this statement's). Then
+/// `settle_planned(recorded)`.
+pub fn planned_for(source: *const std::ffi::c_char) -> bool {
+    let st = state();
+    let Some(Loose { key: PLANNED_KEY, source: Some((ptr, text)), .. }) = &st.loose else { return false };
+    // SAFETY: `source` is the statement's NUL-terminated query string (checked non-null).
+    st.depth == 0 && !source.is_null() && *ptr == source as usize && unsafe { CStr::from_ptr(source) }.to_bytes() == &text[..]
+}
+
+/// After `planned_for` said yes: with `recorded`, the statement's own record stands for the
+/// functions that ran while it was prepared (the loose record is dropped); otherwise the
+/// loose record is kept, closed now.
+pub fn settle_planned(recorded: bool) {
+    let st = state();
+    if !recorded {
+        close_loose();
+        return;
+    }
+    if let Some(l) = st.loose.take() {
+        if let Some(i) = st.open.iter().rposition(|o| o.key == l.key) {
+            st.open.remove(i);
+        }
     }
 }
 
@@ -498,7 +579,6 @@ pub fn reset_after_abort() {
     let st = state();
     st.depth = 0;
     st.in_start = false;
-    st.watch = None;
     st.last_error = None;
     st.client_params = false;
 }
@@ -564,7 +644,8 @@ pub fn record_settings_change(statement: Option<&str>) {
 /// Hands a finished record to the writer. `in_abort`: we are inside transaction abort and
 /// must not raise; a record that cannot be queued is then counted as lost (the writer
 /// records the gap) and a WARNING is logged.
-fn submit(rec: Captured, in_abort: bool) {
+fn submit(mut rec: Captured, in_abort: bool) {
+    fit(&mut rec);
     let st = state();
     st.buf.clear();
     st.buf.reserve(rec.encoded_len_hint());
@@ -591,9 +672,54 @@ fn submit(rec: Captured, in_abort: bool) {
     }
 }
 
+/// The longest error message kept (a statement can raise one of any size).
+const MAX_MESSAGE: usize = 16 * 1024;
+
+/// Makes a record fit the queue, so that no statement turns into an anonymous gap because of
+/// its size: the message is cut at MAX_MESSAGE; a record still too large loses the rest of its
+/// statement text (its SHA-256 is kept) and then its object list (replaced by their count).
+fn fit(rec: &mut Captured) {
+    if let Some(m) = rec.message.as_mut() {
+        if m.len() > MAX_MESSAGE {
+            let end = floor_char_boundary(m, MAX_MESSAGE);
+            m.truncate(end);
+            m.push_str("… (message truncated)");
+        }
+    }
+    let limit = queue::max_record_len().saturating_sub(256);
+    if limit == 0 || rec.encoded_len_hint() <= limit {
+        return;
+    }
+    if let Some(text) = rec.statement.take() {
+        let keep = limit.saturating_sub(rec.encoded_len_hint()).min(text.len());
+        if rec.statement_sha256.is_none() {
+            rec.statement_sha256 = Some(Sha256::digest(text.as_bytes()).into());
+        }
+        rec.statement = Some(text[..floor_char_boundary(&text, keep)].to_string());
+    }
+    if rec.encoded_len_hint() > limit {
+        let n = serde_json::from_str::<serde_json::Value>(&rec.objects).ok().and_then(|v| v.as_array().map(|a| a.len())).unwrap_or(0);
+        rec.objects = serde_json::json!([{ "kind": "objects", "name": "omitted: too many to record", "count": n }]).to_string();
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// A name as PostgreSQL keeps names (NAMEDATALEN - 1 bytes, cut at a character boundary).
+pub fn truncate_name(s: &str) -> String {
+    s[..floor_char_boundary(s, pg_sys::NAMEDATALEN as usize - 1)].to_string()
+}
+
 /// Hands a record to the writer from where nothing may wait or raise (error reporting): a
 /// record that does not fit now is counted as lost, and the writer records the gap.
-fn submit_nowait(rec: Captured) {
+fn submit_nowait(mut rec: Captured) {
+    fit(&mut rec);
     let mut buf = Vec::with_capacity(rec.encoded_len_hint());
     rec.encode_into(&mut buf);
     match queue::push(&buf, 0) {
@@ -774,8 +900,11 @@ pub fn statement_slice(source: &str, location: i32, len: i32) -> &str {
     if location < 0 {
         return source;
     }
-    let start = (location as usize).min(source.len());
-    let end = if len <= 0 { source.len() } else { (start + len as usize).min(source.len()) };
+    let at = (location as usize).min(source.len());
+    let end = if len <= 0 { source.len() } else { (at + len as usize).min(source.len()) };
+    // The statement's leading comments are its own (a client's marker, a pooler's tag) on
+    // every version.
+    let start = if crate::pgver::STMT_LOCATION_AT_FIRST_TOKEN && at < source.len() { sqltext::statement_start(source, at) } else { at };
     match source.get(start..end) {
         Some(s) => s.trim(),
         None => source,
@@ -806,5 +935,11 @@ mod tests {
         assert_eq!(statement_slice(q, 9, 0), "UPDATE t SET a = 2");
         assert_eq!(statement_slice(q, -1, 0), q);
         assert_eq!(statement_slice(q, 500, 4), "");
+        // Leading comments belong to the statement, wherever the version puts stmt_location.
+        let q = "/* m */ SELECT 1; /* n; */ SELECT 2";
+        let ((l1, n1), (l2, n2)) =
+            if crate::pgver::STMT_LOCATION_AT_FIRST_TOKEN { ((8, 8), (27, 0)) } else { ((0, 16), (17, 0)) };
+        assert_eq!(statement_slice(q, l1, n1), "/* m */ SELECT 1");
+        assert_eq!(statement_slice(q, l2, n2), "/* n; */ SELECT 2");
     }
 }

@@ -58,17 +58,31 @@ pub fn relkind_name(relkind: u8) -> &'static str {
 /// Reads the relations of a range table.
 ///
 /// # Safety
+/// Catalogs that hold data, not descriptions of objects: a read of them is never skipped as
+/// a read of the catalogs (pg_authid's password hashes, large objects' contents, the column
+/// values pg_statistic samples, user mappings' and subscriptions' connection passwords).
+const DATA_CATALOGS: [u32; 6] = [
+    1260, // pg_authid
+    2613, // pg_largeobject
+    2619, // pg_statistic
+    3429, // pg_statistic_ext_data
+    1418, // pg_user_mapping
+    6100, // pg_subscription
+];
+
 /// `rtable` must be a valid List of RangeTblEntry (or NIL), in a transaction.
-pub unsafe fn from_range_table(rtable: *mut pg_sys::List) -> RangeInfo {
+pub unsafe fn from_range_table(rtable: *mut pg_sys::List, perm_infos: crate::pgver::PermInfos) -> RangeInfo {
     let mut objects = Vec::new();
     let mut catalog_only = true;
     let mut seen_relation = false;
     let mut writes = false;
-    for rte in unsafe { crate::pgver::range_table(rtable) } {
+    for rte in unsafe { crate::pgver::range_table(rtable, perm_infos) } {
         seen_relation = true;
         let nsp = unsafe { pg_sys::get_rel_namespace(rte.relid) };
         let schema = unsafe { cstr(pg_sys::get_namespace_name(nsp)) };
-        if nsp != pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE) && schema != "information_schema" {
+        if (nsp != pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE) && schema != "information_schema")
+            || DATA_CATALOGS.contains(&u32::from(rte.relid))
+        {
             catalog_only = false;
         }
         let name = unsafe { cstr(pg_sys::get_rel_name(rte.relid)) };

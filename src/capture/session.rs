@@ -36,9 +36,29 @@ static mut LOGIN: Login = Login::None;
 static mut OPERATOR_LOGS_REPLICATION: bool = false;
 /// A replication command's record is open (closed by the next command, an ERROR or exit).
 static mut REPLICATION_OPEN: bool = false;
+/// The operator's log_min_messages, when it is above LOG and pg_custody lowered it in a
+/// walsender to see replication commands (it then writes only what the operator asked for).
+static mut OPERATOR_LOG_MIN: Option<i32> = None;
 
-/// The key of a replication command's record.
-const REPLICATION_KEY: usize = 5;
+/// PostgreSQL's is_log_level_output (utils/error/elog.c): LOG sorts between ERROR and FATAL
+/// for the server log.
+fn server_logs(elevel: i32, min: i32) -> bool {
+    let (log, log_server_only, error, fatal) =
+        (pg_sys::LOG as i32, pg_sys::LOG_SERVER_ONLY as i32, pgrx::PgLogLevel::ERROR as i32, pg_sys::FATAL as i32);
+    if elevel == log || elevel == log_server_only {
+        min == log || min <= error
+    } else if elevel == pg_sys::WARNING_CLIENT_ONLY as i32 {
+        false
+    } else if min == log {
+        elevel >= fatal
+    } else {
+        elevel >= min
+    }
+}
+
+/// The key of a replication command's record (utility tokens are odd and at least 3,
+/// QueryDesc pointers aligned: small even numbers are free).
+const REPLICATION_KEY: usize = 4;
 
 fn login() -> Login {
     // SAFETY: single-threaded backend.
@@ -70,6 +90,25 @@ pub fn authenticating() {
             pg_sys::SetConfigOption(
                 c"log_replication_commands".as_ptr(),
                 c"on".as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            );
+            // A LOG line (and the ERROR that ends a command) is only reported, and seen here,
+            // if log_min_messages lets it through: `error` is the lowest level that lets both.
+            // Pinned with an OVERRIDE source too (to the operator's value when it lets them
+            // through), so that the client's startup options (`-c log_min_messages=fatal`,
+            // applied after this hook) or the role's settings cannot blind it. (The value of
+            // an enum setting is the static name in its options table.)
+            let operator = pg_sys::GetConfigOption(c"log_min_messages".as_ptr(), false, false);
+            let pinned = if server_logs(pg_sys::LOG as i32, pg_sys::log_min_messages) {
+                operator
+            } else {
+                OPERATOR_LOG_MIN = Some(pg_sys::log_min_messages);
+                c"error".as_ptr()
+            };
+            pg_sys::SetConfigOption(
+                c"log_min_messages".as_ptr(),
+                pinned,
                 pg_sys::GucContext::PGC_SUSET,
                 pg_sys::GucSource::PGC_S_OVERRIDE,
             );
@@ -117,6 +156,13 @@ fn login_objects() -> String {
 /// # Safety
 /// `e` is the ErrorData being emitted.
 pub unsafe fn reported(e: &mut pg_sys::ErrorData, sqlstate: &str, message: &str) {
+    // What the operator's own log_min_messages would not have written stays out of the log.
+    // SAFETY: single-threaded backend.
+    if let Some(min) = unsafe { OPERATOR_LOG_MIN } {
+        if !server_logs(e.elevel, min) {
+            e.output_to_server = false;
+        }
+    }
     let fatal = e.elevel >= pgrx::PgLogLevel::FATAL as i32;
     if fatal && login() != Login::Done {
         unsafe { failed_login(sqlstate, message) };
@@ -171,7 +217,9 @@ unsafe fn failed_login(sqlstate: &str, message: &str) {
         session_user_name: user.clone(),
         current_user_name: user,
         client_addr: sockaddr_to_ip(port.raddr),
-        application_name: port.application_name.map(|a| a.to_string_lossy().into_owned()),
+        // What the startup packet claims, cut to a name's length as PostgreSQL's own
+        // application_name setting is (an 8 kB one must not make the record unstorable).
+        application_name: port.application_name.map(|a| super::truncate_name(&a.to_string_lossy())),
         backend_pid: pid,
         class: Class::Login as u8,
         command: "LOGIN".into(),
@@ -219,7 +267,7 @@ fn open_replication(text: &str) {
         statement_sha256: stored.sha256,
         ..Default::default()
     });
-    state().open.push(super::Open { key: REPLICATION_KEY, subid: 0, rec, secrets: stored.secrets });
+    state().open.push(super::Open { key: REPLICATION_KEY, subid: 0, rec, secrets: stored.secrets, tentative: false });
     // SAFETY: single-threaded backend.
     unsafe { REPLICATION_OPEN = true };
 }

@@ -1,5 +1,7 @@
 //! Statement texts made safe to keep: role passwords, password-like server options and the
-//! password of a connection string are redacted before the permanent log ever sees them.
+//! password of a connection string are redacted before the permanent log ever sees them, in
+//! plain SQL and in the code of DO blocks, functions and EXECUTE strings. Also where each
+//! statement of a multi-statement query string begins.
 //! Pure string processing over PostgreSQL's lexical rules; no pg_sys, unit-tested.
 
 use std::borrow::Cow;
@@ -10,14 +12,23 @@ use std::ops::Range;
 /// so redacting twice changes nothing.
 const REDACTED: &str = "<redacted>";
 
-/// Words that any text holding a secret must contain. `connection` is here because a URI
-/// such as `postgresql://u:hunter2@h` after CONNECTION need not contain the other three; it
-/// is matched by its last eight letters (a window is a u64; a false hit only costs a scan).
-const NEEDLES: [(u64, u64); 4] =
-    [needle(b"pass"), needle(b"secret"), needle(b"token"), needle(b"nnection")];
+/// Words that any text holding a secret must contain. `connection` and `conninfo` are here
+/// because a URI such as `postgresql://u:hunter2@h` after CONNECTION or in primary_conninfo
+/// need not contain the other three; `connection` is matched by its last eight letters (a
+/// window is a u64; a false hit only costs a scan). Option names are matched by the first three.
+const NEEDLES: [(u64, u64); 5] = [
+    needle(b"pass"),
+    needle(b"secret"),
+    needle(b"token"),
+    needle(b"nnection"),
+    needle(b"conninfo"),
+];
 
-/// Dollar-quoted bodies (DO blocks, functions) are searched for nested statements this deep;
-/// the bound keeps crafted input from exhausting the stack.
+/// Settings whose value is a libpq connection string. Each must contain a needle.
+const CONNINFO_SETTINGS: [&str; 1] = ["primary_conninfo"];
+
+/// Bodies (DO blocks, functions, EXECUTE strings, dollar- or single-quoted) are searched for
+/// nested statements this deep; the bound keeps crafted input from exhausting the stack.
 const MAX_DEPTH: u8 = 4;
 
 /// The result of redacting one statement text.
@@ -26,8 +37,9 @@ pub struct Redacted<'a> {
     /// The text with every secret replaced by `<redacted>` (borrowed when nothing was found).
     pub text: Cow<'a, str>,
     /// The secret values found, as they appeared in the source (for a quoted literal: its
-    /// content after unescaping, e.g. `it's` for 'it''s'; for a bare word: the word), so that
-    /// callers can scrub them from error messages. Empty when nothing was found.
+    /// content after unescaping, e.g. `it's` for 'it''s', and inside a quoted body after
+    /// unescaping every level; for a bare word: the word), so that callers can scrub them from
+    /// error messages. Empty when nothing was found.
     pub secrets: Vec<String>,
 }
 
@@ -43,11 +55,10 @@ pub fn redact(sql: &str) -> Redacted<'_> {
     if edits.is_empty() {
         return Redacted { text: Cow::Borrowed(sql), secrets: Vec::new() };
     }
-    edits.sort_by_key(|e| e.start);
-    let text = splice(sql, edits.iter().map(|e| (e.start, e.end)));
+    let (text, secrets) = apply(sql.as_bytes(), edits);
     let mut seen = HashSet::new();
-    let secrets = edits.into_iter().map(|e| e.secret).filter(|s| seen.insert(s.clone())).collect();
-    Redacted { text: Cow::Owned(text), secrets }
+    let secrets = secrets.into_iter().filter(|s| seen.insert(s.clone())).collect();
+    Redacted { text: Cow::Owned(utf8(text)), secrets }
 }
 
 /// Replaces every occurrence of each secret (non-empty ones only) in `message` by `<redacted>`.
@@ -75,7 +86,8 @@ pub fn scrub<'a>(message: &'a str, secrets: &[String]) -> Cow<'a, str> {
         return Cow::Borrowed(message);
     }
     hits.sort_unstable();
-    Cow::Owned(splice(message, hits.into_iter()))
+    let parts = hits.into_iter().map(|(start, end)| (start, end, REDACTED.as_bytes()));
+    Cow::Owned(utf8(splice(message.as_bytes(), parts)))
 }
 
 /// Whether the SQL text references a bind parameter ($1, $2, ...) outside string literals,
@@ -86,28 +98,67 @@ pub fn has_bind_params(sql: &str) -> bool {
         && Tokens { b: sql.as_bytes(), i: 0 }.any(|t| t.kind == Kind::Param)
 }
 
-/// A secret to replace: a byte range of the whole text and the value it hides.
+/// Where the statement that PostgreSQL says starts at `location` really begins in a
+/// (possibly multi-statement) query string: right after the previous top-level `;` (outside
+/// literals, quoted identifiers, dollar quotes and comments) before `location`, or 0. Leading
+/// whitespace and comments between that point and `location` belong to the statement
+/// (PostgreSQL 18 moved `stmt_location` past leading comments; 15 to 17 put it right after
+/// the previous `;`).
+pub fn statement_start(sql: &str, location: usize) -> usize {
+    // Only the text before `location` is lexed: a token that ends before it lexes the same
+    // in the cut text, and one the cut splits holds no `;` either way. Bytes, so a location
+    // inside a character cannot panic; every `;` found is ASCII, so the result is a boundary.
+    let b = &sql.as_bytes()[..location.min(sql.len())];
+    if !b.contains(&b';') {
+        return 0;
+    }
+    Tokens { b, i: 0 }.filter(|t| t.kind == Kind::Punct(b';')).last().map_or(0, |t| t.end)
+}
+
+/// A range of the text to replace, what replaces it, and the secret values it hides.
 struct Edit {
     start: usize,
     end: usize,
-    secret: String,
+    /// `<redacted>`, or for a quoted body the literal re-quoted around its redacted content.
+    with: Cow<'static, [u8]>,
+    secrets: Vec<String>,
 }
 
-/// Copies `text`, putting `<redacted>` in place of each of the sorted, disjoint ranges.
-fn splice(text: &str, ranges: impl Iterator<Item = (usize, usize)>) -> String {
-    let mut out = String::with_capacity(text.len());
+impl Edit {
+    fn redacted(start: usize, end: usize, secret: String) -> Edit {
+        Edit { start, end, with: Cow::Borrowed(REDACTED.as_bytes()), secrets: vec![secret] }
+    }
+}
+
+/// The text with the edits made, and the secrets they hide in the order of the text.
+fn apply(text: &[u8], mut edits: Vec<Edit>) -> (Vec<u8>, Vec<String>) {
+    edits.sort_by_key(|e| e.start);
+    let out = splice(text, edits.iter().map(|e| (e.start, e.end, e.with.as_ref())));
+    (out, edits.into_iter().flat_map(|e| e.secrets).collect())
+}
+
+/// Copies `text`, putting each replacement in place of its range (sorted, disjoint). Bytes,
+/// not `str`: the content of an E'' literal need not be UTF-8 (`E'\xff'`).
+fn splice<'r>(text: &[u8], parts: impl Iterator<Item = (usize, usize, &'r [u8])>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
     let mut last = 0;
-    for (start, end) in ranges {
+    for (start, end, with) in parts {
         if start < last {
             last = last.max(end); // within the previous range: a URI's odd user info
             continue;
         }
-        out.push_str(&text[last..start]);
-        out.push_str(REDACTED);
+        out.extend_from_slice(&text[last..start]);
+        out.extend_from_slice(with);
         last = end;
     }
-    out.push_str(&text[last..]);
+    out.extend_from_slice(&text[last..]);
     out
+}
+
+/// Every edit starts and ends next to an ASCII byte (or an escape's backslash) and puts UTF-8
+/// in (see `requote`), so UTF-8 stays UTF-8; lossy only so that nothing here can panic.
+fn utf8(v: Vec<u8>) -> String {
+    String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Whether `b` contains one of the `needles`, ignoring ASCII case.
@@ -133,8 +184,9 @@ const fn needle(n: &[u8]) -> (u64, u64) {
 
 // ---- Rules -------------------------------------------------------------------------------
 
-/// Walks the tokens of `b` from `from` on and records secrets. Offsets are always into the
-/// whole text: a nested body is searched as `b` cut at the body's end.
+/// Walks the tokens of `b` from `from` on and records secrets. Offsets are into `b`: a
+/// dollar-quoted body is searched as `b` cut at the body's end; a single-quoted one, whose
+/// content is not its source, as a text of its own (see `quoted_code`).
 fn find_secrets(b: &[u8], from: usize, depth: u8, edits: &mut Vec<Edit>) {
     // Comments and whitespace may separate a keyword from its value: only the rest counts.
     let toks: Vec<Token> =
@@ -147,6 +199,8 @@ fn find_secrets(b: &[u8], from: usize, depth: u8, edits: &mut Vec<Edit>) {
     // Bare words after PASSWORD count only in role statements: elsewhere `password` is most
     // likely a column, as in `SELECT password FROM t`.
     let mut in_role = false;
+    // In CREATE FUNCTION|PROCEDURE, whose literals after AS are its code.
+    let mut routine = false;
     // Parenthesis depth inside an OPTIONS ( ... ) list; 0 outside.
     let mut options = 0usize;
     let mut i = 0;
@@ -154,7 +208,7 @@ fn find_secrets(b: &[u8], from: usize, depth: u8, edits: &mut Vec<Edit>) {
         let t = toks[i];
         let value = toks.get(i + 1).copied();
         match t.kind {
-            Kind::Punct(b';') => (in_role, options) = (false, 0),
+            Kind::Punct(b';') => (in_role, routine, options) = (false, false, 0),
             Kind::Punct(b'(') if options > 0 => options += 1,
             Kind::Punct(b')') if options > 0 => options -= 1,
             Kind::Word if word(i, "options") && kind(i + 1) == Some(Kind::Punct(b'(')) => {
@@ -166,6 +220,47 @@ fn find_secrets(b: &[u8], from: usize, depth: u8, edits: &mut Vec<Edit>) {
                 // The role's own name is never a value: `CREATE ROLE password PASSWORD 'x'`.
                 i +=
                     if matches!(kind(i + 2), Some(Kind::Word | Kind::QuotedIdent)) { 2 } else { 1 };
+            }
+            Kind::Word if is_routine_statement(&word, i) => routine = true,
+            Kind::Word if routine && word(i, "as") => {
+                // `AS 'body'`, or for C `AS 'obj_file', 'link_symbol'`: searched too, and no
+                // statement is found in a file name or a symbol.
+                let mut j = i + 1;
+                while let Some(&v) = toks.get(j).filter(|v| v.is_string()) {
+                    code(b, v, depth, edits);
+                    j += if kind(j + 1) == Some(Kind::Punct(b',')) { 2 } else { 1 };
+                }
+                i = j - 1;
+            }
+            Kind::Word if word(i, "do") => {
+                // `DO [LANGUAGE name] code`, either way round. ON CONFLICT's `DO UPDATE` and
+                // `DO NOTHING` take no literal, so nothing is read there.
+                let mut j = i + 1;
+                loop {
+                    let name =
+                        matches!(kind(j + 1), Some(Kind::Word | Kind::QuotedIdent | Kind::Str(_)));
+                    if word(j, "language") && name {
+                        j += 2;
+                    } else if let Some(&v) = toks.get(j).filter(|v| v.is_string()) {
+                        code(b, v, depth, edits);
+                        j += 1;
+                    } else {
+                        break;
+                    }
+                }
+                i = j - 1;
+            }
+            Kind::Word if depth > 0 && word(i, "execute") => {
+                // PL/pgSQL's dynamic SQL runs the literal as a statement (a Dollar one is read
+                // below anyway). `EXECUTE format(..)` and `'..' || x` are not put together.
+                let mut j = i + 1;
+                while kind(j) == Some(Kind::Punct(b'(')) {
+                    j += 1;
+                }
+                if let Some(&v) = toks.get(j).filter(|v| matches!(v.kind, Kind::Str(_))) {
+                    code(b, v, depth, edits);
+                    i = j;
+                }
             }
             Kind::Word if word(i, "password") => {
                 // In `IN ROLE password LOGIN` or `ADD USER a, password` it names a role.
@@ -184,21 +279,117 @@ fn find_secrets(b: &[u8], from: usize, depth: u8, edits: &mut Vec<Edit>) {
                     i += 1;
                 }
             }
+            Kind::Word | Kind::QuotedIdent if is_conninfo_setting(b, &t) => {
+                // `SET primary_conninfo = '..'` or `TO '..'`, in ALTER SYSTEM, ALTER ROLE or a
+                // session; an UPDATE of a column so named is redacted too, which does no harm.
+                let to = kind(i + 1) == Some(Kind::Punct(b'=')) || word(i + 1, "to");
+                if let Some(&v) = toks.get(i + 2).filter(|v| to && v.is_string()) {
+                    conninfo(&content(b, v), 0, edits);
+                    i += 2;
+                }
+            }
             Kind::Word | Kind::QuotedIdent if options > 0 && mentions(t.text(b), &NEEDLES[..3]) => {
                 if let Some(v) = value.filter(Token::is_string) {
                     edits.push(token_secret(b, v));
                     i += 1;
                 }
             }
-            Kind::Dollar(_) if depth < MAX_DEPTH => {
-                // A DO block or function body is code: `CREATE ROLE .. PASSWORD` inside it too.
-                let (start, end) = dollar_body(b, t);
-                find_secrets(&b[..end], start, depth + 1, edits);
-            }
+            // Wherever it is: a DO block or function body is code, `CREATE ROLE .. PASSWORD`
+            // inside it too. Single-quoted literals are code only where read so above.
+            Kind::Dollar(_) => code(b, t, depth, edits),
             _ => {}
         }
         i += 1;
     }
+}
+
+/// Searches the code in a string literal one level deeper, if that is not too deep.
+fn code(b: &[u8], t: Token, depth: u8, edits: &mut Vec<Edit>) {
+    if depth >= MAX_DEPTH {
+        return;
+    }
+    match t.kind {
+        Kind::Dollar(_) => {
+            let (start, end) = dollar_body(b, t);
+            find_secrets(&b[..end], start, depth + 1, edits);
+        }
+        Kind::Str(escapes) => quoted_code(b, t, escapes, depth, edits),
+        _ => {}
+    }
+}
+
+/// Code in a single-quoted literal: its content, unescaped, is searched as a text of its own;
+/// if that finds anything, the whole literal gives way to one quoted around the redacted
+/// content, so that the stored text still reads as SQL. Otherwise it is left byte for byte.
+fn quoted_code(b: &[u8], t: Token, escapes: bool, depth: u8, edits: &mut Vec<Edit>) {
+    let c = content(b, t);
+    // The search reads the content, so the check does too: escapes can spell a needle.
+    if !mentions(&c.bytes, &NEEDLES) {
+        return;
+    }
+    let mut inner = Vec::new();
+    find_secrets(&c.bytes, 0, depth + 1, &mut inner);
+    if inner.is_empty() {
+        return;
+    }
+    let (text, secrets) = apply(&c.bytes, inner);
+    let source = t.text(b);
+    let prefix = &source[..source.iter().position(|&x| x == b'\'').unwrap_or(0)];
+    let with = Cow::Owned(requote(prefix, &text, escapes));
+    edits.push(Edit { start: t.start, end: t.end, with, secrets });
+}
+
+/// `prefix` (`E`, `U&`, ...: kept, so the literal means what it meant) and `content` in quotes,
+/// escaped to read back as `content`: `'` doubled, which E'' takes too whatever backslash_quote
+/// says; in E'' also `\` doubled, and NUL and bytes that are not UTF-8, which text cannot
+/// hold, as `\xNN`. Only E'' content can hold those, so a plain literal passes them on to the
+/// E'' around it.
+fn requote(prefix: &[u8], content: &[u8], escapes: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(prefix.len() + content.len() + 2);
+    out.extend_from_slice(prefix);
+    out.push(b'\'');
+    for chunk in content.utf8_chunks() {
+        for &c in chunk.valid().as_bytes() {
+            match c {
+                b'\'' => out.extend_from_slice(b"''"),
+                b'\\' if escapes => out.extend_from_slice(b"\\\\"),
+                0 if escapes => out.extend_from_slice(&hex_escape(c)),
+                _ => out.push(c),
+            }
+        }
+        for &c in chunk.invalid() {
+            if escapes {
+                out.extend_from_slice(&hex_escape(c));
+            } else {
+                out.push(c);
+            }
+        }
+    }
+    out.push(b'\'');
+    out
+}
+
+/// `\xNN`, two digits always, so that a hex digit after it is not read as a third.
+fn hex_escape(c: u8) -> [u8; 4] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    [b'\\', b'x', DIGITS[usize::from(c >> 4)], DIGITS[usize::from(c & 15)]]
+}
+
+/// `CREATE [OR REPLACE] FUNCTION|PROCEDURE`.
+fn is_routine_statement(word: &impl Fn(usize, &str) -> bool, i: usize) -> bool {
+    let at = if word(i + 1, "or") && word(i + 2, "replace") { i + 3 } else { i + 1 };
+    word(i, "create") && (word(at, "function") || word(at, "procedure"))
+}
+
+/// A setting in CONNINFO_SETTINGS, named as a word or a quoted identifier: setting names
+/// ignore case either way.
+fn is_conninfo_setting(b: &[u8], t: &Token) -> bool {
+    let text = t.text(b);
+    let name = match t.kind {
+        Kind::QuotedIdent => text.strip_prefix(b"\"").and_then(|n| n.strip_suffix(b"\"")),
+        _ => Some(text),
+    };
+    name.is_some_and(|n| CONNINFO_SETTINGS.iter().any(|s| n.eq_ignore_ascii_case(s.as_bytes())))
 }
 
 /// `CREATE|ALTER ROLE|USER|GROUP`, but not `CREATE|ALTER USER MAPPING`.
@@ -231,7 +422,7 @@ fn token_secret(b: &[u8], t: Token) -> Edit {
         }
         _ => String::from_utf8_lossy(t.text(b)).into_owned(),
     };
-    Edit { start: t.start, end: t.end, secret }
+    Edit::redacted(t.start, t.end, secret)
 }
 
 /// A literal's content after unescaping, with the offset in the source each byte came from
@@ -337,7 +528,7 @@ fn uri(c: &Content, edits: &mut Vec<Edit>) {
 fn push_part(c: &Content, part: Range<usize>, value: &[u8], edits: &mut Vec<Edit>) {
     if !part.is_empty() && value != REDACTED.as_bytes() {
         let secret = String::from_utf8_lossy(value).into_owned();
-        edits.push(Edit { start: c.pos[part.start], end: c.pos[part.end], secret });
+        edits.push(Edit::redacted(c.pos[part.start], c.pos[part.end], secret));
     }
 }
 
@@ -829,12 +1020,281 @@ mod tests {
         unchanged("ALTER ROLE r PASSWORD $");
     }
 
+    /// `s` as a plain literal.
+    fn quote(s: &str) -> String {
+        format!("'{}'", s.replace('\'', "''"))
+    }
+
+    /// A DO whose body holds `innermost` `levels` literals deep: each level but the first an
+    /// EXECUTE, the odd ones dollar-quoted if `dollar`, all others single-quoted.
+    fn nested(levels: u8, dollar: bool, innermost: &str) -> String {
+        let mut sql = innermost.to_string();
+        for k in (1..=levels).rev() {
+            let literal =
+                if dollar && k % 2 == 1 { format!("$t{k}${sql}$t{k}$") } else { quote(&sql) };
+            sql = if k == 1 {
+                format!("DO {literal}")
+            } else {
+                format!("BEGIN EXECUTE {literal}; END")
+            };
+        }
+        sql
+    }
+
+    #[test]
+    fn quoted_do_bodies() {
+        check(
+            "DO 'BEGIN ALTER ROLE r PASSWORD ''s3cret''; END'",
+            "DO 'BEGIN ALTER ROLE r PASSWORD <redacted>; END'",
+            &["s3cret"],
+        );
+        check(
+            "DO LANGUAGE plpgsql 'BEGIN CREATE ROLE a PASSWORD ''it''''s''; END'",
+            "DO LANGUAGE plpgsql 'BEGIN CREATE ROLE a PASSWORD <redacted>; END'",
+            &["it's"],
+        );
+        // The rest of the body is quoted as before; secrets come in the order of the text, once.
+        check(
+            "DO 'BEGIN RAISE NOTICE ''it''''s a\\b''; ALTER ROLE a PASSWORD ''x''; \
+             ALTER ROLE b PASSWORD ''y''; END' LANGUAGE plpgsql; \
+             ALTER ROLE c PASSWORD 'x'",
+            "DO 'BEGIN RAISE NOTICE ''it''''s a\\b''; ALTER ROLE a PASSWORD <redacted>; \
+             ALTER ROLE b PASSWORD <redacted>; END' LANGUAGE plpgsql; \
+             ALTER ROLE c PASSWORD <redacted>",
+            &["x", "y"],
+        );
+        check(
+            "do language 'plpgsql' /* c */ 'begin alter user u password pw; end'",
+            "do language 'plpgsql' /* c */ 'begin alter user u password <redacted>; end'",
+            &["pw"],
+        );
+        check(
+            "DO 'BEGIN ALTER ROLE «r» PASSWORD ''pässwörd✓''; END'",
+            "DO 'BEGIN ALTER ROLE «r» PASSWORD <redacted>; END'",
+            &["pässwörd✓"],
+        );
+        // Continued parts become one literal; an unterminated one is closed.
+        check(
+            "DO 'BEGIN ALTER ROLE r PASSWORD ''x'';'\n  ' END'",
+            "DO 'BEGIN ALTER ROLE r PASSWORD <redacted>; END'",
+            &["x"],
+        );
+        check(
+            "DO 'ALTER ROLE r PASSWORD ''never",
+            "DO 'ALTER ROLE r PASSWORD <redacted>'",
+            &["never"],
+        );
+        // A U&'' literal keeps its prefix, so that its escapes still mean what they meant.
+        check(
+            r"DO U&'BEGIN RAISE NOTICE ''\00e9''; ALTER ROLE r PASSWORD ''x''; END'",
+            r"DO U&'BEGIN RAISE NOTICE ''\00e9''; ALTER ROLE r PASSWORD <redacted>; END'",
+            &["x"],
+        );
+        // No secret: byte for byte, even where quoting again would write it differently.
+        unchanged("DO 'BEGIN RAISE NOTICE ''password''; END'");
+        unchanged("DO 'BEGIN ALTER ROLE r PASSWORD NULL; END'\n' '");
+        unchanged(r"DO E'BEGIN RAISE NOTICE \'password\\n\'; END'");
+        unchanged("DO $$BEGIN RAISE NOTICE 'password'; END$$");
+        // Not a DO body: ON CONFLICT's DO takes no literal, and a literal is just a literal.
+        unchanged(
+            "INSERT INTO t VALUES (1) ON CONFLICT (a) \
+             DO UPDATE SET c = 'ALTER ROLE r PASSWORD ''x'''",
+        );
+        unchanged("SELECT 'DO ''ALTER ROLE r PASSWORD x'''");
+        unchanged("DO; SELECT 'ALTER ROLE r PASSWORD ''x'''");
+    }
+
+    #[test]
+    fn quoted_function_bodies() {
+        check(
+            "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'ALTER ROLE r PASSWORD ''x'''",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'ALTER ROLE r PASSWORD <redacted>'",
+            &["x"],
+        );
+        check(
+            "create or replace procedure p(a text default 'password') as \
+             'begin create user u password ''x''; end' language plpgsql",
+            "create or replace procedure p(a text default 'password') as \
+             'begin create user u password <redacted>; end' language plpgsql",
+            &["x"],
+        );
+        check(
+            "CREATE FUNCTION f() RETURNS void AS $f$ BEGIN \
+             EXECUTE 'ALTER ROLE r PASSWORD ''x'''; END $f$ LANGUAGE plpgsql",
+            "CREATE FUNCTION f() RETURNS void AS $f$ BEGIN \
+             EXECUTE 'ALTER ROLE r PASSWORD <redacted>'; END $f$ LANGUAGE plpgsql",
+            &["x"],
+        );
+        // An argument's default is no body; a C function's file and symbol hold no statement.
+        unchanged(
+            "CREATE FUNCTION f(a text DEFAULT 'ALTER ROLE r PASSWORD ''x''') RETURNS text \
+             AS 'SELECT a' LANGUAGE sql",
+        );
+        unchanged("CREATE FUNCTION f() RETURNS text AS 'plain text without secrets' LANGUAGE sql");
+        unchanged("CREATE FUNCTION f() RETURNS text AS 'SELECT ''password''' LANGUAGE sql");
+        unchanged("CREATE FUNCTION f(int) RETURNS int AS 'password_lib', 'f' LANGUAGE C");
+        // AS takes a body only in CREATE FUNCTION|PROCEDURE, which ends at `;`.
+        unchanged(
+            "CREATE FUNCTION f() RETURNS int RETURN 1; SELECT 1 AS 'ALTER ROLE r PASSWORD ''x'''",
+        );
+        unchanged("CREATE AGGREGATE a AS 'ALTER ROLE r PASSWORD ''x'''");
+    }
+
+    #[test]
+    fn execute_strings() {
+        check(
+            "DO $$BEGIN EXECUTE 'CREATE ROLE x PASSWORD ''s3cret'''; END$$",
+            "DO $$BEGIN EXECUTE 'CREATE ROLE x PASSWORD <redacted>'; END$$",
+            &["s3cret"],
+        );
+        check(
+            "DO 'BEGIN EXECUTE ''CREATE ROLE x PASSWORD ''''s3cret''''''; END'",
+            "DO 'BEGIN EXECUTE ''CREATE ROLE x PASSWORD <redacted>''; END'",
+            &["s3cret"],
+        );
+        check(
+            "DO $$BEGIN FOR r IN EXECUTE ('ALTER ROLE a PASSWORD ''x''') LOOP END LOOP; \
+             RETURN QUERY execute E'ALTER ROLE b PASSWORD \\'y\\''; END$$",
+            "DO $$BEGIN FOR r IN EXECUTE ('ALTER ROLE a PASSWORD <redacted>') LOOP END LOOP; \
+             RETURN QUERY execute E'ALTER ROLE b PASSWORD <redacted>'; END$$",
+            &["x", "y"],
+        );
+        check(
+            "DO $$BEGIN EXECUTE 'ALTER SUBSCRIPTION s \
+             CONNECTION ''host=h password=pw'''; END$$",
+            "DO $$BEGIN EXECUTE 'ALTER SUBSCRIPTION s \
+             CONNECTION ''host=h password=<redacted>'''; END$$",
+            &["pw"],
+        );
+        // Outside a body, EXECUTE runs a prepared statement, never a literal.
+        unchanged("SELECT 'EXECUTE ''x'' password'");
+        unchanged("EXECUTE 'ALTER ROLE r PASSWORD ''x'''");
+        // Only the literal EXECUTE runs, as written: nothing is put together.
+        unchanged("DO $$BEGIN EXECUTE 'ALTER ROLE r PASSWORD ' || quote_literal(p); END$$");
+        unchanged("DO $$BEGIN EXECUTE format('ALTER ROLE r PASSWORD %L', 'x'); END$$");
+        unchanged("DO $$BEGIN PERFORM 'ALTER ROLE r PASSWORD ''x'''; END$$");
+    }
+
+    #[test]
+    fn e_strings_are_quoted_again_as_e_strings() {
+        check(
+            r"DO E'BEGIN RAISE NOTICE \'C:\\tmp\n\'; ALTER ROLE r PASSWORD \'x\\y\'; END'",
+            "DO E'BEGIN RAISE NOTICE ''C:\\\\tmp\n''; ALTER ROLE r PASSWORD <redacted>; END'",
+            &["x\\y"],
+        );
+        // Text cannot hold NUL nor other than UTF-8: those are escaped again.
+        check(
+            r"DO e'\x00\xff\u00e9 ALTER ROLE r PASSWORD ''x'''",
+            r"DO e'\x00\xffé ALTER ROLE r PASSWORD <redacted>'",
+            &["x"],
+        );
+        // The secret is the value after both levels of unescaping.
+        check(
+            r"DO $$BEGIN EXECUTE E'ALTER ROLE r PASSWORD ''a\\''''b\x41'''; END$$",
+            r"DO $$BEGIN EXECUTE E'ALTER ROLE r PASSWORD <redacted>'; END$$",
+            &["a\\'bA"],
+        );
+        // The check within a body reads its content: an escape can spell a keyword there.
+        check(
+            r"DO $$BEGIN RAISE NOTICE 'token'; EXECUTE E'ALTER ROLE r \120ASSWORD ''x'''; END$$",
+            r"DO $$BEGIN RAISE NOTICE 'token'; EXECUTE E'ALTER ROLE r PASSWORD <redacted>'; END$$",
+            &["x"],
+        );
+        // In a plain body an E'' literal keeps its own escapes: the body only doubles quotes.
+        check(
+            r"DO 'BEGIN EXECUTE E''ALTER ROLE r PASSWORD \''x\'' -- \\''; END'",
+            r"DO 'BEGIN EXECUTE E''ALTER ROLE r PASSWORD <redacted> -- \\''; END'",
+            &["x"],
+        );
+    }
+
+    #[test]
+    fn nested_bodies() {
+        for dollar in [false, true] {
+            for levels in 1..=MAX_DEPTH {
+                let sql = nested(levels, dollar, "ALTER ROLE r PASSWORD 'x'");
+                check(&sql, &nested(levels, dollar, "ALTER ROLE r PASSWORD <redacted>"), &["x"]);
+            }
+            // Deeper is not searched: the bound is the same for both kinds of quotes.
+            unchanged(&nested(MAX_DEPTH + 1, dollar, "ALTER ROLE r PASSWORD 'x'"));
+        }
+        assert_eq!(
+            nested(3, true, "ALTER ROLE r PASSWORD 'x'"),
+            "DO $t1$BEGIN EXECUTE 'BEGIN EXECUTE $t3$ALTER ROLE r PASSWORD ''x''$t3$; END'; END$t1$"
+        );
+    }
+
+    #[test]
+    fn conninfo_settings() {
+        check(
+            "ALTER SYSTEM SET primary_conninfo = 'host=h password=secret'",
+            "ALTER SYSTEM SET primary_conninfo = 'host=h password=<redacted>'",
+            &["secret"],
+        );
+        // No needle but `conninfo` in this text.
+        check(
+            "ALTER SYSTEM SET primary_conninfo TO 'postgresql://rep:pw@h/d'",
+            "ALTER SYSTEM SET primary_conninfo TO 'postgresql://rep:<redacted>@h/d'",
+            &["pw"],
+        );
+        check(
+            "SET SESSION Primary_Conninfo = E'user=u password=\\'a b\\''",
+            "SET SESSION Primary_Conninfo = E'user=u password=<redacted>'",
+            &["a b"],
+        );
+        check(
+            "set \"primary_conninfo\" to $$password=x$$",
+            "set \"primary_conninfo\" to $$password=<redacted>$$",
+            &["x"],
+        );
+        check(
+            "ALTER ROLE r SET primary_conninfo = 'password=x'; \
+             SET primary_conninfo TO 'password=y'",
+            "ALTER ROLE r SET primary_conninfo = 'password=<redacted>'; \
+             SET primary_conninfo TO 'password=<redacted>'",
+            &["x", "y"],
+        );
+        unchanged("ALTER SYSTEM SET primary_conninfo = 'host=h user=u'");
+        unchanged("ALTER SYSTEM RESET primary_conninfo");
+        unchanged("SET primary_conninfo TO DEFAULT");
+        unchanged("SHOW primary_conninfo");
+        unchanged("SET application_name = 'password=x'");
+        for name in CONNINFO_SETTINGS {
+            assert!(mentions(name.as_bytes(), &NEEDLES), "{name} escapes the pre-check");
+        }
+    }
+
+    #[test]
+    fn statement_starts() {
+        assert_eq!(statement_start("/* m */ SELECT 1", 8), 0);
+        assert_eq!(statement_start("SELECT 1; /* m */ UPDATE t", 18), 9);
+        assert_eq!(statement_start("SELECT ';'; SELECT 2", 12), 11);
+        assert_eq!(statement_start("SELECT 1; -- c\nSELECT 2", 15), 9);
+        // PostgreSQL 15 to 17 give the place right after the `;`.
+        assert_eq!(statement_start("SELECT 1;SELECT 2", 9), 9);
+        assert_eq!(statement_start("SELECT 1; SELECT 2; SELECT 3", 20), 19);
+        // `;` that end no statement.
+        let sql = "SELECT 1 /* ; /* ; */ ; */, \"a;b\", $q$;$q$, E'\\';', ';' -- ;\n; SELECT 2";
+        assert_eq!(statement_start(sql, sql.len() - 8), sql.len() - 9);
+        assert_eq!(statement_start("SELECT 'a;'\n'b;'; SELECT 2", 18), 17);
+        // Odd locations: 0, the `;` itself, past the end, inside a character or a literal.
+        assert_eq!(statement_start("SELECT 1; SELECT 2", 0), 0);
+        assert_eq!(statement_start("SELECT 1; SELECT 2", 8), 0);
+        assert_eq!(statement_start("SELECT 1; SELECT 2", 100), 9);
+        assert_eq!(statement_start("", 5), 0);
+        assert_eq!(statement_start("SELECT 1;é", 10), 9);
+        assert_eq!(statement_start("SELECT 'é;'; SELECT 2", 9), 0);
+        assert_eq!(statement_start("SELECT 'é;'; SELECT 2", 11), 0);
+        assert_eq!(statement_start("SELECT 1; SELECT ';", usize::MAX), 9);
+    }
+
     #[test]
     fn pre_check_ignores_ascii_case_only() {
-        for text in ["x PaSsWoRd", "tOkEn", "SECRET", "CONNECTION", "«pass»"] {
+        for text in ["x PaSsWoRd", "tOkEn", "SECRET", "CONNECTION", "«pass»", "Primary_ConnInfo"]
+        {
             assert!(mentions(text.as_bytes(), &NEEDLES), "{text}");
         }
-        assert!(!mentions("p\x01ss P@SS pasś t0ken secre connect".as_bytes(), &NEEDLES));
+        assert!(!mentions("p\x01ss P@SS pasś t0ken secre connect conninf".as_bytes(), &NEEDLES));
     }
 
     #[test]
@@ -876,19 +1336,38 @@ mod tests {
         "E'", "U&'", "é", "✓", "x", "1", "$1", "NULL", "PASSWORD", "password ", "OPTIONS (",
         "CONNECTION ", "CREATE ROLE r ", "ALTER USER u ", "token", "'host=h password=",
         "postgres://u:", "@h", "E'\\'", "/* /* */", "'a'\n'b'", "DO $$", "«",
+        "DO ", "DO '", "DO E'", "LANGUAGE plpgsql ", "CREATE FUNCTION f() ", "CREATE OR REPLACE ",
+        "PROCEDURE p() ", " AS ", "AS '", "EXECUTE ", "EXECUTE '", "EXECUTE ''", "''''", "\\\\",
+        "\\x00", "\\xff", "\\120", "BEGIN ", " END'", "SET primary_conninfo ", "primary_conninfo",
+        "= ", " TO ", "'password=", "conninfo",
     ];
+
+    /// What `statement_start` answers, found the slow way: lexing the whole text.
+    fn statement_start_by_full_lex(sql: &str, location: usize) -> usize {
+        let ends = Tokens { b: sql.as_bytes(), i: 0 }.filter(|t| t.kind == Kind::Punct(b';'));
+        ends.map(|t| t.end).filter(|&end| end <= location).last().unwrap_or(0)
+    }
 
     #[test]
     fn fuzz_fragments() {
         let (mut state, mut marker, mut found) = (0x9E37_79B9_7F4A_7C15u64, 0, 0);
+        let mut found_in_bodies = 0;
         for _ in 0..20_000 {
             let mut sql = String::new();
             for _ in 0..next(&mut state) % 14 {
                 marker += 1;
-                // Secrets that occur nowhere else, as standalone quoted literals.
-                match next(&mut state) % 5 {
+                // Secrets that occur nowhere else, as standalone quoted literals or in bodies.
+                match next(&mut state) % 9 {
                     0 => sql.push_str(&format!(" PASSWORD 'mk{marker}q' ")),
                     1 => sql.push_str(&format!(" OPTIONS (api_secret E'mk{marker}q') ")),
+                    2 => sql.push_str(&format!(
+                        "DO 'BEGIN ALTER ROLE r PASSWORD ''mk{marker}b''; END'"
+                    )),
+                    3 => sql.push_str(&format!(
+                        "; CREATE FUNCTION f() AS E'BEGIN EXECUTE ''ALTER ROLE r PASSWORD \
+                         ''''mk{marker}b''''''; END' "
+                    )),
+                    4 => sql.push_str(&format!(" SET primary_conninfo = 'password=mk{marker}q' ")),
                     _ => sql.push_str(FRAGMENTS[next(&mut state) % FRAGMENTS.len()]),
                 }
             }
@@ -897,12 +1376,18 @@ mod tests {
             let scrubbed = scrub(&sql, &r.secrets);
             for s in r.secrets.iter().filter(|s| s.starts_with("mk")) {
                 found += 1;
+                found_in_bodies += s.contains('b') as usize;
                 assert!(!r.text.contains(s.as_str()), "{s:?} left in {:?} from {sql:?}", r.text);
                 assert!(!scrubbed.contains(s.as_str()), "{s:?} not scrubbed from {sql:?}");
             }
             has_bind_params(&sql);
+            let location = next(&mut state) % (sql.len() + 3);
+            let start = statement_start(&sql, location);
+            assert!(sql.is_char_boundary(start) && start <= location, "{location} in {sql:?}");
+            assert_eq!(start, statement_start_by_full_lex(&sql, location), "{location} in {sql:?}");
         }
         assert!(found > 5_000, "the fuzz found only {found} secrets");
+        assert!(found_in_bodies > 1_000, "the fuzz found only {found_in_bodies} in bodies");
     }
 
     #[test]
@@ -913,10 +1398,22 @@ mod tests {
             let len = next(&mut state) % 24;
             let noise: String =
                 (0..len).map(|_| alphabet[next(&mut state) % alphabet.len()]).collect();
-            for sql in [format!("ALTER ROLE r PASSWORD {noise}"), format!("CONNECTION '{noise}")] {
+            for sql in [
+                format!("ALTER ROLE r PASSWORD {noise}"),
+                format!("CONNECTION '{noise}"),
+                format!("DO 'ALTER ROLE r PASSWORD {noise}"),
+                format!("DO E'BEGIN EXECUTE ''ALTER ROLE r PASSWORD {noise}"),
+                format!("SET primary_conninfo = 'password={noise}"),
+            ] {
                 let r = redact(&sql);
                 assert_eq!(redact(&r.text), Redacted { text: r.text.clone(), secrets: vec![] });
                 has_bind_params(&sql);
+                for location in [0, sql.len() / 2, sql.len()] {
+                    assert_eq!(
+                        statement_start(&sql, location),
+                        statement_start_by_full_lex(&sql, location)
+                    );
+                }
             }
         }
     }

@@ -19,13 +19,13 @@ pub fn init() {
         PREV_START = pg_sys::ExecutorStart_hook;
         pg_sys::ExecutorStart_hook = Some(custody_executor_start);
         PREV_RUN = pg_sys::ExecutorRun_hook;
-        pg_sys::ExecutorRun_hook = Some(custody_executor_run);
+        pg_sys::ExecutorRun_hook = Some(crate::pgver::executor_run_hook);
         PREV_FINISH = pg_sys::ExecutorFinish_hook;
         pg_sys::ExecutorFinish_hook = Some(custody_executor_finish);
         PREV_END = pg_sys::ExecutorEnd_hook;
         pg_sys::ExecutorEnd_hook = Some(custody_executor_end);
         PREV_CHECK_PERMS = pg_sys::ExecutorCheckPerms_hook;
-        pg_sys::ExecutorCheckPerms_hook = Some(custody_executor_check_perms);
+        pg_sys::ExecutorCheckPerms_hook = Some(crate::pgver::check_perms_hook);
     }
 }
 
@@ -41,50 +41,57 @@ fn command_tag(op: pg_sys::CmdType::Type) -> (&'static str, Class) {
     }
 }
 
-/// How the statement's record was opened.
-#[derive(PartialEq, Eq)]
-enum Opened {
-    No,
-    Yes,
-    /// A read of the system catalogs only, with custody.audit_catalog off: kept only if the
-    /// executor turns out to call a function that is not safe (capture::Watch).
-    UnlessSafe,
-}
-
 /// Opens the statement's record if it is to be recorded; gates it; refuses changes to the
 /// protected tables (after the record is open, so the attempt is recorded).
 ///
 /// # Safety
 /// `qd` must be the QueryDesc passed to ExecutorStart.
-unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) -> Opened {
+unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) {
     if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0 {
-        return Opened::No;
+        return;
     }
+    // Functions that ran while the client's statement was parsed or planned: its record
+    // stands for them, and it is not one a read of the catalogs may skip.
+    let planned = capture::planned_for(unsafe { (*qd).sourceText });
+    let opened = unsafe { open_record_as(qd, planned) };
+    if planned && !opened {
+        capture::settle_planned(false);
+    }
+}
+
+/// `open_record`; whether the record was opened. `planned`: functions ran while the
+/// statement was prepared.
+///
+/// # Safety
+/// `qd` must be the QueryDesc passed to ExecutorStart.
+unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
     policy::statement_starts();
     let qd_ref = unsafe { &*qd };
     let pstmt = unsafe { &*qd_ref.plannedstmt };
     // A change to a protected table is refused by the permission-check hook below, inside
     // standard_ExecutorStart; the attempt's record must be open by then.
-    let violation = unsafe { protect::range_table_violation(pstmt.rtable) };
+    let perm_infos = unsafe { crate::pgver::plan_perm_infos(pstmt) };
+    let violation = unsafe { protect::range_table_violation(pstmt.rtable, perm_infos) };
     let (tag, class) = command_tag(qd_ref.operation);
     if !capture::active() {
-        return Opened::No;
+        return false;
     }
     // Every statement passes the policy gate; every decision is recorded. The objects are
     // read from the catalog caches only when the record or the gate needs them.
     let pending = policy::prepare();
     if pending.is_none() && violation.is_none() && !capture::wanted(class) {
-        return Opened::No;
+        return false;
     }
-    let info = unsafe { objects::from_range_table(pstmt.rtable) };
+    let info = unsafe { objects::from_range_table(pstmt.rtable, perm_infos) };
     let objects_json = objects::to_json(&info.objects);
     let verdict = pending.map(|p| p.decide(tag, &objects_json));
     // custody.audit_catalog = off skips reads of the catalogs only: never a write (a catalog
     // write has privileges other than SELECT), never a decision or a refusal, and never a
-    // read that calls an unsafe function (decided while the executor initializes).
-    // (A plan that depends on a function or domain that is not built in — one the planner
-    // inlined leaves only this trace — is not skipped either.)
+    // read that calls an unsafe function (decided when it finishes) or that ran code while it
+    // was prepared. (A plan that depends on a function or domain that is not built in — one
+    // the planner inlined leaves only this trace — is not skipped either.)
     let catalog_read = info.catalog_only
+        && !planned
         && pstmt.invalItems.is_null()
         && qd_ref.operation == pg_sys::CmdType::CMD_SELECT
         && !info.writes
@@ -94,6 +101,12 @@ unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) -> Opened {
     let source = unsafe { objects::cstr(qd_ref.sourceText) };
     let text = capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len);
     capture::open(qd as usize, class, tag, objects_json, Some(text));
+    if planned {
+        capture::settle_planned(true);
+    }
+    if catalog_read {
+        capture::set_tentative(qd as usize);
+    }
     if !qd_ref.params.is_null() && unsafe { (*qd_ref.params).numParams } > 0 {
         capture::mark_bind_parameters(qd as usize);
     }
@@ -103,21 +116,22 @@ unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) -> Opened {
             policy::raise_denied(&v);
         }
     }
-    if catalog_read { Opened::UnlessSafe } else { Opened::Yes }
+    true
 }
 
 /// The permission check PostgreSQL runs after its own ACL check passed (in the executor, and
 /// outside it for RI checks and COPY): nobody but the custody writer may change the audit
 /// log, and nobody but pg_custody's own statements the policy store, superusers included.
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn custody_executor_check_perms(rtable: *mut pg_sys::List, ereport: bool) -> bool {
+/// (The hook itself, whose arguments differ between versions, is `pgver::check_perms_hook`.)
+///
+/// # Safety
+/// The arguments PostgreSQL passed to the hook.
+pub unsafe fn check_perms(rtable: *mut pg_sys::List, perm_infos: crate::pgver::PermInfos, ereport: bool) -> bool {
     unsafe {
-        if let Some(prev) = PREV_CHECK_PERMS {
-            if !prev(rtable, ereport) {
-                return false;
-            }
+        if !crate::pgver::call_check_perms(PREV_CHECK_PERMS, rtable, perm_infos, ereport) {
+            return false;
         }
-        match protect::range_table_violation(rtable) {
+        match protect::range_table_violation(rtable, perm_infos) {
             None => true,
             Some((t, action)) if ereport => protect::refuse(t, action),
             Some(_) => false,
@@ -141,16 +155,13 @@ unsafe extern "C-unwind" fn custody_executor_start(qd: *mut pg_sys::QueryDesc, e
         if own::in_writer() || own::is_own_text((*qd).sourceText) {
             // pg_custody's own statement: neither recorded nor gated; it may change the
             // policy store (the permission check recognises its range table).
-            own::starting(rtable, || capture::starting(false, || standard_start(qd, eflags)));
+            own::starting(rtable, || capture::starting(|| standard_start(qd, eflags)));
             return;
         }
-        let opened = open_record(qd, eflags);
-        let unsafe_call = capture::starting(opened == Opened::UnlessSafe, || standard_start(qd, eflags));
-        if opened == Opened::UnlessSafe && !unsafe_call {
-            capture::discard(qd as usize);
-        }
+        open_record(qd, eflags);
+        capture::starting(|| standard_start(qd, eflags));
         if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 == 0 {
-            let catalogs = protect::catalog::modified_catalogs(rtable);
+            let catalogs = protect::catalog::modified_catalogs(rtable, crate::pgver::plan_perm_infos(&*(*qd).plannedstmt));
             if !catalogs.is_empty() {
                 protect::catalog::watch(qd as usize, (*(*qd).estate).es_output_cid, catalogs);
             }
@@ -158,22 +169,16 @@ unsafe extern "C-unwind" fn custody_executor_start(qd: *mut pg_sys::QueryDesc, e
     }
 }
 
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn custody_executor_run(
-    qd: *mut pg_sys::QueryDesc,
-    direction: pg_sys::ScanDirection::Type,
-    count: u64,
-    execute_once: bool,
-) {
+/// ExecutorRun (the hook itself, whose arguments differ between versions, is
+/// `pgver::executor_run_hook`).
+///
+/// # Safety
+/// The arguments PostgreSQL passed to the hook.
+pub unsafe fn run(qd: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64, execute_once: bool) {
     // Statements run from inside this one (functions, triggers) are one level deeper.
     // On ERROR the decrement is skipped; the abort callbacks restore the depth.
     capture::depth_enter();
-    unsafe {
-        match PREV_RUN {
-            Some(prev) => prev(qd, direction, count, execute_once),
-            None => pg_sys::standard_ExecutorRun(qd, direction, count, execute_once),
-        }
-    }
+    unsafe { crate::pgver::call_executor_run(PREV_RUN, qd, direction, count, execute_once) };
     capture::depth_leave();
 }
 

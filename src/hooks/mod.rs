@@ -6,7 +6,7 @@
 //! statements are closed by the abort callbacks in `xact`), so error details, positions and
 //! context lines reach the client exactly as PostgreSQL reported them.
 
-mod executor;
+pub mod executor;
 mod object_access;
 mod session;
 mod utility;

@@ -204,6 +204,9 @@ unsafe fn recorded(
         // Protection holds whether or not anything is being recorded.
         let violation = if node.is_null() { None } else { protect::utility::violation(node) };
         let mut verdict = None;
+        // Functions that ran while the client's statement was parsed: its record stands for
+        // them (or theirs is kept when it has none).
+        let planned = capture::planned_for(query_string);
         policy::statement_starts();
         if capture::active() && !node.is_null() {
             let (class, forced) = classify(node);
@@ -220,6 +223,9 @@ unsafe fn recorded(
                 capture::open(key, class, &tag, objects_json, Some(text));
             }
         }
+        if planned {
+            capture::settle_planned(key != 0);
+        }
         if let Some(refusal) = violation {
             refusal.report();
         }
@@ -230,7 +236,15 @@ unsafe fn recorded(
             }
         }
         capture::depth_enter();
-        standard_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+        let extension = !node.is_null()
+            && matches!((*node).type_, pg_sys::NodeTag::T_CreateExtensionStmt | pg_sys::NodeTag::T_AlterExtensionStmt);
+        if extension {
+            protect::running_extension_script(capture::depth(), || {
+                standard_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
+            });
+        } else {
+            standard_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+        }
         capture::depth_leave();
         if key != 0 {
             let rows = if qc.is_null() || (*qc).nprocessed == 0 { None } else { Some((*qc).nprocessed as i64) };

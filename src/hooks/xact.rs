@@ -66,12 +66,12 @@ unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type
     match event {
         XACT_EVENT_PRE_COMMIT => {
             capture::session::startup_committing();
-            capture::close_fastpath();
+            capture::close_loose();
             crate::policy::store::pre_commit();
             wait_durable();
         }
         XACT_EVENT_PRE_PREPARE => {
-            capture::close_fastpath();
+            capture::close_loose();
             crate::policy::store::pre_prepare();
             wait_durable();
         }

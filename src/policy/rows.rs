@@ -14,14 +14,20 @@ fn check_row_manager() {
     crate::protect::table::require_oid(crate::protect::Table::RowPolicies);
 }
 
-/// Runs DDL on the caller's behalf with the extension owner's rights (the caller was
-/// checked: superuser or custody_admin) as one of pg_custody's own statements: search_path
-/// pinned, and run as a subcommand, so no event trigger fires inside it. PostgreSQL's own
-/// errors still abort the call.
-fn run(sql: &str) {
+/// Runs DDL on the caller's behalf as one of pg_custody's own statements: search_path
+/// pinned, and run as a subcommand, so no event trigger fires inside it. `elevated`: with the
+/// extension owner's rights (the caller was checked: superuser or custody_admin, and what
+/// the DDL parses was confined); otherwise with the caller's own. PostgreSQL's own errors
+/// still abort the call.
+fn run_as(sql: &str, elevated: bool) {
     let q = std::ffi::CString::new(sql).unwrap_or_else(|_| error!("row policy statements cannot contain NUL characters"));
-    crate::own::as_owner(|| Spi::connect_mut(|client| crate::own::update(client, &q, &[]).map(|_| ())))
-        .unwrap_or_else(|e| error!("{e}"));
+    let ddl = || Spi::connect_mut(|client| crate::own::update(client, &q, &[]).map(|_| ()));
+    if elevated { crate::own::as_owner(ddl) } else { ddl() }.unwrap_or_else(|e| error!("{e}"));
+}
+
+/// `run_as` with the extension owner's rights, for DDL that parses no expression of the caller.
+fn run(sql: &str) {
+    run_as(sql, true);
 }
 
 /// `schema.table` of a relation, quoted, whatever the session's search_path.
@@ -113,11 +119,23 @@ fn create_row_policy(
     // must parse as exactly one CREATE POLICY, or an expression like `true); DROP ...` would
     // smuggle in a second statement.
     single_create_policy(&sql);
+    // Parsed as the caller first, and confined, before anything is parsed with the owner's
+    // rights: parsing alone can run code (a literal of a composite type with a domain runs
+    // the domain's CHECK).
+    // A caller who may create the policy herself (a superuser, the table's owner) runs it with
+    // her own rights, so that whatever parsing her expressions runs, runs as her; the others'
+    // expressions are confined, and only then parsed with the owner's rights.
+    let trusted = confine_expressions(tbl, &table, &[using_expr, check_expr]);
+    // RLS already on with no permissive policy: the table shows nothing to those it applies
+    // to, and a restrictive policy narrows nothing further — adding the permit-all policy
+    // below would open it.
+    // SAFETY: syscache lookup of the table (it exists: the regclass cast found it).
+    let deny_by_default = unsafe { row_security_enabled(tbl) };
     // PostgreSQL's own errors (an invalid expression) abort the whole call: nothing remains.
-    run(&sql);
-    confine_expressions(name, tbl);
+    run_as(&sql, !trusted);
     // Restrictive policies only narrow what permissive ones allow: without any permissive
-    // policy every row would be hidden, so add one that allows all if the table has none.
+    // policy every row would be hidden, so add one that allows all if the table has none
+    // (unless it was deny-by-default already).
     let has_permissive = Spi::connect(|client| {
         crate::own::select(
             client,
@@ -129,7 +147,7 @@ fn create_row_policy(
     })
     .unwrap_or_else(|e| error!("{e}"))
     .unwrap_or(false);
-    if !has_permissive {
+    if !has_permissive && !deny_by_default {
         run(&format!(
             "CREATE POLICY custody_permit_all ON {table} AS PERMISSIVE FOR ALL TO PUBLIC USING (true) WITH CHECK (true)"
         ));
@@ -159,54 +177,92 @@ fn create_row_policy(
 
 /// A row policy's expressions run with the rights of whoever reads the table. A custody_admin
 /// member who neither is a superuser nor owns the table may therefore use only built-in
-/// functions and pg_custody's own there (custody.check, custody.attribute, ...), and no
-/// subqueries: anything else would let them run code of their choosing as every reader.
-/// Checked on the policy as PostgreSQL parsed it; a refusal aborts the whole call.
-fn confine_expressions(name: &str, tbl: pg_sys::Oid) {
+/// functions that do not change anything or run SQL, and pg_custody's row-policy functions
+/// (custody.check, custody.attribute, custody.current_subject); no subqueries, no literals,
+/// casts or domains of types that are not built in. The expressions are parsed as the caller
+/// (search_path pinned, as CREATE POLICY will parse them), so whatever parsing runs, runs
+/// with the caller's rights; a refusal aborts the whole call. Returns whether the caller is
+/// trusted with any expression (a superuser, or she has the table owner's privileges): she
+/// could create the policy herself.
+fn confine_expressions(tbl: pg_sys::Oid, table: &str, exprs: &[Option<&str>]) -> bool {
     // SAFETY: plain reads of the current user and the table's owner.
-    let trusted = unsafe {
-        pg_sys::superuser() || pg_sys::has_privs_of_role(pg_sys::GetUserId(), table_owner(tbl))
-    };
+    let trusted = unsafe { pg_sys::superuser() || pg_sys::has_privs_of_role(pg_sys::GetUserId(), table_owner(tbl)) };
     if trusted {
-        return;
+        return true;
     }
-    let trees: Vec<Option<String>> = Spi::connect(|client| {
-        let t = crate::own::select(
-            client,
-            c"SELECT polqual::pg_catalog.text, polwithcheck::pg_catalog.text FROM pg_catalog.pg_policy \
-              WHERE polrelid OPERATOR(pg_catalog.=) $1 AND polname OPERATOR(pg_catalog.=) $2",
-            &[tbl.into(), name.into()],
-        )?
-        .first();
-        Ok::<_, pgrx::spi::Error>(vec![t.get::<String>(1)?, t.get::<String>(2)?])
-    })
-    .unwrap_or_else(|e| error!("{e}"));
+    let list: Vec<&str> = exprs.iter().flatten().copied().collect();
+    let select = format!(
+        "SELECT {} FROM ONLY {table}",
+        list.iter().map(|e| format!("({e})")).collect::<Vec<_>>().join(", ")
+    );
+    let c = std::ffi::CString::new(select).unwrap_or_else(|_| error!("row policy expressions cannot contain NUL characters"));
     let own_schema = crate::protect::ids().map(|i| i.nsp).unwrap_or(pg_sys::InvalidOid);
-    for tree in trees.into_iter().flatten() {
-        let c = std::ffi::CString::new(tree).unwrap_or_default();
-        // SAFETY: the text is a node tree PostgreSQL just stored; the walk only reads it.
-        let offending = unsafe {
-            let node = pg_sys::stringToNode(c.as_ptr()) as *mut pg_sys::Node;
-            let mut ctx = Confine { own_schema, bad: None };
-            confine_walker(node, (&mut ctx as *mut Confine).cast());
-            ctx.bad
-        };
-        if let Some(what) = offending {
-            pgrx::pg_sys::panic::ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("row policy expressions may not use {what} here"),
-                "pg_custody",
-            )
-            .set_detail(
-                "A row policy's expressions run as whoever reads the table. Members of custody_admin \
-                 who do not own the table may use built-in functions and pg_custody's functions only, \
-                 and no subqueries.",
-            )
-            .set_hint("Ask the table's owner or a superuser to create this row policy.")
-            .report(PgLogLevel::ERROR);
+    let offending = crate::own::pinned(|| {
+        Spi::connect(|_client| {
+            // SAFETY: SPI is connected; SPI_prepare parses and analyzes (as the current user),
+            // plans nothing; the plan and its query trees live in SPI's memory until the
+            // connection ends, after the walk.
+            unsafe {
+                let plan = pg_sys::SPI_prepare(c.as_ptr(), 0, std::ptr::null_mut());
+                if plan.is_null() {
+                    error!("row policy expressions could not be parsed");
+                }
+                let mut ctx = Confine { own_schema, bad: None };
+                for source in crate::protect::utility::list::<pg_sys::CachedPlanSource>(pg_sys::SPI_plan_get_plan_sources(plan)) {
+                    for query in crate::protect::utility::list::<pg_sys::Query>((*source).query_list) {
+                        for tle in crate::protect::utility::list::<pg_sys::TargetEntry>((*query).targetList) {
+                            confine_walker((*tle).expr as *mut pg_sys::Node, (&mut ctx as *mut Confine).cast());
+                        }
+                    }
+                }
+                ctx.bad
+            }
+        })
+    });
+    if let Some(what) = offending {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("row policy expressions may not use {what} here"),
+            "pg_custody",
+        )
+        .set_detail(
+            "A row policy's expressions run as whoever reads the table. Members of custody_admin \
+             who do not own the table may use built-in functions that change nothing and run no \
+             SQL, and pg_custody's row-policy functions; no subqueries, and no types that are not \
+             built in.",
+        )
+        .set_hint("Ask the table's owner or a superuser to create this row policy.")
+        .report(PgLogLevel::ERROR);
+    }
+    false
+}
+
+/// Whether row level security is enabled on the table.
+unsafe fn row_security_enabled(tbl: pg_sys::Oid) -> bool {
+    unsafe {
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(tbl));
+        if tup.is_null() {
+            return false;
         }
+        let on = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tup)).relrowsecurity;
+        pg_sys::ReleaseSysCache(tup);
+        on
     }
 }
+
+/// Built-in functions that run SQL given as text (or read whole tables and views as the
+/// caller): as harmless-looking as any STABLE function, and a way to run anything.
+const RUNS_SQL: [&str; 16] = [
+    "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema",
+    "cursor_to_xml", "cursor_to_xmlschema",
+    "table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema",
+    "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema",
+    "database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
+    "ts_stat", "ts_rewrite",
+];
+
+/// pg_custody's functions meant for row policies.
+const ROW_FUNCTIONS: [&str; 4] = ["check", "_check_fields", "attribute", "current_subject"];
 
 fn table_owner(tbl: pg_sys::Oid) -> pg_sys::Oid {
     // SAFETY: syscache lookup, released before returning.
@@ -226,6 +282,27 @@ struct Confine {
     bad: Option<String>,
 }
 
+/// Whether a node's type is one a custody_admin member may put in a row policy: built in, or
+/// the table's own columns' (a Var).
+unsafe fn foreign_type(node: *mut pg_sys::Node) -> bool {
+    use pg_sys::NodeTag::*;
+    unsafe {
+        let t = match (*node).type_ {
+            // A domain's CHECK runs code; a literal or coercion of a type that is not built
+            // in runs its I/O functions (and a composite's domains).
+            T_CoerceToDomain => return true,
+            T_Const => (*(node as *mut pg_sys::Const)).consttype,
+            T_CoerceViaIO => (*(node as *mut pg_sys::CoerceViaIO)).resulttype,
+            T_RelabelType => (*(node as *mut pg_sys::RelabelType)).resulttype,
+            T_ArrayCoerceExpr => (*(node as *mut pg_sys::ArrayCoerceExpr)).resulttype,
+            T_ConvertRowtypeExpr => (*(node as *mut pg_sys::ConvertRowtypeExpr)).resulttype,
+            T_RowExpr => (*(node as *mut pg_sys::RowExpr)).row_typeid,
+            _ => return false,
+        };
+        u32::from(t) >= pg_sys::FirstNormalObjectId
+    }
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn confine_walker(node: *mut pg_sys::Node, ctx: *mut std::ffi::c_void) -> bool {
     if node.is_null() {
@@ -238,10 +315,8 @@ unsafe extern "C-unwind" fn confine_walker(node: *mut pg_sys::Node, ctx: *mut st
             c.bad = Some("a subquery".into());
             return true;
         }
-        if (*node).type_ == pg_sys::NodeTag::T_CoerceToDomain
-            && u32::from((*(node as *mut pg_sys::CoerceToDomain)).resulttype) >= pg_sys::FirstNormalObjectId
-        {
-            c.bad = Some("a domain that is not built in".into());
+        if foreign_type(node) {
+            c.bad = Some("a type or domain that is not built in".into());
             return true;
         }
         if pg_sys::check_functions_in_node(node, Some(not_allowed), ctx) {
@@ -256,10 +331,18 @@ unsafe extern "C-unwind" fn not_allowed(func: pg_sys::Oid, ctx: *mut std::ffi::c
     // SAFETY: ctx is the Confine passed by confine_expressions.
     let c = unsafe { &mut *(ctx as *mut Confine) };
     // SAFETY: syscache lookups of an existing function.
-    let allowed = u32::from(func) < pg_sys::FirstNormalObjectId || unsafe { pg_sys::get_func_namespace(func) } == c.own_schema;
+    let (name, allowed) = unsafe {
+        let name = capture::objects::cstr(pg_sys::get_func_name(func));
+        let allowed = if pg_sys::get_func_namespace(func) == c.own_schema {
+            ROW_FUNCTIONS.contains(&name.as_str())
+        } else {
+            u32::from(func) < pg_sys::FirstNormalObjectId
+                && pg_sys::func_volatile(func) as u8 != pg_sys::PROVOLATILE_VOLATILE
+                && !RUNS_SQL.contains(&name.as_str())
+        };
+        (name, allowed)
+    };
     if !allowed {
-        // SAFETY: as above.
-        let name = unsafe { capture::objects::cstr(pg_sys::get_func_name(func)) };
         c.bad = Some(format!("function {name}"));
     }
     !allowed

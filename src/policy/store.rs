@@ -28,7 +28,6 @@ fn pending() -> &'static mut Pending {
     unsafe { &mut PENDING }
 }
 
-const LOCK_KEY: i64 = 0x6375_7374_6f64_79; // "custody": serializes changes to the store
 
 /// Refuses callers that are neither superuser nor members of custody_admin (`what` names
 /// what they tried to manage). The refused call is recorded like any failed statement.
@@ -66,7 +65,15 @@ fn check_manager(writes: Table) {
         .set_hint("Connect to the database named by custody.database; policies there govern every database.")
         .report(PgLogLevel::ERROR);
     }
-    own_exec(c"SELECT pg_catalog.pg_advisory_xact_lock($1)".into(), &[LOCK_KEY.into()]);
+    // Changes are serialized by a lock on policy_store that nobody else can take (an advisory
+    // lock any role could hold forever, and nobody could suspend anyone meanwhile): SHARE
+    // UPDATE EXCLUSIVE conflicts with itself, not with readers, and LOCK TABLE in that mode
+    // needs privileges only the owner has (and pg_custody refuses stronger ones).
+    let store = crate::protect::ids().map(|i| i.table(Table::PolicyStore)).unwrap_or(pg_sys::InvalidOid);
+    if store != pg_sys::InvalidOid {
+        // SAFETY: a heavyweight lock held until the end of the transaction.
+        unsafe { pg_sys::LockRelationOid(store, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE) };
+    }
     // Nothing of anyone else's may run when pg_custody writes its store.
     crate::protect::table::require_oid(writes);
 }

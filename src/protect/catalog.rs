@@ -48,10 +48,10 @@ const OID_TYPES: [pg_sys::Oid; 12] = [
 ///
 /// # Safety
 /// `rtable` is a valid List of RangeTblEntry or NIL.
-pub unsafe fn modified_catalogs(rtable: *mut pg_sys::List) -> Vec<pg_sys::Oid> {
+pub unsafe fn modified_catalogs(rtable: *mut pg_sys::List, perm_infos: crate::pgver::PermInfos) -> Vec<pg_sys::Oid> {
     let modify = (pg_sys::ACL_INSERT | pg_sys::ACL_UPDATE | pg_sys::ACL_DELETE) as u64;
     let mut out = Vec::new();
-    for rte in unsafe { crate::pgver::range_table(rtable) } {
+    for rte in unsafe { crate::pgver::range_table(rtable, perm_infos) } {
         // SAFETY: a pure test of the OID range.
         if rte.perms & modify != 0 && unsafe { pg_sys::IsCatalogRelationOid(rte.relid) } && !out.contains(&rte.relid) {
             out.push(rte.relid);
@@ -169,14 +169,16 @@ pub unsafe fn check(catalog: pg_sys::Oid, cid: pg_sys::CommandId) {
 /// Whether a row version was created or deleted by command `cid` of this transaction.
 unsafe fn changed_by(h: &pg_sys::HeapTupleHeaderData, cid: pg_sys::CommandId) -> bool {
     unsafe {
-        let xmin = pg_sys::HeapTupleHeaderGetRawXmin(h);
-        if !pgrx::pg_sys::HeapTupleHeaderXminInvalid(h)
+        let mask = h.t_infomask as u32;
+        // HeapTupleHeaderGetRawXmin / HeapTupleHeaderXminInvalid (access/htup_details.h).
+        let xmin = h.t_choice.t_heap.t_xmin;
+        let xmin_invalid = mask & (pg_sys::HEAP_XMIN_COMMITTED | pg_sys::HEAP_XMIN_INVALID) == pg_sys::HEAP_XMIN_INVALID;
+        if !xmin_invalid
             && pg_sys::TransactionIdIsCurrentTransactionId(xmin)
             && pg_sys::HeapTupleHeaderGetCmin(h as *const _ as *mut _) == cid
         {
             return true;
         }
-        let mask = h.t_infomask as u32;
         if mask & pg_sys::HEAP_XMAX_INVALID != 0 || locked_only(mask) {
             return false;
         }
@@ -202,7 +204,7 @@ fn locked_only(mask: u32) -> bool {
 /// the dependency catalogs, whose first column is a catalog's OID.
 unsafe fn identity_column(catalog: pg_sys::Oid, desc: pg_sys::TupleDesc) -> Option<usize> {
     let natts = unsafe { (*desc).natts } as usize;
-    let att = |i: usize| unsafe { &*(*desc).attrs.as_ptr().add(i) };
+    let att = |i: usize| unsafe { crate::pgver::attr(desc, i) };
     let named = |n: &str| (0..natts).find(|&i| unsafe { cstr(att(i).attname.data.as_ptr()) } == n);
     if let Some(i) = named("oid") {
         return Some(i);
@@ -221,7 +223,7 @@ unsafe fn row_refusal(
     identity: Option<usize>,
     own: &[pg_sys::Oid],
 ) -> Option<String> {
-    let att = |i: usize| unsafe { &*(*desc).attrs.as_ptr().add(i) };
+    let att = |i: usize| unsafe { crate::pgver::attr(desc, i) };
     if let Some(i) = identity {
         let oid = pg_sys::Oid::from(values[i].value() as u32);
         if !nulls[i] && u32::from(oid) < pg_sys::FirstNormalObjectId {

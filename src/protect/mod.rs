@@ -233,6 +233,34 @@ pub fn protected_index(relid: pg_sys::Oid) -> Option<Table> {
     }
 }
 
+/// Which protected table `relid` belongs to: the table itself, one of its indexes, its TOAST
+/// table or the TOAST table's index (locking any of them locks the writer out).
+pub fn covered(relid: pg_sys::Oid) -> Option<Table> {
+    if let Some(t) = protected(relid).or_else(|| protected_index(relid)) {
+        return Some(t);
+    }
+    let ids = ids()?;
+    // SAFETY: syscache and relcache lookups; unknown relations give InvalidOid / NULL.
+    unsafe {
+        let toast = match pg_sys::get_rel_relkind(relid) as u8 {
+            pg_sys::RELKIND_TOASTVALUE => relid,
+            pg_sys::RELKIND_INDEX => pg_sys::IndexGetRelation(relid, true),
+            _ => return None,
+        };
+        TABLES.into_iter().find(|&t| {
+            let r = ids.table(t);
+            r != pg_sys::InvalidOid && {
+                let rel = pg_sys::RelationIdGetRelation(r);
+                let hit = !rel.is_null() && (*(*rel).rd_rel).reltoastrelid == toast && toast != pg_sys::InvalidOid;
+                if !rel.is_null() {
+                    pg_sys::RelationClose(rel);
+                }
+                hit
+            }
+        })
+    }
+}
+
 /// Whether this backend is running pg_custody's own extension script (CREATE or ALTER
 /// EXTENSION pg_custody): its statements may define the protected tables. Event triggers do
 /// not fire there (`utility::context`), so nothing but the script runs in it.
@@ -242,6 +270,33 @@ pub fn in_own_script() -> bool {
         pg_sys::creating_extension
             && Some(pg_sys::CurrentExtensionObject) == extension_oid()
     }
+}
+
+/// The statement depth of a CREATE or ALTER EXTENSION being run (its script's statements run
+/// one level deeper).
+static mut EXTENSION_DEPTH: Option<i32> = None;
+
+/// Runs `f` (PostgreSQL running CREATE/ALTER EXTENSION at statement depth `depth`) noting the
+/// depth of its script.
+pub fn running_extension_script<R>(depth: i32, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<i32>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: single-threaded backend.
+            unsafe { EXTENSION_DEPTH = self.0 };
+        }
+    }
+    // SAFETY: single-threaded backend.
+    let _restore = Restore(unsafe { std::mem::replace(&mut *std::ptr::addr_of_mut!(EXTENSION_DEPTH), Some(depth)) });
+    f()
+}
+
+/// Whether the object being created or altered comes from a statement of an extension's own
+/// script (installed on the server's file system), not from anything that runs nested in it
+/// (an event trigger, a DO block).
+pub fn extension_script_statement() -> bool {
+    // SAFETY: plain reads of single-threaded backend state.
+    unsafe { pg_sys::creating_extension && EXTENSION_DEPTH.is_some_and(|d| crate::capture::depth() == d + 1) }
 }
 
 /// `schema.name` of a protected table, for messages.
@@ -264,13 +319,13 @@ pub fn refuse(t: Table, action: &str) -> ! {
 ///
 /// # Safety
 /// `rtable` must be a valid List of RangeTblEntry or NIL.
-pub unsafe fn range_table_violation(rtable: *mut pg_sys::List) -> Option<(Table, &'static str)> {
+pub unsafe fn range_table_violation(rtable: *mut pg_sys::List, perm_infos: crate::pgver::PermInfos) -> Option<(Table, &'static str)> {
     if own::in_writer() || rtable.is_null() {
         return None;
     }
     let own_statement = own::is_own_rtable(rtable);
     let modify = (pg_sys::ACL_INSERT | pg_sys::ACL_UPDATE | pg_sys::ACL_DELETE) as u64;
-    for rte in unsafe { crate::pgver::range_table(rtable) } {
+    for rte in unsafe { crate::pgver::range_table(rtable, perm_infos) } {
         if rte.perms & modify == 0 {
             continue;
         }

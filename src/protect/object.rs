@@ -13,10 +13,41 @@ use super::{ids, in_own_script, protected};
 use crate::capture::objects::cstr;
 use crate::error::CustodyError;
 
-/// Catalog OIDs pgrx 0.18 does not bind (catalog/pg_*.h; unchanged for decades).
+/// Catalog OIDs pgrx 0.18 does not bind for every version (catalog/pg_*.h; unchanged for
+/// decades).
 const REWRITE_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(2618);
 const POLICY_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(3256);
 const CONSTRAINT_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(2606);
+const CAST_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(2605);
+const LANGUAGE_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(2612);
+const CONVERSION_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(2607);
+const TS_CONFIG_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(3602);
+const TS_DICTIONARY_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(3600);
+const TS_PARSER_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(3601);
+const TS_TEMPLATE_RELATION: pg_sys::Oid = pg_sys::Oid::from_u32(3764);
+
+/// Catalogs of the code every query resolves to — pg_custody's pinned ones included: a
+/// built-in row there (OID below FirstNormalObjectId) may not be replaced or altered, since
+/// `CREATE OR REPLACE FUNCTION pg_catalog.extract(...)` would run someone's code inside
+/// pg_custody's own work (the writer's, say).
+const CODE: [pg_sys::Oid; 16] = [
+    pg_sys::ProcedureRelationId,
+    pg_sys::OperatorRelationId,
+    pg_sys::TypeRelationId,
+    CAST_RELATION,
+    pg_sys::OperatorClassRelationId,
+    pg_sys::OperatorFamilyRelationId,
+    pg_sys::AccessMethodRelationId,
+    pg_sys::AccessMethodOperatorRelationId,
+    pg_sys::AccessMethodProcedureRelationId,
+    LANGUAGE_RELATION,
+    pg_sys::CollationRelationId,
+    CONVERSION_RELATION,
+    TS_CONFIG_RELATION,
+    TS_DICTIONARY_RELATION,
+    TS_PARSER_RELATION,
+    TS_TEMPLATE_RELATION,
+];
 
 /// Catalogs whose objects live in a schema (checked for pg_custody's schema).
 const IN_SCHEMA: [pg_sys::Oid; 8] = [
@@ -27,7 +58,7 @@ const IN_SCHEMA: [pg_sys::Oid; 8] = [
     pg_sys::CollationRelationId,
     pg_sys::OperatorClassRelationId,
     pg_sys::OperatorFamilyRelationId,
-    pg_sys::StatisticExtRelationId,
+    crate::pgver::STATISTIC_EXT_RELATION,
 ];
 
 /// Catalogs whose objects attach to a relation, and the columns naming it.
@@ -49,6 +80,10 @@ pub fn check(created: bool, class_id: pg_sys::Oid, object_id: pg_sys::Oid, sub_i
         return;
     }
     let verb = if created { "create" } else { "alter" };
+    if !internal {
+        // SAFETY: catalog reads inside the statement that wrote the row.
+        unsafe { check_builtin(created, class_id, object_id) };
+    }
     if class_id == pg_sys::NamespaceRelationId {
         if object_id == ids.nsp {
             CustodyError::Redefinition {
@@ -90,6 +125,59 @@ pub fn check(created: bool, class_id: pg_sys::Oid, object_id: pg_sys::Oid, sub_i
     }
 }
 
+/// Built-in code is not redefined (CREATE OR REPLACE and ALTER of a built-in function,
+/// operator, type, cast, operator class or family...), nothing new goes into pg_catalog but
+/// from an extension's own script, no cast between built-in types and no member of a
+/// built-in operator family is added: each would change what pg_custody's pinned queries —
+/// and everyone's — resolve to.
+unsafe fn check_builtin(created: bool, class_id: pg_sys::Oid, object_id: pg_sys::Oid) {
+    if !CODE.contains(&class_id) && class_id != pg_sys::NamespaceRelationId {
+        return;
+    }
+    // An extension's own script (from the server's file system) may: plpgsql, adminpack and
+    // others install into pg_catalog. Not what runs nested in it (event triggers, DO).
+    if crate::protect::extension_script_statement() {
+        return;
+    }
+    let refuse = |what: String| -> ! {
+        CustodyError::Redefinition { message: what, hint: Some("Built-in objects cannot be redefined while pg_custody is loaded.".into()) }
+            .report()
+    };
+    if u32::from(object_id) < pg_sys::FirstNormalObjectId {
+        let verb = if created { "replace" } else { "alter" };
+        refuse(format!("cannot {verb} built-in object {} of {}", u32::from(object_id), catalog_name(class_id)));
+    }
+    if !created {
+        return;
+    }
+    if IN_SCHEMA.contains(&class_id) {
+        if let Some((nsp, _)) = unsafe { namespace_of(class_id, object_id) } {
+            if nsp == pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE) {
+                refuse("cannot create objects in schema pg_catalog while pg_custody is loaded".into());
+            }
+        }
+    }
+    let builtin = |o: Option<pg_sys::Oid>| o.is_some_and(|o| u32::from(o) < pg_sys::FirstNormalObjectId);
+    let row = |cols: &[&str]| unsafe { with_row(class_id, object_id, |t, d| cols.iter().map(|c| oid_column(t, d, c)).collect::<Vec<_>>()) }
+        .unwrap_or_default();
+    if class_id == CAST_RELATION {
+        let r = row(&["castsource", "casttarget"]);
+        if r.len() == 2 && builtin(r[0]) && builtin(r[1]) {
+            refuse("cannot create a cast between built-in types while pg_custody is loaded".into());
+        }
+    } else if class_id == pg_sys::AccessMethodOperatorRelationId || class_id == pg_sys::AccessMethodProcedureRelationId {
+        let family = if class_id == pg_sys::AccessMethodOperatorRelationId { "amopfamily" } else { "amprocfamily" };
+        if builtin(row(&[family]).first().copied().flatten()) {
+            refuse("cannot add members to a built-in operator family while pg_custody is loaded".into());
+        }
+    }
+}
+
+fn catalog_name(class_id: pg_sys::Oid) -> String {
+    // SAFETY: syscache lookup of a catalog relation.
+    unsafe { cstr(pg_sys::get_rel_name(class_id)) }
+}
+
 fn own_schema() -> String {
     // SAFETY: syscache lookup.
     ids().map(|i| unsafe { cstr(pg_sys::get_namespace_name(i.nsp)) }).unwrap_or_else(|| "custody".into())
@@ -118,7 +206,7 @@ unsafe fn with_row<R>(class_id: pg_sys::Oid, object_id: pg_sys::Oid, f: impl FnO
 /// An OID column of a catalog row, by name.
 unsafe fn oid_column(tup: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, name: &str) -> Option<pg_sys::Oid> {
     unsafe {
-        let attno = (0..(*desc).natts as usize).find(|&i| cstr((*(*desc).attrs.as_ptr().add(i)).attname.data.as_ptr()) == name)?;
+        let attno = (0..(*desc).natts as usize).find(|&i| cstr(crate::pgver::attr(desc, i).attname.data.as_ptr()) == name)?;
         let mut isnull = false;
         let d = pg_sys::heap_getattr(tup, attno as i32 + 1, desc, &mut isnull);
         (!isnull).then(|| pg_sys::Oid::from(d.value() as u32))

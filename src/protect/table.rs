@@ -78,12 +78,12 @@ unsafe fn index_defect(t: Table, irel: pg_sys::Relation) -> Option<String> {
                 return Some("it uses an operator family that is not built in".into());
             }
         }
-        if t == Table::AuditLog && (am == pg_sys::BTREE_AM_OID || am == pg_sys::HASH_AM_OID) {
+        if t == Table::AuditLog && (am == pg_sys::BTREE_AM_OID || am == pg_sys::BRIN_AM_OID) {
             let heap = index.indrelid;
             for k in 0..index.indnatts as usize {
                 let attnum = *index.indkey.values.as_ptr().add(k);
                 let col = crate::capture::objects::cstr(pg_sys::get_attname(heap, attnum, true));
-                if ["statement", "message", "objects", "decision"].contains(&col.as_str()) {
+                if super::utility::UNBOUNDED.contains(&col.as_str()) {
                     return Some(format!("column {col} has values longer than an index entry can hold"));
                 }
             }

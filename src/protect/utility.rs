@@ -7,7 +7,7 @@ use std::ffi::CStr;
 
 use pgrx::pg_sys;
 
-use super::{ids, protected, protected_index, Table};
+use super::{covered, ids, protected, protected_index, Table};
 use crate::capture::objects::cstr;
 use crate::error::CustodyError;
 use crate::settings;
@@ -184,7 +184,7 @@ pub unsafe fn violation(node: *mut pg_sys::Node) -> Option<CustodyError> {
                     return None; // only tables already clustered, which ours cannot be
                 }
                 let r = relid(s.relation);
-                protected(r).and_then(|_| would_block("CLUSTER", r, "The audit log is append-only in seq order already."))
+                covered(r).and_then(|_| would_block("CLUSTER", r, "The audit log is append-only in seq order already."))
             }
             T_VacuumStmt => {
                 let s = &*(node as *mut pg_sys::VacuumStmt);
@@ -200,7 +200,7 @@ pub unsafe fn violation(node: *mut pg_sys::Node) -> Option<CustodyError> {
                 }
                 list::<pg_sys::VacuumRelation>(s.rels).find_map(|v| {
                     let r = if (*v).oid != pg_sys::InvalidOid { (*v).oid } else { relid((*v).relation) };
-                    protected(r).and_then(|_| would_block("VACUUM FULL", r, "Use plain VACUUM."))
+                    covered(r).and_then(|_| would_block("VACUUM FULL", r, "Use plain VACUUM."))
                 })
             }
             T_ReindexStmt => reindex(&*(node as *mut pg_sys::ReindexStmt)),
@@ -261,7 +261,7 @@ unsafe fn locked_through(relid: pg_sys::Oid, depth: u32) -> Option<pg_sys::Oid> 
     if relid == pg_sys::InvalidOid || depth > 32 {
         return None;
     }
-    if protected(relid).is_some() {
+    if covered(relid).is_some() {
         return Some(relid);
     }
     unsafe {
@@ -273,7 +273,8 @@ unsafe fn locked_through(relid: pg_sys::Oid, depth: u32) -> Option<pg_sys::Oid> 
             return None;
         }
         let query = pg_sys::get_view_query(rel);
-        let found = crate::pgver::range_table((*query).rtable).find_map(|rte| locked_through(rte.relid, depth + 1));
+        let found = crate::pgver::range_table((*query).rtable, crate::pgver::query_perm_infos(&*query))
+            .find_map(|rte| locked_through(rte.relid, depth + 1));
         pg_sys::RelationClose(rel);
         found
     }
@@ -359,10 +360,16 @@ unsafe fn drop(s: &pg_sys::DropStmt) -> Option<CustodyError> {
     }
 }
 
-/// Columns of the log whose values have no length limit: a B-tree or hash index on them would
-/// fail the writer's insert on the first long value (B-tree entries are limited to about a
-/// third of a page).
-const UNBOUNDED: [&str; 4] = ["statement", "message", "objects", "decision"];
+/// Columns of the log whose values have no length limit: an index that stores the value —
+/// B-tree entries are limited to about a third of a page, BRIN's summary to a page — would
+/// fail the writer's insert on the first long value. Hash indexes store a hash code, and GIN's
+/// jsonb operator classes hash long keys.
+pub const UNBOUNDED: [&str; 4] = ["statement", "message", "objects", "decision"];
+
+/// Access methods that store indexed values as they are.
+pub fn stores_values(am: &str) -> bool {
+    am == "btree" || am == "brin"
+}
 
 /// CREATE INDEX on one of pg_custody's tables: plain columns only, CONCURRENTLY, with
 /// built-in access methods and operator classes. Anything that can fail or run user code
@@ -397,7 +404,7 @@ unsafe fn index(s: &pg_sys::IndexStmt) -> Option<CustodyError> {
             return refuse("an index expression is evaluated for every record the writer stores");
         }
         let col = unsafe { cstr(e.name) };
-        if (am == "btree" || am == "hash") && UNBOUNDED.contains(&col.as_str()) {
+        if stores_values(&am) && UNBOUNDED.contains(&col.as_str()) {
             return refuse(&format!("column {col} has values longer than a {am} index entry can hold"));
         }
         if !e.opclass.is_null() {
@@ -419,11 +426,13 @@ unsafe fn reindex(s: &pg_sys::ReindexStmt) -> Option<CustodyError> {
     match s.kind {
         REINDEX_OBJECT_INDEX | REINDEX_OBJECT_TABLE => {
             let r = unsafe { relid(s.relation) };
-            protected(r).or_else(|| protected_index(r)).and_then(|_| would_block("REINDEX", r, CONCURRENTLY))
+            covered(r).and_then(|_| would_block("REINDEX", r, CONCURRENTLY))
         }
         REINDEX_OBJECT_SCHEMA => {
             let name = unsafe { CStr::from_ptr(s.name) }.to_string_lossy().into_owned();
-            (Some(name) == own_schema_name() && holds_the_log())
+            // pg_toast holds the log's TOAST table.
+            let reaches_ours = Some(name.clone()) == own_schema_name() || name == "pg_toast";
+            (reaches_ours && holds_the_log())
                 .then(|| ids().map(|i| i.table(Table::AuditLog)))
                 .flatten()
                 .and_then(|r| would_block("REINDEX SCHEMA", r, CONCURRENTLY))

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use custody_chain::{hex, Hash};
 use pgrx::pg_sys;
 
-use crate::queue::CHAIN_MARKER;
+use crate::queue::head_file;
 
 /// A position in the chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,13 +61,21 @@ pub enum Check {
     Missing { from: i64, to: i64, expected: Head },
     /// The table's record at `expected.seq` is not the one the writer stored.
     Rewritten { expected: Head, found: Hash },
+    /// Records `from..=to` were added after the head while no writer ran.
+    Appended { from: i64, to: i64, expected: Head },
 }
 
 /// Compares the table's head with the remembered one; `hash_at(seq)` reads the table's
-/// stored hash of record `seq`, if it has one.
-pub fn compare(remembered: &Head, table: &Head, hash_at: impl FnOnce(i64) -> Option<Hash>) -> Check {
+/// stored hash of record `seq`, if it has one. `exact`: the remembered head is the last one
+/// the writer committed (the previous writer of this server run, or a writer that stopped
+/// cleanly), so the table must end there; otherwise (after a crash) the file can lag behind
+/// what was committed, and more records are no alarm.
+pub fn compare(remembered: &Head, table: &Head, exact: bool, hash_at: impl FnOnce(i64) -> Option<Hash>) -> Check {
     if table.seq < remembered.seq {
         return Check::Missing { from: table.seq + 1, to: remembered.seq, expected: *remembered };
+    }
+    if exact && table.seq > remembered.seq {
+        return Check::Appended { from: remembered.seq + 1, to: table.seq, expected: *remembered };
     }
     if remembered.seq == 0 {
         return Check::Consistent;
@@ -85,13 +93,14 @@ fn identity() -> (u64, u32) {
     unsafe { (pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId)) }
 }
 
-/// The head the file remembers, if it is this cluster's and database's.
+/// The head the file of this database remembers, if it is this cluster's.
 pub fn read() -> Option<Remembered> {
     let (sysid, dboid) = identity();
-    let text = std::fs::read_to_string(CHAIN_MARKER).ok()?;
+    let file = head_file(dboid);
+    let text = std::fs::read_to_string(&file).ok()?;
     let r = decode(&text, sysid, dboid);
     if r.is_none() {
-        pgrx::warning!("pg_custody writer: {CHAIN_MARKER} does not belong to this cluster and database; ignored");
+        pgrx::warning!("pg_custody writer: {file} does not belong to this cluster; ignored");
     }
     r
 }
@@ -100,17 +109,19 @@ pub fn read() -> Option<Remembered> {
 /// (custody.allow_drop): there is no chain to remember any more.
 pub fn forget() {
     if read().is_some() {
-        if let Err(e) = std::fs::remove_file(CHAIN_MARKER) {
-            pgrx::warning!("pg_custody: could not remove {CHAIN_MARKER}: {e}");
+        let file = head_file(identity().1);
+        if let Err(e) = std::fs::remove_file(&file) {
+            pgrx::warning!("pg_custody: could not remove {file}: {e}");
         }
     }
 }
 
 fn write(r: &Remembered) -> std::io::Result<()> {
     let (sysid, dboid) = identity();
-    let tmp = format!("{CHAIN_MARKER}.tmp");
+    let file = head_file(dboid);
+    let tmp = format!("{file}.tmp");
     std::fs::write(&tmp, encode(sysid, dboid, r))?;
-    std::fs::rename(&tmp, CHAIN_MARKER)
+    std::fs::rename(&tmp, &file)
 }
 
 /// Heads committed but maybe not flushed yet, and the last one written to the file.
@@ -155,7 +166,7 @@ impl Durable {
                 self.written = Some(head);
                 self.last_write = Some(Instant::now());
             }
-            Err(e) => pgrx::warning!("pg_custody writer: could not write {CHAIN_MARKER}: {e}"),
+            Err(e) => pgrx::warning!("pg_custody writer: could not write {}: {e}", head_file(identity().1)),
         }
     }
 
@@ -190,28 +201,40 @@ mod tests {
     fn a_table_behind_the_writer_misses_records() {
         let remembered = Head { seq: 100, hash: h(1) };
         let table = Head { seq: 95, hash: h(2) };
-        assert_eq!(compare(&remembered, &table, |_| None), Check::Missing { from: 96, to: 100, expected: remembered });
+        assert_eq!(compare(&remembered, &table, false, |_| None), Check::Missing { from: 96, to: 100, expected: remembered });
+        assert_eq!(compare(&remembered, &table, true, |_| None), Check::Missing { from: 96, to: 100, expected: remembered });
     }
 
     #[test]
     fn a_table_ahead_with_the_same_record_is_consistent() {
         let remembered = Head { seq: 100, hash: h(1) };
         let table = Head { seq: 120, hash: h(3) };
-        assert_eq!(compare(&remembered, &table, |s| (s == 100).then_some(h(1))), Check::Consistent);
-        assert_eq!(compare(&remembered, &Head { seq: 100, hash: h(1) }, |_| Some(h(1))), Check::Consistent);
+        // After a crash the file may lag behind what was committed.
+        assert_eq!(compare(&remembered, &table, false, |s| (s == 100).then_some(h(1))), Check::Consistent);
+        assert_eq!(compare(&remembered, &Head { seq: 100, hash: h(1) }, true, |_| Some(h(1))), Check::Consistent);
+    }
+
+    #[test]
+    fn records_after_an_exact_head_were_appended_by_someone_else() {
+        let remembered = Head { seq: 100, hash: h(1) };
+        let table = Head { seq: 102, hash: h(3) };
+        assert_eq!(
+            compare(&remembered, &table, true, |_| Some(h(1))),
+            Check::Appended { from: 101, to: 102, expected: remembered }
+        );
     }
 
     #[test]
     fn a_rewritten_or_removed_record_is_noticed() {
         let remembered = Head { seq: 100, hash: h(1) };
         let table = Head { seq: 100, hash: h(9) };
-        assert_eq!(compare(&remembered, &table, |_| Some(h(9))), Check::Rewritten { expected: remembered, found: h(9) });
+        assert_eq!(compare(&remembered, &table, true, |_| Some(h(9))), Check::Rewritten { expected: remembered, found: h(9) });
         let later = Head { seq: 130, hash: h(4) };
-        assert_eq!(compare(&remembered, &later, |_| None), Check::Missing { from: 100, to: 100, expected: remembered });
+        assert_eq!(compare(&remembered, &later, false, |_| None), Check::Missing { from: 100, to: 100, expected: remembered });
     }
 
     #[test]
     fn nothing_remembered_is_consistent() {
-        assert_eq!(compare(&Head { seq: 0, hash: h(0) }, &Head { seq: 0, hash: h(0) }, |_| None), Check::Consistent);
+        assert_eq!(compare(&Head { seq: 0, hash: h(0) }, &Head { seq: 0, hash: h(0) }, false, |_| None), Check::Consistent);
     }
 }

@@ -151,16 +151,18 @@ fn run() {
     loop {
         if chain.is_none() {
             match BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| start::open(&queue))) {
-                start::Start::Ready(mut c, first) => {
+                start::Start::Ready(mut c, first, on_disk) => {
                     if refusing_since.take().is_some() {
                         queue.set_text(crate::queue::Text::Alarm, "");
                     }
                     queue.set_state(ChainState::Ready);
                     queue.set_last_checkpoint(c.checkpointed);
                     log!("pg_custody writer: appending to custody.audit_log after seq {}", c.seq);
+                    // The file says a writer runs (not a clean stop) from now on, naming a head
+                    // that is on disk already; the first records follow like any others.
+                    durable.start(on_disk);
                     append(&mut c, first);
-                    queue.set_head(c.seq, &c.hash);
-                    durable.start(head::Head { seq: c.seq, hash: c.hash });
+                    committed(&c, &queue, &mut durable);
                     // Policies, attributes and suspensions in force for every backend.
                     let snap = BackgroundWorker::transaction(crate::policy::store::load_snapshot);
                     if !crate::policy::publish(&snap) {
@@ -239,11 +241,7 @@ fn run() {
                 continue;
             }
             gathered = false;
-            let records = batch
-                .iter()
-                .map(|b| Captured::decode(b).unwrap_or_else(|_| undecodable()))
-                .collect();
-            append(c, records);
+            append_from_queue(c, &batch);
             queue.advance(end);
             committed(c, &queue, &mut durable);
             continue;
@@ -264,21 +262,17 @@ fn run() {
             // say so in the chain; the next writer, if any, says it started.
             batch.clear();
             let end = queue.peek(usize::MAX, usize::MAX, &mut batch);
-            let mut records: Vec<Captured> = batch
-                .iter()
-                .map(|b| Captured::decode(b).unwrap_or_else(|_| undecodable()))
-                .collect();
-            records.push(system_record(
+            append_from_queue(c, &batch);
+            append(c, vec![system_record(
                 "WRITER STOP",
                 Some(serde_json::json!([{ "kind": "writer", "name": "stop", "reason": "SIGTERM (server shutdown or pg_terminate_backend)" }])),
-            ));
-            append(c, records);
+            )]);
             queue.advance(end);
             committed(c, &queue, &mut durable);
             record_gap(c, &queue, &mut durable);
             checkpoint(c, &signer, &queue, &mut archiver);
-            // SAFETY: plain WAL flush request: what the head file names must be on disk.
-            unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
+            // What the head file names must be on disk.
+            crate::queue::flush_stored();
             durable.sync(true, true);
             archiver.finish(&queue, Duration::from_secs(5));
             return;
@@ -290,9 +284,8 @@ fn queue_state_refusing(_queue: &Consumer) -> bool {
     crate::queue::state() == ChainState::Refusing
 }
 
-/// After a batch committed: the head for custody.status(), the next writer and the file.
-fn committed(c: &Chain, queue: &Consumer, durable: &mut head::Durable) {
-    queue.set_head(c.seq, &c.hash);
+/// After a batch committed: the head for the file (shared memory has it already).
+fn committed(c: &Chain, _queue: &Consumer, durable: &mut head::Durable) {
     durable.committed(head::Head { seq: c.seq, hash: c.hash });
 }
 
@@ -387,8 +380,9 @@ fn checkpoint(chain: &mut Chain, signer: &Signer, queue: &Consumer, archiver: &m
     }));
     // The writer commits asynchronously; a checkpoint is what auditors copy out, so it is on
     // disk before anyone can read it as the latest (and the records it covers with it).
-    // SAFETY: plain WAL flush request up to the current insert position.
-    unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
+    // SAFETY: set by the commit of the checkpoint's transaction just above.
+    crate::queue::writer_committed(chain.seq, &chain.hash);
+    crate::queue::flush_stored();
     chain.checkpointed = chain.seq;
     queue.set_last_checkpoint(chain.seq);
     // ... and a copy leaves the database right away.
@@ -409,8 +403,93 @@ pub fn genesis() -> Hash {
 
 /// Hashes and inserts `records` after the head in one transaction; advances the head only
 /// after the commit. An ERROR here ends the worker (restarted in 1 s, resuming from the
-/// table), which is the safe answer to anything unexpected.
+/// table): the writer's own records cannot be left out.
 fn append(chain: &mut Chain, records: Vec<Captured>) {
+    if let Err(e) = try_append(chain, records) {
+        error!("pg_custody writer: could not store its records: {e}");
+    }
+}
+
+/// Records from the queue: stored together, or — when that fails — one by one, each record
+/// that cannot be stored (one that some index of the log refuses, say) replaced by an
+/// `UNSTORABLE RECORD` marker that says what it was. One bad record never stops recording.
+fn append_from_queue(chain: &mut Chain, batch: &[Vec<u8>]) {
+    let decode = |b: &Vec<u8>| Captured::decode(b).unwrap_or_else(|_| undecodable());
+    let Err(e) = try_append(chain, batch.iter().map(decode).collect()) else { return };
+    // A table pg_custody does not write to (changed while unloaded) is not a bad record:
+    // end, and let the next writer refuse with the reason.
+    // SAFETY: inside a transaction; the relation is opened and closed there.
+    if let Some(what) = BackgroundWorker::transaction(|| crate::scan::log_defect()) {
+        error!("pg_custody writer: {what}");
+    }
+    warning!("pg_custody writer: a batch of {} records could not be stored ({e}); storing them one at a time", batch.len());
+    for b in batch {
+        let c = decode(b);
+        let marker = unstorable(&c, b);
+        if let Err(e) = try_append(chain, vec![c]) {
+            warning!("pg_custody writer: a record could not be stored ({e}); an UNSTORABLE RECORD marker takes its seq");
+            let mut m = marker;
+            m.message = Some(format!("the record could not be stored: {e}"));
+            append(chain, vec![m]);
+        }
+    }
+}
+
+/// The marker that takes the seq of a record the table refuses: who, what and when it was,
+/// and the SHA-256 of its queued bytes.
+fn unstorable(c: &Captured, bytes: &[u8]) -> Captured {
+    use sha2::Digest as _;
+    let sha = custody_chain::hex::encode(&sha2::Sha256::digest(bytes));
+    let objects = serde_json::json!([{
+        "kind": "record",
+        "name": "unstorable",
+        "class": c.class().name(),
+        "command": c.command,
+        "session_user_name": c.session_user_name,
+        "backend_pid": c.backend_pid,
+        "event_time": c.event_time,
+        "sha256": sha,
+    }]);
+    let mut r = system_record("UNSTORABLE RECORD", Some(objects));
+    r.outcome = Outcome::Error;
+    r
+}
+
+/// Runs `f` in a transaction of its own; an ERROR rolls it back and comes back as Err.
+fn try_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    // SAFETY: the transaction-control calls BackgroundWorker::transaction makes; after a
+    // caught ERROR (pgrx has flushed PostgreSQL's error state) the transaction is aborted.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let body = std::panic::AssertUnwindSafe(|| Ok(f()));
+    let result = pgrx::PgTryBuilder::new(body)
+        .catch_others(|e| {
+            Err(match e {
+                pgrx::pg_sys::panic::CaughtError::PostgresError(r) | pgrx::pg_sys::panic::CaughtError::ErrorReport(r) => {
+                    r.message().to_string()
+                }
+                pgrx::pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+            })
+        })
+        .execute();
+    unsafe {
+        match &result {
+            Ok(_) => {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Err(_) => pg_sys::AbortCurrentTransaction(),
+        }
+    }
+    result
+}
+
+/// Hashes `records` after the head and inserts them in one transaction; advances the head
+/// only after the commit. Err (and nothing stored, the head unchanged) if the insert failed.
+fn try_append(chain: &mut Chain, records: Vec<Captured>) -> Result<(), String> {
     let logged_at = now_unix_us();
     let (mut seq, mut prev) = (chain.seq, chain.hash);
     let mut hashes: Vec<Hash> = Vec::with_capacity(records.len());
@@ -442,15 +521,15 @@ fn append(chain: &mut Chain, records: Vec<Captured>) {
         hashes.push(hash);
         prev = hash;
     }
-    BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
-        // SAFETY: inside the transaction just started; the writer is the only inserter.
-        unsafe { rows::insert(&rows, json) }
-    }));
+    // SAFETY: inside the transaction try_transaction starts; the writer is the only inserter.
+    try_transaction(|| unsafe { rows::insert(&rows, json) })?;
     chain.seq = seq;
     chain.hash = prev;
+    crate::queue::writer_committed(seq, &prev);
     for h in &hashes {
         chain.merkle.push(h);
     }
+    Ok(())
 }
 
 fn to_record(seq: i64, logged_at: i64, c: Captured) -> Record {

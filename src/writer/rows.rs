@@ -53,9 +53,18 @@ impl JsonCache {
         c
     }
 
-    /// Moves the value of `text` into `out`; None when `text` is not JSON.
+    /// Moves the value of `text` into `out`; None when `text` is not JSON. A NUL character
+    /// in a string (`\u0000`, which a policy's message may carry) becomes U+FFFD: jsonb
+    /// cannot hold it, and a record jsonb refuses would stop the writer. The record is
+    /// hashed as stored.
     pub fn lend(&mut self, text: &str, out: &mut serde_json::Value) -> Option<JsonKey> {
-        self.0.lend(text, text.len(), out, || serde_json::from_str(text).ok())
+        self.0.lend(text, text.len(), out, || {
+            let mut v: serde_json::Value = serde_json::from_str(text).ok()?;
+            if text.contains("\\u0000") {
+                without_nul(&mut v);
+            }
+            Some(v)
+        })
     }
 
     /// Takes back a value `lend` moved out.
@@ -71,6 +80,27 @@ impl JsonCache {
             *jsonb = Some(unsafe { copy_varlena(build(Input::Jsonb, &value.to_string())) });
         }
         pg_sys::Datum::from(jsonb.as_ref().expect("just built").as_ptr())
+    }
+}
+
+/// Replaces NUL characters in the strings (and keys) of a JSON value.
+fn without_nul(v: &mut serde_json::Value) {
+    use serde_json::Value::*;
+    match v {
+        String(s) if s.contains('\0') => *s = s.replace('\0', "\u{FFFD}"),
+        Array(a) => a.iter_mut().for_each(without_nul),
+        Object(m) => {
+            if m.keys().any(|k| k.contains('\0')) {
+                let old = std::mem::take(m);
+                for (k, mut x) in old {
+                    without_nul(&mut x);
+                    m.insert(k.replace('\0', "\u{FFFD}"), x);
+                }
+            } else {
+                m.values_mut().for_each(without_nul);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -138,9 +168,7 @@ pub unsafe fn insert(rows: &[Row], json: &mut JsonCache) {
         let cid = pg_sys::GetCurrentCommandId(true);
         pg_sys::table_multi_insert(rel, slots.as_mut_ptr(), slots.len() as i32, cid, 0, std::ptr::null_mut());
         for &slot in &slots {
-            let conflicts = pg_sys::ExecInsertIndexTuples(
-                rri, slot, estate, false, false, std::ptr::null_mut(), std::ptr::null_mut(),
-            );
+            let conflicts = crate::pgver::insert_index_tuples(rri, slot, estate);
             if !conflicts.is_null() {
                 pg_sys::list_free(conflicts);
             }

@@ -17,8 +17,9 @@ pub enum Start {
     Absent,
     /// The log, its checkpoints or keys are not as pg_custody made them: nothing is written.
     Refusing(String),
-    /// Append after this head; these records first (an alarm, then WRITER START).
-    Ready(Chain, Vec<Captured>),
+    /// Append after this head; these records first (an alarm, then WRITER START). The third
+    /// field is the head to remember until those are on disk.
+    Ready(Chain, Vec<Captured>, Head),
 }
 
 /// Inside a transaction of the writer.
@@ -53,10 +54,20 @@ pub fn open(queue: &Consumer) -> Start {
     let table = Head { seq: chain.seq, hash: chain.hash };
     // The head committed by the writer before this one (same server run), else the one the
     // file says was flushed; the former is never behind the latter.
-    let remembered = queue.committed_head().map(|(seq, hash)| Head { seq, hash }).or_else(|| head::read().map(|r| r.head));
+    let remembered = queue
+        .committed_head()
+        .map(|(seq, hash)| (Head { seq, hash }, true))
+        .or_else(|| head::read().map(|r| (r.head, r.clean)));
     let mut records = Vec::new();
-    if let Some(r) = remembered {
-        let check = head::compare(&r, &table, hash_at);
+    // The head the file names while this writer runs, until its own records are flushed:
+    // the table's, or — when records are missing or rewritten — the remembered one, so that a
+    // crash before the alarm is on disk raises it again.
+    let mut keep = table;
+    if let Some((r, exact)) = remembered {
+        let check = head::compare(&r, &table, exact, hash_at);
+        if matches!(check, Check::Missing { .. } | Check::Rewritten { .. }) {
+            keep = r;
+        }
         if let Some(alarm) = alarm_record(&check, &table) {
             pgrx::warning!("pg_custody writer: {}", alarm.message.as_deref().unwrap_or_default());
             queue.set_text(crate::queue::Text::Alarm, alarm.message.as_deref().unwrap_or_default());
@@ -74,7 +85,7 @@ pub fn open(queue: &Consumer) -> Start {
         "WRITER START",
         Some(serde_json::json!([{ "kind": "writer", "name": "start", "previous": previous }])),
     ));
-    Start::Ready(chain, records)
+    Start::Ready(chain, records, keep)
 }
 
 /// The chain as the table holds it: head, Merkle tree over every record hash, last
@@ -145,6 +156,16 @@ fn alarm_record(check: &Check, table: &Head) -> Option<Captured> {
             *expected,
             *found,
             format!("record {} of custody.audit_log is not the one the custody writer stored", expected.seq),
+        ),
+        Check::Appended { from, to, expected } => (
+            *from,
+            *to,
+            *expected,
+            table.hash,
+            format!(
+                "records {from}..{to} of custody.audit_log were added after seq {} while no custody writer ran",
+                expected.seq
+            ),
         ),
     };
     let mut r = system_record(

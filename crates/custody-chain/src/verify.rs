@@ -21,6 +21,9 @@ pub enum FailureKind {
     Reordered,
     /// Record 1's prev_hash is not this cluster+database's genesis hash.
     BadGenesis,
+    /// A record whose seq is below the chain's first one (1): it cannot be part of the chain,
+    /// yet it shows in queries of the log.
+    BelowStart { first: i64 },
     /// A HEAD MISMATCH record: the writer found the table without records it had stored, or
     /// with another record where one of them was (docs/chain-format.md, "Alarms").
     HeadMismatch { message: String },
@@ -72,6 +75,9 @@ impl fmt::Display for FailureKind {
                 "bad genesis: the first record's prev_hash is not the genesis hash of this cluster and database",
             ),
             FailureKind::HeadMismatch { message } => write!(f, "head mismatch: {message}"),
+            FailureKind::BelowStart { first } => {
+                write!(f, "before the chain: a record whose seq is below {first}, where the chain starts")
+            }
         }
     }
 }
@@ -190,6 +196,8 @@ impl ChainVerifier {
         if seq != self.expected {
             return Err(if seq > self.expected {
                 FailureKind::MissingSeq { expected: self.expected, found: seq }
+            } else if self.head.is_none() {
+                FailureKind::BelowStart { first: self.expected }
             } else if self.head.is_some_and(|(s, _)| s == seq) {
                 FailureKind::Duplicate
             } else {
