@@ -20,8 +20,8 @@ PGRX_PGS    ?= $(ONE_PG)
 APT_PKGS    := postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CLUSTER     := scripts/cluster.sh
-DEMO_DIR    := target/demo-cluster
-DEMO_PORT   := 54329
+DEMO_DIR    := target/demo-cluster-$(ONE_PG)
+DEMO_PORT   := 5$(ONE_PG)29
 REGRESS_DIR := target/regress-cluster-$(ONE_PG)
 # Ports per version (5NN30, 5NN31; own clusters of the client tests add up to 99), so a
 # cluster a failed run left behind never serves another version's tests.
@@ -140,10 +140,10 @@ stop:
 	-@for v in $(VERSIONS); do \
 	    if [ $$v = 15 ]; then b=/usr/lib/postgresql/15/bin; else b=$(CURDIR)/target/pg/$$v/bin; fi; \
 	    [ -x $$b/pg_ctl ] || continue; \
-	    for d in target/regress-cluster-$$v target/client-cluster-$$v target/demo-cluster; do \
+	    for d in target/regress-cluster-$$v target/client-cluster-$$v target/demo-cluster-$$v; do \
 	        [ -f $$d/PG_VERSION ] && [ "$$(cat $$d/PG_VERSION)" = $$v ] && PGBIN=$$b $(CLUSTER) stop $$d; \
 	    done; \
 	done; true
 
 clean: stop
-	rm -rf $(DEMO_DIR) target/regress-cluster-* target/client-cluster-* target/pgrx-test-data-* target/regress-out-*
+	rm -rf target/demo-cluster-* target/regress-cluster-* target/client-cluster-* target/pgrx-test-data-* target/regress-out-*
