@@ -6,6 +6,11 @@
 //! alter while the library is loaded (`protect`). The chain format itself is pure code in
 //! the `custody-chain` crate, shared with the `custody` command-line verifier.
 
+// Every unsafe operation sits in its own `unsafe {}` block with a `// SAFETY:` line saying
+// why it is sound, as plrust does; inside an `unsafe fn` too.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use pgrx::prelude::*;
 
 mod api;

@@ -137,13 +137,17 @@ pub fn cursor<'c>(client: &SpiClient<'c>, sql: &CStr, args: &[DatumWithOid<'_>])
 
 /// Whether `text` — a QueryDesc's sourceText or a utility statement's query string — is a
 /// statement pg_custody itself is running. One load on the statement path when none is.
-pub fn is_own_text(text: *const c_char) -> bool {
+///
+/// # Safety
+/// `text` is NULL or a NUL-terminated string.
+pub unsafe fn is_own_text(text: *const c_char) -> bool {
     let texts = &state().texts;
     if texts.is_empty() || text.is_null() {
         return false;
     }
     texts.iter().any(|t| {
-        // SAFETY: both are NUL-terminated strings alive for the duration of the statement.
+        // SAFETY: `t.ptr` is a registered &CStr, kept alive until its Registration is dropped;
+        // `text` is not NULL here, so NUL-terminated (caller's contract).
         t.ptr == text || (!t.exact && unsafe { CStr::from_ptr(t.ptr) == CStr::from_ptr(text) })
     })
 }

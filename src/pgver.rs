@@ -58,6 +58,7 @@ pub unsafe fn query_perm_infos(query: &pg_sys::Query) -> PermInfos {
 /// `rtable` must be a valid List of RangeTblEntry, or NIL, and `perm_infos` its permission
 /// list, both alive while the iterator is used.
 pub unsafe fn range_table(rtable: *mut pg_sys::List, perm_infos: PermInfos) -> impl Iterator<Item = RelationEntry> {
+    // SAFETY: `rtable` is not NIL here, so it is the valid List the caller promised.
     let n = if rtable.is_null() { 0 } else { unsafe { (*rtable).length } };
     (0..n).filter_map(move |i| {
         // SAFETY: i < length of a valid list of RangeTblEntry (caller's contract).
@@ -73,35 +74,54 @@ pub unsafe fn range_table(rtable: *mut pg_sys::List, perm_infos: PermInfos) -> i
 
 type Permissions = (u64, *mut pg_sys::Bitmapset, *mut pg_sys::Bitmapset, *mut pg_sys::Bitmapset);
 
+/// The required privileges and column sets of one relation entry.
+///
+/// # Safety
+/// `perm_infos` is NIL or the valid RTEPermissionInfo list of the statement `rte` belongs to.
 #[cfg(feature = "pg15")]
 unsafe fn permissions(rte: &pg_sys::RangeTblEntry, _perm_infos: PermInfos) -> Permissions {
     (rte.requiredPerms as u64, rte.selectedCols, rte.insertedCols, rte.updatedCols)
 }
 
+/// The required privileges and column sets of one relation entry.
+///
+/// # Safety
+/// `perm_infos` is NIL or the valid RTEPermissionInfo list of the statement `rte` belongs to.
 #[cfg(not(feature = "pg15"))]
 unsafe fn permissions(rte: &pg_sys::RangeTblEntry, perm_infos: PermInfos) -> Permissions {
     let k = rte.perminfoindex as i32;
+    // SAFETY: `perm_infos` is not NIL here, so it is the valid List the caller promised.
     if k == 0 || perm_infos.is_null() || k > unsafe { (*perm_infos).length } {
         return (0, std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
     }
-    // SAFETY: perminfoindex is 1-based into the statement's RTEPermissionInfo list.
+    // SAFETY: perminfoindex is 1-based into the statement's RTEPermissionInfo list and was
+    // just checked to be within its length.
     let p = unsafe { &*(pg_sys::list_nth(perm_infos, k - 1) as *mut pg_sys::RTEPermissionInfo) };
     (p.requiredPerms as u64, p.selectedCols, p.insertedCols, p.updatedCols)
 }
 
 /// ExecutorCheckPerms_hook: PostgreSQL 16 added the permission list to its arguments. Both
 /// forms call `crate::hooks::executor::check_perms`.
+///
+/// # Safety
+/// Called only by PostgreSQL, as ExecutorCheckPerms_hook.
 #[cfg(feature = "pg15")]
 #[pgrx::pg_guard]
 pub unsafe extern "C-unwind" fn check_perms_hook(rtable: *mut pg_sys::List, ereport: bool) -> bool {
-    // SAFETY: forwarded from PostgreSQL's call.
+    // SAFETY: called as ExecutorCheckPerms_hook, so `rtable` is PostgreSQL's range table, as
+    // check_perms requires; 15 has no permission list (NIL).
     unsafe { crate::hooks::executor::check_perms(rtable, std::ptr::null_mut(), ereport) }
 }
 
+/// ExecutorCheckPerms_hook, PostgreSQL 16 and later.
+///
+/// # Safety
+/// Called only by PostgreSQL, as ExecutorCheckPerms_hook.
 #[cfg(not(feature = "pg15"))]
 #[pgrx::pg_guard]
 pub unsafe extern "C-unwind" fn check_perms_hook(rtable: *mut pg_sys::List, perm_infos: PermInfos, ereport: bool) -> bool {
-    // SAFETY: forwarded from PostgreSQL's call.
+    // SAFETY: called as ExecutorCheckPerms_hook, so the range table and its permission list
+    // are PostgreSQL's own, as check_perms requires.
     unsafe { crate::hooks::executor::check_perms(rtable, perm_infos, ereport) }
 }
 
@@ -119,8 +139,12 @@ pub unsafe fn call_check_perms(
     #[cfg(feature = "pg15")]
     {
         let _ = perm_infos;
+        // SAFETY: `prev` is the hook installed before ours, called with the arguments
+        // PostgreSQL passed to our hook (caller's contract).
         unsafe { prev(rtable, ereport) }
     }
+    // SAFETY: `prev` is the hook installed before ours, called with the arguments PostgreSQL
+    // passed to our hook (caller's contract).
     #[cfg(not(feature = "pg15"))]
     unsafe {
         prev(rtable, perm_infos, ereport)
@@ -136,6 +160,8 @@ pub unsafe fn insert_index_tuples(
     slot: *mut pg_sys::TupleTableSlot,
     estate: *mut pg_sys::EState,
 ) -> *mut pg_sys::List {
+    // SAFETY: the caller meets ExecInsertIndexTuples' contract (open result relation with
+    // its indexes opened, a slot holding the just-inserted tuple, the executor state).
     unsafe {
         #[cfg(feature = "pg15")]
         {
@@ -239,6 +265,8 @@ pub unsafe fn walk_expression(node: *mut pg_sys::Node, walker: Walker, context: 
 /// # Safety
 /// `desc` is a valid tuple descriptor and `i < natts`.
 pub unsafe fn attr<'a>(desc: pg_sys::TupleDesc, i: usize) -> &'a pg_sys::FormData_pg_attribute {
+    // SAFETY: `desc` is valid and `i < natts` (caller's contract), so attribute `i` lies
+    // inside the descriptor's attribute array.
     unsafe {
         #[cfg(feature = "pg18")]
         {
@@ -261,6 +289,8 @@ pub unsafe fn index_beginscan(
     snapshot: pg_sys::Snapshot,
     nkeys: i32,
 ) -> pg_sys::IndexScanDesc {
+    // SAFETY: the caller meets index_beginscan's contract (open heap and index relations, a
+    // registered snapshot, `nkeys` keys to follow); no ORDER BY keys are passed.
     unsafe {
         #[cfg(feature = "pg18")]
         {
@@ -279,6 +309,8 @@ pub unsafe fn index_beginscan(
 /// # Safety
 /// `rel` is an open relation.
 pub unsafe fn primary_key_index(rel: pg_sys::Relation) -> pg_sys::Oid {
+    // SAFETY: `rel` is an open relation (caller's contract), which is all
+    // RelationGetPrimaryKeyIndex reads.
     unsafe {
         #[cfg(feature = "pg18")]
         {
@@ -293,6 +325,9 @@ pub unsafe fn primary_key_index(rel: pg_sys::Relation) -> pg_sys::Oid {
 
 /// ExecutorRun_hook: PostgreSQL 18 dropped `execute_once`. Both forms call
 /// `crate::hooks::executor::run`.
+///
+/// # Safety
+/// Called only by PostgreSQL, as ExecutorRun_hook.
 #[cfg(not(feature = "pg18"))]
 #[pgrx::pg_guard]
 pub unsafe extern "C-unwind" fn executor_run_hook(
@@ -301,14 +336,20 @@ pub unsafe extern "C-unwind" fn executor_run_hook(
     count: u64,
     execute_once: bool,
 ) {
-    // SAFETY: forwarded from PostgreSQL's call.
+    // SAFETY: called as ExecutorRun_hook, so these are PostgreSQL's own arguments, as run
+    // requires.
     unsafe { crate::hooks::executor::run(qd, direction, count, execute_once) }
 }
 
+/// ExecutorRun_hook, PostgreSQL 18 and later.
+///
+/// # Safety
+/// Called only by PostgreSQL, as ExecutorRun_hook.
 #[cfg(feature = "pg18")]
 #[pgrx::pg_guard]
 pub unsafe extern "C-unwind" fn executor_run_hook(qd: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64) {
-    // SAFETY: forwarded from PostgreSQL's call.
+    // SAFETY: called as ExecutorRun_hook, so these are PostgreSQL's own arguments, as run
+    // requires; 18 always runs a plan to completion once.
     unsafe { crate::hooks::executor::run(qd, direction, count, true) }
 }
 
@@ -323,6 +364,8 @@ pub unsafe fn call_executor_run(
     count: u64,
     execute_once: bool,
 ) {
+    // SAFETY: `prev` is the hook installed before ours (standard_ExecutorRun when none), called
+    // with the QueryDesc and arguments PostgreSQL passed to our hook (caller's contract).
     unsafe {
         #[cfg(not(feature = "pg18"))]
         match prev {
@@ -354,8 +397,11 @@ pub unsafe fn guc_extra_alloc(size: usize) -> *mut std::ffi::c_void {
         extern "C" {
             fn malloc(size: usize) -> *mut std::ffi::c_void;
         }
+        // SAFETY: malloc has no precondition; the caller handles NULL.
         unsafe { malloc(size) }
     }
+    // SAFETY: guc_malloc at elevel LOG has no precondition beyond running in a backend or the
+    // postmaster, where GUC check hooks run; it returns NULL instead of raising.
     #[cfg(not(feature = "pg15"))]
     unsafe {
         pg_sys::guc_malloc(pg_sys::LOG as i32, size)

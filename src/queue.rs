@@ -153,7 +153,13 @@ fn shared() -> Option<&'static Shared> {
     unsafe { SHARED.as_ref() }
 }
 
+/// The ring of `capacity` bytes that follows the control block.
+///
+/// # Safety
+/// `s` is the queue's control block in shared memory (SHARED).
 unsafe fn ring(s: *const Shared) -> *mut u8 {
+    // SAFETY: the control block was allocated by ShmemInitStruct with shmem_size() bytes, the
+    // block followed by the ring, so the offset stays inside that allocation.
     unsafe { (s as *mut u8).add(std::mem::size_of::<Shared>()) }
 }
 
@@ -239,7 +245,15 @@ pub fn push(payload: &[u8], timeout_ms: i64) -> Result<u64, QueueError> {
     result
 }
 
+/// Copies `bytes` into the ring at position `pos`, wrapping at `capacity`.
+///
+/// # Safety
+/// `s` is the queue's control block, the lock is held exclusively, and
+/// [pos, pos + bytes.len()) lies in the free region [head, tail + capacity).
 unsafe fn copy_in(s: *mut Shared, pos: u64, bytes: &[u8]) {
+    // SAFETY: `off < cap`, and the two copies write `first` bytes at [off, cap) and the rest at
+    // [0, len - first), both inside the ring of `cap` bytes since len <= cap; nobody reads the
+    // free region and the lock keeps other pushers out (caller's contract).
     unsafe {
         let cap = (*s).capacity;
         let off = (pos % cap) as usize;
@@ -251,7 +265,14 @@ unsafe fn copy_in(s: *mut Shared, pos: u64, bytes: &[u8]) {
     }
 }
 
+/// Copies `out.len()` bytes out of the ring from position `pos`, wrapping at `capacity`.
+///
+/// # Safety
+/// `s` is the queue's control block and [pos, pos + out.len()) lies in [tail, head), which no
+/// one writes until the consumer advances tail.
 unsafe fn copy_out(s: *const Shared, pos: u64, out: &mut [u8]) {
+    // SAFETY: as in copy_in, both copies stay inside the ring; the bytes read are queued
+    // records, not written meanwhile (caller's contract).
     unsafe {
         let cap = (*s).capacity;
         let off = (pos % cap) as usize;
@@ -284,6 +305,8 @@ pub fn wait_flushed(pos: u64, timeout_ms: i64) -> bool {
             break false;
         }
         wake_writer();
+        // SAFETY: flush_cv lives in shared memory for the cluster's life; this process is
+        // prepared to sleep on it (above).
         unsafe {
             pg_sys::ConditionVariableTimedSleep(
                 addr_of_mut!((*sp).flush_cv),
@@ -292,6 +315,7 @@ pub fn wait_flushed(pos: u64, timeout_ms: i64) -> bool {
             )
         };
     };
+    // SAFETY: paired with the PrepareToSleep above.
     unsafe { pg_sys::ConditionVariableCancelSleep() };
     ok
 }
@@ -401,6 +425,7 @@ impl Consumer {
         let s = shared()?;
         // SAFETY: MyLatch is this process's latch, valid for its lifetime.
         s.writer_latch.store(unsafe { pg_sys::MyLatch } as u64, Ordering::Release);
+        // SAFETY: a plain read of a process global set at process start.
         s.writer_pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
         Some(Consumer { s })
     }

@@ -218,7 +218,14 @@ pub fn log_defect() -> Option<String> {
 /// Anything else (a key rebuilt while the library was unloaded with another operator class,
 /// or made partial by editing the catalog, could order or hide rows) sends the verifier to
 /// the fallback path, which reads every row and orders them itself.
+///
+/// # Safety
+/// `rel` is an open relation, in a transaction.
 unsafe fn seq_index(rel: pg_sys::Relation, seq_att: usize) -> pg_sys::Oid {
+    // SAFETY: `rel` is open (caller's contract); the index is opened here and its relcache
+    // fields read before it is closed (the lock kept to the end of the transaction). indkey,
+    // rd_opcintype and rd_opfamily are read at position 0 only after `indnatts == 1` held
+    // (the && chain stops first), and an index has at least one key column.
     unsafe {
         let pk = crate::pgver::primary_key_index(rel);
         if pk == pg_sys::InvalidOid {
@@ -254,6 +261,9 @@ fn set_text(out: &mut String, bytes: Option<&[u8]>) {
 }
 
 /// The JSON value of a jsonb datum, through its text form.
+///
+/// # Safety
+/// `d` is a non-NULL jsonb datum, in a transaction.
 unsafe fn json_of(d: pg_sys::Datum) -> serde_json::Value {
     // SAFETY: jsonb_out of a jsonb datum returns a palloc'd C string.
     let text = unsafe {
@@ -265,9 +275,14 @@ unsafe fn json_of(d: pg_sys::Datum) -> serde_json::Value {
 }
 
 /// Lends the JSON value of a jsonb datum, by its stored bytes.
+///
+/// # Safety
+/// `d` is a non-NULL jsonb datum valid while this runs, in a transaction.
 unsafe fn lend_json(cache: &mut JsonLender<Vec<u8>>, d: pg_sys::Datum, out: &mut serde_json::Value) -> Lent {
+    // SAFETY: `d` is a non-NULL varlena datum, valid while this runs (caller's contract).
     let raw = unsafe { bytes(d) };
     cache
+        // SAFETY: the same jsonb datum, in a transaction (caller's contract).
         .lend(raw, raw.len(), out, || Some(unsafe { json_of(d) }))
         .expect("json_of always gives a value")
 }
@@ -296,6 +311,7 @@ const TYPES: [pg_sys::Oid; 23] = [
 /// # Safety
 /// `desc` is a valid tuple descriptor.
 pub unsafe fn column_positions(desc: pg_sys::TupleDesc) -> [usize; 23] {
+    // SAFETY: `desc` is a valid tuple descriptor (caller's contract).
     match unsafe { positions(desc) } {
         Ok(pos) => pos,
         Err(what) => altered(&what),
@@ -307,14 +323,22 @@ pub unsafe fn column_positions(desc: pg_sys::TupleDesc) -> [usize; 23] {
 /// # Safety
 /// `desc` is a valid tuple descriptor.
 pub unsafe fn column_defect(desc: pg_sys::TupleDesc) -> Option<String> {
+    // SAFETY: `desc` is a valid tuple descriptor (caller's contract).
     match unsafe { positions(desc) } {
+        // SAFETY: the same descriptor, and `pos` came from it.
         Ok(pos) => unsafe { other_columns_defect(desc, &pos) },
         Err(what) => Some(what),
     }
 }
 
+/// Attribute index (0-based) of each of `COLUMNS`, or what is wrong.
+///
+/// # Safety
+/// `desc` is a valid tuple descriptor.
 unsafe fn positions(desc: pg_sys::TupleDesc) -> Result<[usize; 23], String> {
     let mut pos = [usize::MAX; 23];
+    // SAFETY: `desc` is valid (caller's contract) and `i < natts`; attname is a NameData,
+    // NUL-terminated within its NAMEDATALEN bytes.
     unsafe {
         for i in 0..(*desc).natts as usize {
             let att = crate::pgver::attr(desc, i);
@@ -342,12 +366,19 @@ unsafe fn positions(desc: pg_sys::TupleDesc) -> Result<[usize; 23], String> {
 /// # Safety
 /// `desc` is a valid tuple descriptor; `pos` came from `column_positions(desc)`.
 pub unsafe fn check_other_columns_nullable(desc: pg_sys::TupleDesc, pos: &[usize; 23]) {
+    // SAFETY: the caller's contract is other_columns_defect's.
     if let Some(what) = unsafe { other_columns_defect(desc, pos) } {
         altered(&what);
     }
 }
 
+/// The first column the writer leaves NULL that may not be NULL, if any.
+///
+/// # Safety
+/// `desc` is a valid tuple descriptor.
 unsafe fn other_columns_defect(desc: pg_sys::TupleDesc, pos: &[usize; 23]) -> Option<String> {
+    // SAFETY: `desc` is valid (caller's contract) and `i < natts`; attname is a NameData,
+    // NUL-terminated within its NAMEDATALEN bytes.
     unsafe {
         for i in 0..(*desc).natts as usize {
             let att = crate::pgver::attr(desc, i);

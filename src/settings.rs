@@ -363,13 +363,18 @@ pub fn init() {
 
 // ---- check and assign hooks -------------------------------------------------------------
 
+/// Check hook of custody.audit: parses the class list into `extra`.
+///
+/// # Safety
+/// Called only by PostgreSQL, as custody.audit's GUC check hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn check_audit(
     newval: *mut *mut c_char,
     extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    // SAFETY: PostgreSQL passes a valid C string for a string GUC's new value.
+    // SAFETY: PostgreSQL passes a valid C string for a string GUC's new value (never NULL
+    // here: custody.audit's boot value is not NULL).
     let text = unsafe { CStr::from_ptr(*newval) }.to_string_lossy();
     match ClassSet::parse(&text) {
         Ok(set) => {
@@ -403,6 +408,10 @@ unsafe extern "C-unwind" fn check_audit(
     }
 }
 
+/// Assign hook of custody.audit: takes the parsed classes from `extra`.
+///
+/// # Safety
+/// Called only by PostgreSQL, as custody.audit's GUC assign hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn assign_audit(_newval: *const c_char, extra: *mut c_void) {
     if !extra.is_null() {
@@ -412,27 +421,44 @@ unsafe extern "C-unwind" fn assign_audit(_newval: *const c_char, extra: *mut c_v
     bump();
 }
 
+/// Assign hook of the bool custody settings: counts the change (`bump`).
+///
+/// # Safety
+/// Called only by PostgreSQL, as a GUC assign hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn assign_bool(_newval: bool, _extra: *mut c_void) {
     bump();
 }
 
+/// Assign hook of the int custody settings: counts the change (`bump`).
+///
+/// # Safety
+/// Called only by PostgreSQL, as a GUC assign hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn assign_int(_newval: c_int, _extra: *mut c_void) {
     bump();
 }
 
+/// Assign hook of the string custody settings: counts the change (`bump`).
+///
+/// # Safety
+/// Called only by PostgreSQL, as a GUC assign hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn assign_string(_newval: *const c_char, _extra: *mut c_void) {
     bump();
 }
 
+/// Assign hook of custody.exempt_roles: parses the role list.
+///
+/// # Safety
+/// Called only by PostgreSQL, as custody.exempt_roles's GUC assign hook.
 #[allow(static_mut_refs)]
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn assign_exempt(newval: *const c_char, _extra: *mut c_void) {
     let text = if newval.is_null() {
         String::new()
     } else {
+        // SAFETY: a string GUC's new value, not NULL, is a NUL-terminated string.
         unsafe { CStr::from_ptr(newval) }.to_string_lossy().into_owned()
     };
     // SAFETY: single-threaded; assign hooks may not fail, and parsing cannot.
@@ -446,6 +472,10 @@ unsafe extern "C-unwind" fn assign_exempt(newval: *const c_char, _extra: *mut c_
     bump();
 }
 
+/// Assign hook of the enum custody settings: counts the change (`bump`).
+///
+/// # Safety
+/// Called only by PostgreSQL, as a GUC assign hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn assign_enum(_newval: c_int, _extra: *mut c_void) {
     bump();
@@ -457,26 +487,32 @@ fn bump() {
 }
 
 // ---- typed accessors --------------------------------------------------------------------
-// SAFETY (all accessors): the statics are written only by PostgreSQL's GUC code on this
-// backend's single thread; reads are plain loads.
+// The statics are written only by PostgreSQL's GUC code on this backend's single thread;
+// reads are plain loads. String values are copied before anything can assign a new one.
 
 pub fn database() -> &'static str {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     let p = unsafe { DATABASE };
     if p.is_null() {
         return "postgres";
     }
+    // SAFETY: not NULL, so a NUL-terminated GUC string; custody.database is PGC_POSTMASTER, so
+    // the value is never replaced (nor freed) while the process lives, hence 'static.
     unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("postgres")
 }
 
 pub fn audit_classes() -> ClassSet {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     unsafe { AUDIT_CLASSES }
 }
 
 pub fn audit_catalog() -> bool {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     unsafe { AUDIT_CATALOG }
 }
 
 pub fn statement_text() -> StatementText {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     if unsafe { AUDIT_STATEMENT } == StatementText::None as c_int {
         StatementText::None
     } else {
@@ -485,14 +521,17 @@ pub fn statement_text() -> StatementText {
 }
 
 pub fn max_statement_length() -> usize {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     unsafe { MAX_STATEMENT_LENGTH }.max(0) as usize
 }
 
 pub fn queue_size_bytes() -> usize {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     unsafe { QUEUE_SIZE_KB }.max(1024) as usize * 1024
 }
 
 pub fn durability() -> Durability {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     if unsafe { DURABILITY } == Durability::Async as c_int {
         Durability::Async
     } else {
@@ -501,10 +540,12 @@ pub fn durability() -> Durability {
 }
 
 pub fn failure_timeout_ms() -> i64 {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     (unsafe { FAILURE_TIMEOUT_MS }) as i64
 }
 
 pub fn on_failure() -> OnFailure {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     if unsafe { ON_FAILURE } == OnFailure::Continue as c_int {
         OnFailure::Continue
     } else {
@@ -513,34 +554,41 @@ pub fn on_failure() -> OnFailure {
 }
 
 pub fn allow_drop() -> bool {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     unsafe { ALLOW_DROP }
 }
 
 /// The signing key file, or None when unset.
 pub fn signing_key_file() -> Option<String> {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     let p = unsafe { SIGNING_KEY_FILE };
     if p.is_null() {
         return None;
     }
+    // SAFETY: not NULL, so a NUL-terminated GUC string, copied before anything can replace it.
     let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().trim().to_string();
     (!s.is_empty()).then_some(s)
 }
 
 /// custody.checkpoint_command, or None when unset.
 pub fn checkpoint_command() -> Option<String> {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     let p = unsafe { CHECKPOINT_COMMAND };
     if p.is_null() {
         return None;
     }
+    // SAFETY: not NULL, so a NUL-terminated GUC string, copied before anything can replace it.
     let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().trim().to_string();
     (!s.is_empty()).then_some(s)
 }
 
 pub fn checkpoint_interval() -> std::time::Duration {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     std::time::Duration::from_secs(unsafe { CHECKPOINT_INTERVAL_S }.max(1) as u64)
 }
 
 pub fn enforce() -> Enforce {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     match unsafe { ENFORCE } {
         1 => Enforce::DryRun,
         2 => Enforce::Off,
@@ -551,10 +599,13 @@ pub fn enforce() -> Enforce {
 /// Whether `role` is listed in custody.exempt_roles.
 #[allow(static_mut_refs)]
 pub fn is_exempt(role: &str) -> bool {
+    // SAFETY: EXEMPT_LIST is written only by assign_exempt on this thread, never while this
+    // borrow is alive (the comparison calls nothing that could assign a setting).
     unsafe { EXEMPT_LIST.iter().any(|r| r == role) }
 }
 
 pub fn generation() -> u64 {
+    // SAFETY: a plain load of a static that only PostgreSQL's GUC code writes, on this thread.
     unsafe { SETTINGS_GENERATION }
 }
 
@@ -570,6 +621,7 @@ pub fn snapshot() -> Vec<(String, String)> {
             let value = if v.is_null() {
                 String::new()
             } else {
+                // SAFETY: not NULL, so a NUL-terminated value in GUC storage, copied at once.
                 unsafe { CStr::from_ptr(v) }.to_string_lossy().into_owned()
             };
             (name.to_string(), value)

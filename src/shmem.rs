@@ -19,6 +19,10 @@ pub fn init() {
     }
 }
 
+/// shmem_request_hook.
+///
+/// # Safety
+/// Called only by PostgreSQL, as shmem_request_hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn shmem_request() {
     // SAFETY: called by the postmaster while it sizes shared memory.
@@ -33,6 +37,10 @@ unsafe extern "C-unwind" fn shmem_request() {
     }
 }
 
+/// shmem_startup_hook.
+///
+/// # Safety
+/// Called only by PostgreSQL, as shmem_startup_hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn shmem_startup() {
     // SAFETY: called in the postmaster (and after a crash reset); AddinShmemInitLock
@@ -50,6 +58,12 @@ unsafe extern "C-unwind" fn shmem_startup() {
 }
 
 /// `AddinShmemInitLock` is a C macro: `&MainLWLockArray[21].lock` (storage/lwlocknames.h).
+///
+/// # Safety
+/// After shared memory is created (MainLWLockArray is set), as in shmem_startup_hook.
 unsafe fn addin_shmem_init_lock() -> *mut pg_sys::LWLock {
+    // SAFETY: MainLWLockArray points to the main LWLock array once shared memory exists (our
+    // contract); it holds NUM_FIXED_LWLOCKS entries, far more than 22. Only an address is
+    // computed, nothing is read.
     unsafe { std::ptr::addr_of_mut!((*pg_sys::MainLWLockArray.add(21)).lock) }
 }

@@ -10,6 +10,9 @@ use pgrx::pg_sys;
 /// # Safety
 /// `datum` is a non-null varlena datum, valid for the returned lifetime.
 pub unsafe fn bytes<'a>(datum: pg_sys::Datum) -> &'a [u8] {
+    // SAFETY: `datum` points to a varlena (caller's contract). An external or compressed one
+    // is detoasted into a palloc'd copy (pg_detoast_datum_packed's own test); any other is read
+    // in place, with its 1- or 4-byte header giving the length of the data that follows.
     unsafe {
         let v = datum.cast_mut_ptr::<pg_sys::varlena>();
         let v = if pgrx::varlena::varatt_is_1b_e(v) || pgrx::varlena::varatt_is_4b_c(v) {

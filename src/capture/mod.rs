@@ -475,10 +475,13 @@ pub fn close_loose() {
 /// A client statement (depth 0) starts executing from `source`: whether functions ran while
 /// it was parsed or planned (the open PLANNED_KEY record is this statement's). Then
 /// `settle_planned(recorded)`.
-pub fn planned_for(source: *const std::ffi::c_char) -> bool {
+///
+/// # Safety
+/// `source` is NULL or a NUL-terminated string.
+pub unsafe fn planned_for(source: *const std::ffi::c_char) -> bool {
     let st = state();
     let Some(Loose { key: PLANNED_KEY, source: Some((ptr, text)), .. }) = &st.loose else { return false };
-    // SAFETY: `source` is the statement's NUL-terminated query string (checked non-null).
+    // SAFETY: `source` is not NULL here, so NUL-terminated (caller's contract).
     st.depth == 0 && !source.is_null() && *ptr == source as usize && unsafe { CStr::from_ptr(source) }.to_bytes() == &text[..]
 }
 
@@ -505,6 +508,8 @@ pub fn current_query_text() -> Option<String> {
     if p.is_null() {
         return None;
     }
+    // SAFETY: not NULL, so the NUL-terminated text of the query being run, which stays
+    // alive while it runs.
     let t = unsafe { CStr::from_ptr(p) }.to_string_lossy();
     let t = t.trim().trim_end_matches(';').trim_end().to_string();
     (!t.is_empty()).then_some(t)

@@ -55,9 +55,6 @@ pub fn relkind_name(relkind: u8) -> &'static str {
     }
 }
 
-/// Reads the relations of a range table.
-///
-/// # Safety
 /// Catalogs that hold data, not descriptions of objects: a read of them is never skipped as
 /// a read of the catalogs (pg_authid's password hashes, large objects' contents, the column
 /// values pg_statistic samples, user mappings' and subscriptions' connection passwords).
@@ -70,21 +67,31 @@ const DATA_CATALOGS: [u32; 6] = [
     6100, // pg_subscription
 ];
 
-/// `rtable` must be a valid List of RangeTblEntry (or NIL), in a transaction.
+/// Reads the relations of a range table.
+///
+/// # Safety
+/// `rtable` must be a valid List of RangeTblEntry (or NIL) and `perm_infos` its permission
+/// list, in a transaction.
 pub unsafe fn from_range_table(rtable: *mut pg_sys::List, perm_infos: crate::pgver::PermInfos) -> RangeInfo {
     let mut objects = Vec::new();
     let mut catalog_only = true;
     let mut seen_relation = false;
     let mut writes = false;
+    // SAFETY: the caller's contract is range_table's.
     for rte in unsafe { crate::pgver::range_table(rtable, perm_infos) } {
         seen_relation = true;
+        // SAFETY: a syscache lookup in a transaction (caller's contract); a relation dropped
+        // meanwhile gives InvalidOid, not an error.
         let nsp = unsafe { pg_sys::get_rel_namespace(rte.relid) };
+        // SAFETY: a syscache lookup in a transaction; NULL for a missing schema (InvalidOid
+        // included) or a palloc'd string, both of which `cstr` accepts.
         let schema = unsafe { cstr(pg_sys::get_namespace_name(nsp)) };
         if (nsp != pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE) && schema != "information_schema")
             || DATA_CATALOGS.contains(&u32::from(rte.relid))
         {
             catalog_only = false;
         }
+        // SAFETY: a syscache lookup in a transaction; NULL (relation gone) or a palloc'd string.
         let name = unsafe { cstr(pg_sys::get_rel_name(rte.relid)) };
         let mut privileges = Vec::new();
         let perms = rte.perms;
@@ -98,6 +105,7 @@ pub unsafe fn from_range_table(rtable: *mut pg_sys::List, perm_infos: crate::pgv
         for set in [rte.selected, rte.inserted, rte.updated] {
             let mut m = -1;
             loop {
+                // SAFETY: `set` is NULL (empty) or a Bitmapset of the statement's range table entry.
                 m = unsafe { pg_sys::bms_next_member(set, m) };
                 if m < 0 {
                     break;
@@ -106,6 +114,8 @@ pub unsafe fn from_range_table(rtable: *mut pg_sys::List, perm_infos: crate::pgv
                 if attnum <= 0 {
                     continue; // whole-row or system column
                 }
+                // SAFETY: a syscache lookup in a transaction with missing_ok: NULL when the
+                // column is gone, else a palloc'd string.
                 let col = unsafe { cstr(pg_sys::get_attname(rte.relid, attnum as i16, true)) };
                 if !col.is_empty() && !columns.contains(&col) {
                     columns.push(col);
@@ -148,19 +158,28 @@ pub unsafe fn from_range_var(rv: *mut pg_sys::RangeVar, privilege: &'static str)
     if rv.is_null() {
         return None;
     }
+    // SAFETY: `rv` is a valid RangeVar (checked non-NULL) and we are in a transaction (caller's
+    // contract); NoLock with RVR_MISSING_OK returns InvalidOid for a missing relation and takes
+    // no lock, and no callback is passed.
     let relid = unsafe {
         pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as i32, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut())
     };
     if relid == pg_sys::InvalidOid {
+        // SAFETY: `rv` is a valid RangeVar, checked non-NULL above.
         let rv = unsafe { &*rv };
         return Some(ObjectRef {
             columns: Vec::new(),
             kind: "relation",
+            // SAFETY: a RangeVar's relname and schemaname are NULL or NUL-terminated strings.
             name: unsafe { cstr(rv.relname) },
             privileges: vec![privilege],
+            // SAFETY: as for relname.
             schema: unsafe { cstr(rv.schemaname) },
         });
     }
+    // SAFETY: syscache lookups in a transaction (caller's contract) of a relation that existed
+    // a moment ago; if it was dropped since, they return NULL / InvalidOid / '\0', which `cstr`
+    // and get_namespace_name accept.
     unsafe {
         Some(ObjectRef {
             columns: Vec::new(),
@@ -180,6 +199,7 @@ pub unsafe fn cstr(p: *const std::ffi::c_char) -> String {
     if p.is_null() {
         String::new()
     } else {
+        // SAFETY: `p` is not NULL, so it is the NUL-terminated string the caller promised.
         unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
     }
 }

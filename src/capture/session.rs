@@ -165,6 +165,8 @@ pub unsafe fn reported(e: &mut pg_sys::ErrorData, sqlstate: &str, message: &str)
     }
     let fatal = e.elevel >= pgrx::PgLogLevel::FATAL as i32;
     if fatal && login() != Login::Done {
+        // SAFETY: we run in a backend (emit_log_hook), where MyProcPort is NULL or this
+        // connection's Port.
         unsafe { failed_login(sqlstate, message) };
         return;
     }
@@ -176,6 +178,7 @@ pub unsafe fn reported(e: &mut pg_sys::ErrorData, sqlstate: &str, message: &str)
         close_replication(Some((sqlstate, message)));
         return;
     }
+    // SAFETY: `e` is the ErrorData being emitted, whose message_id is NULL or a format string.
     if e.elevel == pgrx::PgLogLevel::LOG as i32 && unsafe { is_replication_command(e) } {
         // SAFETY: debug_query_string is the command, set right before the report.
         let text = unsafe { cstr_opt(pg_sys::debug_query_string) }.unwrap_or_default();
@@ -188,21 +191,36 @@ pub unsafe fn reported(e: &mut pg_sys::ErrorData, sqlstate: &str, message: &str)
     }
 }
 
+/// Whether the LOG line being emitted is walsender's "received replication command".
+///
+/// # Safety
+/// `e.message_id` is NULL or a NUL-terminated string (as in any ErrorData being emitted).
 unsafe fn is_replication_command(e: &pg_sys::ErrorData) -> bool {
+    // SAFETY: message_id is not NULL here, so NUL-terminated (caller's contract).
     !e.message_id.is_null() && unsafe { CStr::from_ptr(e.message_id) }.to_bytes() == b"received replication command: %s"
 }
 
+/// Copies a possibly-NULL C string.
+///
+/// # Safety
+/// `p` is NULL or a valid NUL-terminated string.
 unsafe fn cstr_opt(p: *const std::ffi::c_char) -> Option<String> {
+    // SAFETY: run only when `p` is not NULL, so the valid string the caller promised.
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
 /// A FATAL before the login completed: the connection attempt failed (wrong password, no
 /// pg_hba.conf entry, unknown role or database, no CONNECT privilege, too many
 /// connections...). Recorded with what the client claimed, from its startup packet.
+///
+/// # Safety
+/// Called in a backend, where MyProcPort is NULL or this connection's Port, which stays alive
+/// until the process exits.
 unsafe fn failed_login(sqlstate: &str, message: &str) {
     set_login(Login::Done);
     // Records go through the queue's lock, which needs the process to have its PGPROC.
-    // SAFETY: plain reads of process globals.
+    // SAFETY: plain reads of process globals of this single-threaded backend; MyProcPort is
+    // NULL or the connection's Port (our contract), which is what client_port accepts.
     let (port, pid) = unsafe {
         if pg_sys::MyProc.is_null() || !active() || !super::wanted(Class::Login) {
             return;
@@ -294,6 +312,9 @@ fn close_replication(error: Option<(&str, &str)>) {
 
 /// The connection ends: a replication command still running (START_REPLICATION until the
 /// standby disconnects) ends with it.
+///
+/// # Safety
+/// Called only by PostgreSQL, as a before_shmem_exit callback.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_session_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
     close_replication(None);

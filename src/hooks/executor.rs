@@ -52,7 +52,10 @@ unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) {
     }
     // Functions that ran while the client's statement was parsed or planned: its record
     // stands for them, and it is not one a read of the catalogs may skip.
-    let planned = capture::planned_for(unsafe { (*qd).sourceText });
+    // SAFETY: `qd` is the live QueryDesc PostgreSQL passed to ExecutorStart (our contract);
+    // its sourceText is NULL or the statement's NUL-terminated text.
+    let planned = unsafe { capture::planned_for((*qd).sourceText) };
+    // SAFETY: the same QueryDesc, under the same contract.
     let opened = unsafe { open_record_as(qd, planned) };
     if planned && !opened {
         capture::settle_planned(false);
@@ -66,11 +69,16 @@ unsafe fn open_record(qd: *mut pg_sys::QueryDesc, eflags: i32) {
 /// `qd` must be the QueryDesc passed to ExecutorStart.
 unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
     policy::statement_starts();
+    // SAFETY: `qd` is the live QueryDesc PostgreSQL passed to ExecutorStart (our contract);
+    // nothing writes to it while these references are used.
     let qd_ref = unsafe { &*qd };
+    // SAFETY: CreateQueryDesc always sets plannedstmt, and the plan outlives the QueryDesc.
     let pstmt = unsafe { &*qd_ref.plannedstmt };
     // A change to a protected table is refused by the permission-check hook below, inside
     // standard_ExecutorStart; the attempt's record must be open by then.
+    // SAFETY: `pstmt` is the valid plan just borrowed.
     let perm_infos = unsafe { crate::pgver::plan_perm_infos(pstmt) };
+    // SAFETY: the plan's range table and permission list, alive as long as the plan.
     let violation = unsafe { protect::range_table_violation(pstmt.rtable, perm_infos) };
     let (tag, class) = command_tag(qd_ref.operation);
     if !capture::active() {
@@ -82,6 +90,7 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
     if pending.is_none() && violation.is_none() && !capture::wanted(class) {
         return false;
     }
+    // SAFETY: the plan's range table and permission list, alive as long as the plan.
     let info = unsafe { objects::from_range_table(pstmt.rtable, perm_infos) };
     let objects_json = objects::to_json(&info.objects);
     let verdict = pending.map(|p| p.decide(tag, &objects_json));
@@ -98,6 +107,8 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
         && verdict.is_none()
         && violation.is_none()
         && !settings::audit_catalog();
+    // SAFETY: sourceText is NULL or the statement's NUL-terminated text, which outlives the
+    // QueryDesc; `cstr` maps NULL to "".
     let source = unsafe { objects::cstr(qd_ref.sourceText) };
     let text = capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len);
     capture::open(qd as usize, class, tag, objects_json, Some(text));
@@ -107,6 +118,7 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
     if catalog_read {
         capture::set_tentative(qd as usize);
     }
+    // SAFETY: params, when not NULL, is the ParamListInfo the statement runs with.
     if !qd_ref.params.is_null() && unsafe { (*qd_ref.params).numParams } > 0 {
         capture::mark_bind_parameters(qd as usize);
     }
@@ -127,6 +139,9 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
 /// # Safety
 /// The arguments PostgreSQL passed to the hook.
 pub unsafe fn check_perms(rtable: *mut pg_sys::List, perm_infos: crate::pgver::PermInfos, ereport: bool) -> bool {
+    // SAFETY: PREV_CHECK_PERMS is written only in _PG_init, before any query, and read in
+    // this single-threaded backend; `rtable` and `perm_infos` are the valid lists
+    // PostgreSQL passed to the hook (our contract), forwarded unchanged.
     unsafe {
         if !crate::pgver::call_check_perms(PREV_CHECK_PERMS, rtable, perm_infos, ereport) {
             return false;
@@ -139,7 +154,13 @@ pub unsafe fn check_perms(rtable: *mut pg_sys::List, perm_infos: crate::pgver::P
     }
 }
 
+/// The previous ExecutorStart_hook, or standard_ExecutorStart.
+///
+/// # Safety
+/// `qd` and `eflags` are what PostgreSQL passed to ExecutorStart.
 unsafe fn standard_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
+    // SAFETY: PREV_START is written only in _PG_init; the arguments are PostgreSQL's own
+    // (our contract), passed on unchanged.
     unsafe {
         match PREV_START {
             Some(prev) => prev(qd, eflags),
@@ -148,8 +169,15 @@ unsafe fn standard_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
     }
 }
 
+/// ExecutorStart_hook.
+///
+/// # Safety
+/// Called only by PostgreSQL, as ExecutorStart_hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_executor_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
+    // SAFETY: called as ExecutorStart_hook with the QueryDesc PostgreSQL passed: it and its
+    // plannedstmt (always set by CreateQueryDesc) are valid, the source text is NULL or
+    // NUL-terminated, and once standard_ExecutorStart returned, `estate` is set.
     unsafe {
         let rtable = (*(*qd).plannedstmt).rtable;
         if own::in_writer() || own::is_own_text((*qd).sourceText) {
@@ -178,13 +206,21 @@ pub unsafe fn run(qd: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::
     // Statements run from inside this one (functions, triggers) are one level deeper.
     // On ERROR the decrement is skipped; the abort callbacks restore the depth.
     capture::depth_enter();
+    // SAFETY: PREV_RUN is written only in _PG_init; the arguments are those PostgreSQL passed
+    // to the hook (our contract), passed on unchanged.
     unsafe { crate::pgver::call_executor_run(PREV_RUN, qd, direction, count, execute_once) };
     capture::depth_leave();
 }
 
+/// ExecutorFinish_hook.
+///
+/// # Safety
+/// Called only by PostgreSQL, as ExecutorFinish_hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_executor_finish(qd: *mut pg_sys::QueryDesc) {
     capture::depth_enter();
+    // SAFETY: called as ExecutorFinish_hook: `qd` is PostgreSQL's QueryDesc, passed on
+    // unchanged; PREV_FINISH is written only in _PG_init.
     unsafe {
         match PREV_FINISH {
             Some(prev) => prev(qd),
@@ -197,18 +233,25 @@ unsafe extern "C-unwind" fn custody_executor_finish(qd: *mut pg_sys::QueryDesc) 
     protect::catalog::finished(qd as usize);
 }
 
+/// ExecutorEnd_hook.
+///
+/// # Safety
+/// Called only by PostgreSQL, as ExecutorEnd_hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_executor_end(qd: *mut pg_sys::QueryDesc) {
     let key = qd as usize;
     protect::catalog::forget(key);
     if capture::is_open(key) {
-        // SAFETY: the estate is still alive until standard_ExecutorEnd.
+        // SAFETY: called as ExecutorEnd_hook with PostgreSQL's QueryDesc; its estate, when
+        // set, is still alive until standard_ExecutorEnd below frees it.
         let rows = unsafe {
             let es = (*qd).estate;
             if es.is_null() { None } else { Some((*es).es_processed as i64) }
         };
         capture::close(key, rows);
     }
+    // SAFETY: called as ExecutorEnd_hook: `qd` is PostgreSQL's QueryDesc, passed on unchanged;
+    // PREV_END is written only in _PG_init.
     unsafe {
         match PREV_END {
             Some(prev) => prev(qd),

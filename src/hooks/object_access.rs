@@ -18,6 +18,10 @@ pub fn init() {
     }
 }
 
+/// object_access_hook.
+///
+/// # Safety
+/// Called only by PostgreSQL, as object_access_hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_object_access(
     access: pg_sys::ObjectAccessType::Type,
@@ -26,7 +30,8 @@ unsafe extern "C-unwind" fn custody_object_access(
     sub_id: std::ffi::c_int,
     arg: *mut std::ffi::c_void,
 ) {
-    // SAFETY: chaining with the arguments PostgreSQL passed.
+    // SAFETY: PREV_OBJECT_ACCESS is written only in _PG_init; it is called with the arguments
+    // PostgreSQL passed to us, unchanged.
     unsafe {
         if let Some(prev) = PREV_OBJECT_ACCESS {
             prev(access, class_id, object_id, sub_id, arg);

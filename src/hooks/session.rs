@@ -22,9 +22,14 @@ pub fn init() {
     }
 }
 
+/// ClientAuthentication_hook.
+///
+/// # Safety
+/// Called only by PostgreSQL, as ClientAuthentication_hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_client_authentication(port: *mut pg_sys::Port, status: std::ffi::c_int) {
-    // SAFETY: chaining with the arguments PostgreSQL passed.
+    // SAFETY: PREV_CLIENT_AUTH is written only in _PG_init (postmaster, before any fork);
+    // it is called with the Port and status PostgreSQL passed to us, unchanged.
     unsafe {
         if let Some(prev) = PREV_CLIENT_AUTH {
             prev(port, status);

@@ -20,22 +20,33 @@ pub fn init() {
 }
 
 /// Whether a SET-like statement names a custody setting (or resets all of them).
+///
+/// # Safety
+/// `set` is NULL or a valid VariableSetStmt.
 unsafe fn touches_custody_setting(set: *mut pg_sys::VariableSetStmt) -> bool {
     if set.is_null() {
         return false;
     }
+    // SAFETY: not NULL, so the valid VariableSetStmt the caller promised.
     let s = unsafe { &*set };
     if s.name.is_null() {
         return s.kind == pg_sys::VariableSetKind::VAR_RESET_ALL;
     }
+    // SAFETY: a parse node's name is a NUL-terminated palloc'd string (checked non-NULL).
     let name = unsafe { CStr::from_ptr(s.name) }.to_bytes();
     name.len() > 8 && name[..8].eq_ignore_ascii_case(b"custody.")
 }
 
 /// The class of a utility statement, and whether it must be recorded whatever
 /// `custody.audit` says (it changes a custody setting).
+///
+/// # Safety
+/// `node` is a valid, non-NULL utility statement node, in a transaction.
 unsafe fn classify(node: *mut pg_sys::Node) -> (Class, bool) {
     use pg_sys::NodeTag::*;
+    // SAFETY: `node` is a valid parse node (caller's contract); each cast follows its tag,
+    // and the `setstmt` of the ALTER ... SET statements is NULL or a VariableSetStmt, which
+    // touches_custody_setting accepts; GetCommandLogLevel takes any utility node.
     unsafe {
         match (*node).type_ {
             T_VariableSetStmt => {
@@ -80,8 +91,13 @@ unsafe fn classify(node: *mut pg_sys::Node) -> (Class, bool) {
 /// Statements that are never gated: transaction control (denying ROLLBACK protects nothing)
 /// and giving up a role (RESET ROLE, RESET SESSION AUTHORIZATION), so that a session that
 /// assumed a suspended role can always return to its own identity, which is gated itself.
+///
+/// # Safety
+/// `node` is a valid, non-NULL utility statement node.
 unsafe fn gate_exempt(node: *mut pg_sys::Node) -> bool {
     use pg_sys::NodeTag::*;
+    // SAFETY: `node` is a valid parse node (caller's contract), cast after its tag; the name
+    // is NULL (checked) or a NUL-terminated string.
     unsafe {
         match (*node).type_ {
             T_TransactionStmt => true,
@@ -98,9 +114,15 @@ unsafe fn gate_exempt(node: *mut pg_sys::Node) -> bool {
 
 /// Objects named by the few utility statements whose target is a relation being read or
 /// written (COPY, TRUNCATE). DDL names its object in the statement text.
+///
+/// # Safety
+/// `node` is a valid, non-NULL utility statement node, in a transaction.
 unsafe fn utility_objects(node: *mut pg_sys::Node) -> String {
     use pg_sys::NodeTag::*;
     let mut out = Vec::new();
+    // SAFETY: `node` is a valid parse node (caller's contract), cast after its tag. COPY's
+    // relation is NULL for COPY (query), which from_range_var accepts; TRUNCATE's relations
+    // are a List of RangeVar, indexed below its length; we are in a transaction.
     unsafe {
         match (*node).type_ {
             T_CopyStmt => {
@@ -123,6 +145,9 @@ unsafe fn utility_objects(node: *mut pg_sys::Node) -> String {
 }
 
 /// Runs the statement in PostgreSQL (or the previous hook).
+///
+/// # Safety
+/// The arguments are those PostgreSQL passed to ProcessUtility_hook.
 #[allow(clippy::too_many_arguments)]
 unsafe fn standard_utility(
     pstmt: *mut pg_sys::PlannedStmt,
@@ -134,6 +159,8 @@ unsafe fn standard_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
+    // SAFETY: PREV_UTILITY is written only in _PG_init; PostgreSQL's arguments (our contract)
+    // are passed on unchanged, but for `context`, which may be any value of the enum.
     unsafe {
         match PREV_UTILITY {
             Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
@@ -144,6 +171,10 @@ unsafe fn standard_utility(
     }
 }
 
+/// ProcessUtility_hook.
+///
+/// # Safety
+/// Called only by PostgreSQL, as ProcessUtility_hook.
 #[allow(clippy::too_many_arguments)]
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_process_utility(
@@ -156,7 +187,9 @@ unsafe extern "C-unwind" fn custody_process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
-    // SAFETY: pstmt is the utility statement PostgreSQL is about to run.
+    // SAFETY: called as ProcessUtility_hook: `pstmt` is the valid utility statement PostgreSQL
+    // is about to run (its utilityStmt checked for NULL), `query_string` its NUL-terminated
+    // text (ProcessUtility requires it); everything is passed on unchanged but `context`.
     unsafe {
         // pg_custody's own DDL (row policies) and its extension scripts: not recorded here,
         // and run as subcommands, which fire no event triggers — nothing but pg_custody's own
@@ -186,6 +219,9 @@ unsafe extern "C-unwind" fn custody_process_utility(
 }
 
 /// A utility statement as the client (or a function) runs it: recorded, gated, protected.
+///
+/// # Safety
+/// The arguments are those PostgreSQL passed to ProcessUtility_hook, in a transaction.
 #[allow(clippy::too_many_arguments)]
 unsafe fn recorded(
     pstmt: *mut pg_sys::PlannedStmt,
@@ -198,7 +234,10 @@ unsafe fn recorded(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     let mut key = 0usize;
-    // SAFETY: pstmt is the utility statement PostgreSQL is about to run.
+    // SAFETY: `pstmt` is the valid utility statement PostgreSQL is about to run and
+    // `query_string` its NUL-terminated text (our contract); `node` is used only after a NULL
+    // check; `qc` is NULL or the caller's QueryCompletion, checked before it is read; `pstmt`
+    // is the caller's and still valid after the statement ran.
     unsafe {
         let node = (*pstmt).utilityStmt;
         // Protection holds whether or not anything is being recorded.

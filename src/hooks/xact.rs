@@ -26,8 +26,15 @@ pub fn init() {
 
 /// Remembers the SQLSTATE and message of an ERROR being reported, for the record of the
 /// statement that raised it. Never raises, never touches shared memory or the catalog.
+///
+/// # Safety
+/// Called only by PostgreSQL, as emit_log_hook.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_emit_log(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: called as emit_log_hook: EmitErrorReport passes its current, non-NULL ErrorData,
+    // which nothing else touches while the hook runs; its message and message_id are NULL
+    // (checked) or NUL-terminated. PREV_EMIT_LOG is written only in _PG_init, and am_walsender
+    // is a plain flag of this single-threaded backend.
     unsafe {
         let e = &mut *edata;
         if e.elevel == pgrx::PgLogLevel::LOG as i32 && pg_sys::am_walsender {
@@ -59,6 +66,10 @@ unsafe extern "C-unwind" fn custody_emit_log(edata: *mut pg_sys::ErrorData) {
     }
 }
 
+/// The transaction callback.
+///
+/// # Safety
+/// Called only by PostgreSQL, as a registered XactCallback.
 #[allow(static_mut_refs)]
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
@@ -83,6 +94,8 @@ unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type
             crate::protect::catalog::reset();
             crate::protect::take_extension_dropped();
             capture::take_last_pos();
+            // SAFETY: SUB_DEPTHS is backend-local (single-threaded) and not borrowed elsewhere
+            // while a transaction callback runs.
             unsafe { SUB_DEPTHS.clear() };
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => {
@@ -90,6 +103,7 @@ unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type
             if crate::protect::take_extension_dropped() {
                 crate::writer::head::forget();
             }
+            // SAFETY: as above: backend-local and not borrowed elsewhere.
             unsafe { SUB_DEPTHS.clear() };
         }
         _ => {}
@@ -122,6 +136,10 @@ fn wait_durable() {
     }
 }
 
+/// The subtransaction callback.
+///
+/// # Safety
+/// Called only by PostgreSQL, as a registered SubXactCallback.
 #[allow(static_mut_refs)]
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_subxact_callback(
@@ -131,7 +149,8 @@ unsafe extern "C-unwind" fn custody_subxact_callback(
     _arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::SubXactEvent::*;
-    // SAFETY: single-threaded backend state.
+    // SAFETY: SUB_DEPTHS is backend-local (single-threaded backend); each use below is a
+    // short borrow, and the capture functions called meanwhile never touch it.
     unsafe {
         match event {
             SUBXACT_EVENT_START_SUB => SUB_DEPTHS.push((my_subid, capture::depth())),

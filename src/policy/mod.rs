@@ -170,6 +170,10 @@ fn local() -> &'static mut Local {
     unsafe { &mut LOCAL }
 }
 
+/// Syscache callback: role memberships or attributes changed.
+///
+/// # Safety
+/// Called only by PostgreSQL, as a registered syscache callback.
 #[pg_guard]
 unsafe extern "C-unwind" fn roles_changed(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
     local().roles = None;

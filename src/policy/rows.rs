@@ -238,7 +238,12 @@ fn confine_expressions(tbl: pg_sys::Oid, table: &str, exprs: &[Option<&str>]) ->
 }
 
 /// Whether row level security is enabled on the table.
+///
+/// # Safety
+/// In a transaction.
 unsafe fn row_security_enabled(tbl: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache lookup in a transaction (caller's contract); a non-NULL RELOID tuple
+    // holds a FormData_pg_class, read before the tuple is released.
     unsafe {
         let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(tbl));
         if tup.is_null() {
@@ -284,8 +289,12 @@ struct Confine {
 
 /// Whether a node's type is one a custody_admin member may put in a row policy: built in, or
 /// the table's own columns' (a Var).
+///
+/// # Safety
+/// `node` is a valid, non-NULL expression node.
 unsafe fn foreign_type(node: *mut pg_sys::Node) -> bool {
     use pg_sys::NodeTag::*;
+    // SAFETY: `node` is a valid node (caller's contract), cast only to the struct its tag names.
     unsafe {
         let t = match (*node).type_ {
             // A domain's CHECK runs code; a literal or coercion of a type that is not built
@@ -303,6 +312,10 @@ unsafe fn foreign_type(node: *mut pg_sys::Node) -> bool {
     }
 }
 
+/// The expression walker of confine_expressions: stops at the first thing not allowed.
+///
+/// # Safety
+/// Called only by expression_tree_walker, with `ctx` the Confine of confine_expressions.
 #[pg_guard]
 unsafe extern "C-unwind" fn confine_walker(node: *mut pg_sys::Node, ctx: *mut std::ffi::c_void) -> bool {
     if node.is_null() {
@@ -326,6 +339,10 @@ unsafe extern "C-unwind" fn confine_walker(node: *mut pg_sys::Node, ctx: *mut st
     }
 }
 
+/// check_functions_in_node's callback: whether function `func` may not be used.
+///
+/// # Safety
+/// Called only by check_functions_in_node, with `ctx` the Confine of confine_expressions.
 #[pg_guard]
 unsafe extern "C-unwind" fn not_allowed(func: pg_sys::Oid, ctx: *mut std::ffi::c_void) -> bool {
     // SAFETY: ctx is the Confine passed by confine_expressions.
@@ -496,6 +513,9 @@ pub extern "C" fn pg_finfo_custody_check_support() -> &'static pg_sys::Pg_finfo_
 /// constant text keys and values of the types in FIELD_TYPES becomes
 /// `custody._check_fields(action, 'tenant', tenant, ...)`: the same arguments, without the
 /// jsonb. Anything else is left as written.
+///
+/// # Safety
+/// Called only by PostgreSQL through fmgr, as custody.check's support function.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn custody_check_support(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
@@ -520,6 +540,10 @@ pub unsafe extern "C-unwind" fn custody_check_support(fcinfo: pg_sys::FunctionCa
 /// # Safety
 /// `call` is the planner's FuncExpr of custody.check.
 unsafe fn check_fields_call(call: *mut pg_sys::FuncExpr) -> Option<*mut pg_sys::FuncExpr> {
+    // SAFETY: `call` is a valid FuncExpr (caller's contract) whose args are a List of
+    // expression nodes; each node is cast only after its tag was checked; a key Const is read
+    // only when it is not NULL and of a KEY_TYPES type, which is what key_bytes reads; the new
+    // FuncExpr and list are palloc'd in the planner's current memory context.
     unsafe {
         let args = pgrx::PgList::<pg_sys::Node>::from_pg((*call).args);
         let resource = args.get_ptr(1)?;
@@ -578,8 +602,11 @@ const KEY_TYPES: [pg_sys::Oid; 2] = [pg_sys::TEXTOID, pg_sys::UNKNOWNOID];
 /// The bytes of a key: text, or the C string of an unknown-type literal.
 ///
 /// # Safety
-/// `datum` is a non-null datum of type `oid`, one of KEY_TYPES.
+/// `datum` is a non-null datum of type `oid`: unknown, or a varlena type (text, varchar), valid
+/// for the returned lifetime.
 unsafe fn key_bytes<'a>(oid: pg_sys::Oid, datum: pg_sys::Datum) -> &'a [u8] {
+    // SAFETY: an unknown-type datum is a pointer to a NUL-terminated C string; any other is a
+    // varlena (caller's contract).
     unsafe {
         if oid == pg_sys::UNKNOWNOID {
             std::ffi::CStr::from_ptr(datum.cast_mut_ptr::<std::ffi::c_char>()).to_bytes()
@@ -613,6 +640,9 @@ pub extern "C" fn pg_finfo_custody_check_fields() -> &'static pg_sys::Pg_finfo_r
 /// given as key/value pairs, `jsonb_build_object`'s arguments, instead of the jsonb it
 /// would build. The memo key is made of the keys and the values' own bytes; only on a miss
 /// is the resource built, as JSON, the way jsonb_build_object builds it.
+///
+/// # Safety
+/// Called only by PostgreSQL through fmgr, as custody._check_fields(text, VARIADIC "any").
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn custody_check_fields(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
@@ -694,6 +724,10 @@ pub unsafe extern "C-unwind" fn custody_check_fields(fcinfo: pg_sys::FunctionCal
 /// # Safety
 /// `flinfo` is the call's FmgrInfo and `nargs` its argument count.
 unsafe fn arg_types<'a>(flinfo: *mut pg_sys::FmgrInfo, nargs: usize) -> &'a [pg_sys::Oid] {
+    // SAFETY: `flinfo` is the call's FmgrInfo (caller's contract). fn_extra is NULL until
+    // filled here with `nargs` OIDs allocated in fn_mcxt, which lives as long as the FmgrInfo,
+    // so the slice read back has exactly the length written; format_type_be returns a palloc'd
+    // C string.
     unsafe {
         if (*flinfo).fn_extra.is_null() {
             let types = pg_sys::MemoryContextAlloc((*flinfo).fn_mcxt, nargs * size_of::<pg_sys::Oid>())
@@ -754,12 +788,15 @@ impl JsonbBytes {
     /// # Safety
     /// Only during the call that received the argument.
     unsafe fn bytes(&self) -> &[u8] {
+        // SAFETY: during the call (caller's contract) the datum is the non-NULL varlena
+        // argument it was unboxed from.
         unsafe { crate::varlena::bytes(self.datum) }
     }
 
     /// # Safety
     /// Only during the call that received the argument, which must be a jsonb.
     unsafe fn to_json(&self) -> serde_json::Value {
+        // SAFETY: during the call the datum is the non-NULL jsonb argument (caller's contract).
         unsafe { JsonB::from_datum(self.datum, false) }.map_or(serde_json::Value::Null, |j| j.0)
     }
 }
@@ -775,6 +812,8 @@ impl FromDatum for JsonbBytes {
 unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for JsonbBytes {
     unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
         let index = arg.index();
+        // SAFETY: pgrx calls this with the argument of a jsonb parameter, which FromDatum above
+        // reads by its datum alone.
         unsafe { arg.unbox_arg_using_from_datum() }.unwrap_or_else(|| panic!("argument {index} must not be null"))
     }
 }

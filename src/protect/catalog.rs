@@ -47,10 +47,11 @@ const OID_TYPES: [pg_sys::Oid; 12] = [
 /// finishes. Returns the catalogs.
 ///
 /// # Safety
-/// `rtable` is a valid List of RangeTblEntry or NIL.
+/// `rtable` is a valid List of RangeTblEntry or NIL, and `perm_infos` its permission list.
 pub unsafe fn modified_catalogs(rtable: *mut pg_sys::List, perm_infos: crate::pgver::PermInfos) -> Vec<pg_sys::Oid> {
     let modify = (pg_sys::ACL_INSERT | pg_sys::ACL_UPDATE | pg_sys::ACL_DELETE) as u64;
     let mut out = Vec::new();
+    // SAFETY: the caller's contract is range_table's.
     for rte in unsafe { crate::pgver::range_table(rtable, perm_infos) } {
         // SAFETY: a pure test of the OID range.
         if rte.perms & modify != 0 && unsafe { pg_sys::IsCatalogRelationOid(rte.relid) } && !out.contains(&rte.relid) {
@@ -62,8 +63,16 @@ pub unsafe fn modified_catalogs(rtable: *mut pg_sys::List, perm_infos: crate::pg
 
 /// Every OID that describes one of pg_custody's objects, as the catalog stood before the
 /// command now finishing (the catalog snapshot does not see its changes yet).
+///
+/// # Safety
+/// In a transaction.
 unsafe fn own_oids(ids: &Ids) -> Vec<pg_sys::Oid> {
     let mut oids = vec![ids.ext, ids.nsp];
+    // SAFETY: in a transaction (caller's contract). pg_depend is opened and closed with the
+    // same lock; the scan keys outlive the scan; each tuple is read with pg_depend's own
+    // descriptor before the next getnext (deptype and objid are NOT NULL, by value). The
+    // relcache entries are NULL-checked and closed after their fields and index lists (fresh
+    // palloc'd OID lists) are read.
     unsafe {
         // The extension's members: tables, views, functions, types.
         let dep = pg_sys::table_open(DEPEND_RELATION, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
@@ -124,9 +133,15 @@ unsafe fn own_oids(ids: &Ids) -> Vec<pg_sys::Oid> {
 /// In the transaction that ran the command, after it ran and before the next command.
 pub unsafe fn check(catalog: pg_sys::Oid, cid: pg_sys::CommandId) {
     let own = match ids() {
+        // SAFETY: in a transaction (caller's contract).
         Some(i) => unsafe { own_oids(&i) },
         None => Vec::new(),
     };
+    // SAFETY: in the command's transaction (caller's contract); `catalog` is a catalog the
+    // statement just modified, opened here with AccessShareLock and closed after the scan. Each
+    // tuple from heap_getnext stays valid (its buffer pinned) until the next call, and is
+    // deformed into arrays of the descriptor's `natts` entries. SnapshotAnyData is a static
+    // PostgreSQL never frees.
     unsafe {
         let rel = pg_sys::table_open(catalog, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let desc = (*rel).rd_att;
@@ -167,7 +182,13 @@ pub unsafe fn check(catalog: pg_sys::Oid, cid: pg_sys::CommandId) {
 }
 
 /// Whether a row version was created or deleted by command `cid` of this transaction.
+///
+/// # Safety
+/// `h` is the header of a heap tuple read in a transaction, its buffer pinned.
 unsafe fn changed_by(h: &pg_sys::HeapTupleHeaderData, cid: pg_sys::CommandId) -> bool {
+    // SAFETY: `h` is a live tuple header in a transaction (caller's contract).
+    // HeapTupleHeaderGetCmin/Cmax are only asked once xmin/xmax is known to be this
+    // transaction's, as they require; HeapTupleGetUpdateXid only for a multixact xmax.
     unsafe {
         let mask = h.t_infomask as u32;
         // HeapTupleHeaderGetRawXmin / HeapTupleHeaderXminInvalid (access/htup_details.h).
@@ -202,9 +223,15 @@ fn locked_only(mask: u32) -> bool {
 /// The column holding the OID of the object a row describes: `oid` where the catalog has
 /// one, else the first OID column (pg_attribute.attrelid, pg_index.indexrelid, ...), except
 /// the dependency catalogs, whose first column is a catalog's OID.
+///
+/// # Safety
+/// `desc` is the valid tuple descriptor of an open relation.
 unsafe fn identity_column(catalog: pg_sys::Oid, desc: pg_sys::TupleDesc) -> Option<usize> {
+    // SAFETY: `desc` is a valid tuple descriptor (caller's contract).
     let natts = unsafe { (*desc).natts } as usize;
+    // SAFETY: called only with i < natts of the valid descriptor.
     let att = |i: usize| unsafe { crate::pgver::attr(desc, i) };
+    // SAFETY: attname is a NameData, NUL-terminated within its NAMEDATALEN bytes.
     let named = |n: &str| (0..natts).find(|&i| unsafe { cstr(att(i).attname.data.as_ptr()) } == n);
     if let Some(i) = named("oid") {
         return Some(i);
@@ -216,6 +243,10 @@ unsafe fn identity_column(catalog: pg_sys::Oid, desc: pg_sys::TupleDesc) -> Opti
 }
 
 /// Why this row may not change, if it may not.
+///
+/// # Safety
+/// `desc` is the valid tuple descriptor `values` and `nulls` (of its `natts` length) were
+/// deformed with, and the deformed tuple is still pinned.
 unsafe fn row_refusal(
     desc: pg_sys::TupleDesc,
     values: &[pg_sys::Datum],
@@ -223,6 +254,7 @@ unsafe fn row_refusal(
     identity: Option<usize>,
     own: &[pg_sys::Oid],
 ) -> Option<String> {
+    // SAFETY: called only with i < values.len(), which is `desc`'s natts (caller's contract).
     let att = |i: usize| unsafe { crate::pgver::attr(desc, i) };
     if let Some(i) = identity {
         let oid = pg_sys::Oid::from(values[i].value() as u32);
@@ -241,12 +273,14 @@ unsafe fn row_refusal(
             // SAFETY: oidvector is stored plain (never toasted or packed) in catalogs.
             let v = unsafe { &*(values[i].cast_mut_ptr::<pg_sys::oidvector>()) };
             let n = v.dim1.max(0) as usize;
+            // SAFETY: an oidvector holds dim1 OIDs right after its header.
             let elems = unsafe { v.values.as_slice(n) };
             elems.iter().any(|e| own.binary_search_by_key(&u32::from(*e), |o| u32::from(*o)).is_ok())
         } else {
             false
         };
         if hit {
+            // SAFETY: attname is a NameData, NUL-terminated within its NAMEDATALEN bytes.
             let col = unsafe { cstr(a.attname.data.as_ptr()) };
             return Some(format!("column {col} names one of pg_custody's objects"));
         }

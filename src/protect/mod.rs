@@ -110,9 +110,15 @@ pub fn init() {
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0)) };
 }
 
+/// The relcache invalidation callback.
+///
+/// # Safety
+/// Called only by PostgreSQL, as a registered relcache callback.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
     // No catalog access here (we are inside invalidation processing): look again next time.
+    // SAFETY: a plain store to a flag of this single-threaded backend; nothing holds a
+    // reference to it.
     unsafe { STALE = true };
 }
 
@@ -151,7 +157,15 @@ pub fn forget() {
 
 /// (oid, extnamespace) of the pg_catalog.pg_extension row named `name`, read with `snapshot`
 /// (NULL: the catalog snapshot).
+///
+/// # Safety
+/// In a transaction; `snapshot` is NULL or a registered snapshot.
 unsafe fn extension_row(key: ExtKey, snapshot: pg_sys::Snapshot) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
+    // SAFETY: in a transaction (caller's contract): pg_extension is opened and closed with the
+    // same lock; the scan key is initialised before use and outlives the scan; a name key's
+    // datum points to a NUL-terminated &CStr that outlives the scan (as get_extension_oid
+    // passes a C string for the name column); a non-NULL tuple from the scan is a
+    // pg_extension row, read before systable_endscan releases it.
     unsafe {
         let rel = pg_sys::table_open(pg_sys::ExtensionRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let mut skey: pg_sys::ScanKeyData = std::mem::zeroed();
@@ -189,18 +203,25 @@ enum ExtKey<'a> {
 }
 
 fn extension_exists(ext: pg_sys::Oid) -> bool {
-    // SAFETY: catalog scan inside a transaction.
+    // SAFETY: catalog scan with the catalog snapshot; its one caller, `ids`, checked
+    // IsTransactionState first.
     unsafe { extension_row(ExtKey::Oid(ext), std::ptr::null_mut()).is_some() }
 }
 
 /// The extension's OID by name (None: not created in this database).
 pub fn extension_oid() -> Option<pg_sys::Oid> {
-    // SAFETY: catalog scan inside a transaction.
+    // SAFETY: catalog scan with the catalog snapshot, inside a transaction: callers are hooks
+    // and functions running in one (`in_own_script` only while an extension is being created).
     unsafe { extension_row(ExtKey::Name(c"pg_custody"), std::ptr::null_mut()).map(|(o, _)| o) }
 }
 
+/// pg_custody's OIDs as the catalog has them now.
+///
+/// # Safety
+/// In a transaction.
 unsafe fn lookup() -> Option<Ids> {
-    // SAFETY: catalog scan and syscache lookups inside a transaction.
+    // SAFETY: catalog scan and syscache lookups in a transaction (caller's contract); the table
+    // names are NUL-terminated &'static CStr.
     unsafe {
         let (ext, nsp) = extension_row(ExtKey::Name(c"pg_custody"), std::ptr::null_mut())?;
         let tables = TABLES.map(|t| pg_sys::get_relname_relid(t.name().as_ptr(), nsp));
@@ -318,13 +339,15 @@ pub fn refuse(t: Table, action: &str) -> ! {
 /// started (`own::is_own_rtable`) may change the policy store; nobody else changes either.
 ///
 /// # Safety
-/// `rtable` must be a valid List of RangeTblEntry or NIL.
+/// `rtable` must be a valid List of RangeTblEntry or NIL, and `perm_infos` its permission list.
 pub unsafe fn range_table_violation(rtable: *mut pg_sys::List, perm_infos: crate::pgver::PermInfos) -> Option<(Table, &'static str)> {
     if own::in_writer() || rtable.is_null() {
         return None;
     }
     let own_statement = own::is_own_rtable(rtable);
     let modify = (pg_sys::ACL_INSERT | pg_sys::ACL_UPDATE | pg_sys::ACL_DELETE) as u64;
+    // SAFETY: `rtable` is a valid List of RangeTblEntry and `perm_infos` its permission list
+    // (caller's contract), walked while both are alive.
     for rte in unsafe { crate::pgver::range_table(rtable, perm_infos) } {
         if rte.perms & modify == 0 {
             continue;

@@ -130,6 +130,9 @@ pub fn check(created: bool, class_id: pg_sys::Oid, object_id: pg_sys::Oid, sub_i
 /// from an extension's own script, no cast between built-in types and no member of a
 /// built-in operator family is added: each would change what pg_custody's pinned queries —
 /// and everyone's — resolve to.
+///
+/// # Safety
+/// In the transaction whose command just wrote the catalog row (class_id, object_id).
 unsafe fn check_builtin(created: bool, class_id: pg_sys::Oid, object_id: pg_sys::Oid) {
     if !CODE.contains(&class_id) && class_id != pg_sys::NamespaceRelationId {
         return;
@@ -151,6 +154,7 @@ unsafe fn check_builtin(created: bool, class_id: pg_sys::Oid, object_id: pg_sys:
         return;
     }
     if IN_SCHEMA.contains(&class_id) {
+        // SAFETY: in the transaction that wrote the row (our contract).
         if let Some((nsp, _)) = unsafe { namespace_of(class_id, object_id) } {
             if nsp == pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE) {
                 refuse("cannot create objects in schema pg_catalog while pg_custody is loaded".into());
@@ -158,6 +162,8 @@ unsafe fn check_builtin(created: bool, class_id: pg_sys::Oid, object_id: pg_sys:
         }
     }
     let builtin = |o: Option<pg_sys::Oid>| o.is_some_and(|o| u32::from(o) < pg_sys::FirstNormalObjectId);
+    // SAFETY: in the transaction that wrote the row (our contract); `oid_column` gets the
+    // tuple and descriptor with_row passes, while the scan holds the tuple.
     let row = |cols: &[&str]| unsafe { with_row(class_id, object_id, |t, d| cols.iter().map(|c| oid_column(t, d, c)).collect::<Vec<_>>()) }
         .unwrap_or_default();
     if class_id == CAST_RELATION {
@@ -184,7 +190,15 @@ fn own_schema() -> String {
 }
 
 /// Runs `f` on the catalog row of (class_id, object_id) as this command wrote it.
+///
+/// # Safety
+/// In a transaction; `class_id` is a catalog's OID. `f` gets a tuple and descriptor valid only
+/// while it runs.
 unsafe fn with_row<R>(class_id: pg_sys::Oid, object_id: pg_sys::Oid, f: impl FnOnce(pg_sys::HeapTuple, pg_sys::TupleDesc) -> R) -> Option<R> {
+    // SAFETY: in a transaction (caller's contract). The object-property lookups raise an ERROR
+    // for a class they do not know; the catalog is opened and closed with the same lock; the
+    // scan key outlives the scan; SnapshotSelfData is a static PostgreSQL never frees; the
+    // tuple is used by `f` before systable_endscan releases it.
     unsafe {
         let index = pg_sys::get_object_oid_index(class_id);
         let oidcol = pg_sys::get_object_attnum_oid(class_id);
@@ -204,7 +218,12 @@ unsafe fn with_row<R>(class_id: pg_sys::Oid, object_id: pg_sys::Oid, f: impl FnO
 }
 
 /// An OID column of a catalog row, by name.
+///
+/// # Safety
+/// `tup` is a valid tuple of the relation whose descriptor is `desc`.
 unsafe fn oid_column(tup: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, name: &str) -> Option<pg_sys::Oid> {
+    // SAFETY: `desc` is valid and `i < natts`; attname is a NUL-terminated NameData; `tup` is
+    // a tuple of that descriptor, read at an attribute number it has (caller's contract).
     unsafe {
         let attno = (0..(*desc).natts as usize).find(|&i| cstr(crate::pgver::attr(desc, i).attname.data.as_ptr()) == name)?;
         let mut isnull = false;
@@ -214,7 +233,13 @@ unsafe fn oid_column(tup: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, name: &str
 }
 
 /// The schema of an object and, for a relation, its relkind.
+///
+/// # Safety
+/// In a transaction; `class_id` is a catalog's OID.
 unsafe fn namespace_of(class_id: pg_sys::Oid, object_id: pg_sys::Oid) -> Option<(pg_sys::Oid, Option<u8>)> {
+    // SAFETY: in a transaction (caller's contract); the namespace column is read from the row
+    // with_row found, with its catalog's descriptor (a NULL reads as InvalidOid), and a
+    // pg_class row is a FormData_pg_class.
     unsafe {
         let nspcol = pg_sys::get_object_attnum_namespace(class_id);
         if nspcol <= 0 {
@@ -231,7 +256,12 @@ unsafe fn namespace_of(class_id: pg_sys::Oid, object_id: pg_sys::Oid) -> Option<
 }
 
 /// The relations an attached object (trigger, rule, policy, constraint) names.
+///
+/// # Safety
+/// In a transaction; `class_id` is a catalog's OID.
 unsafe fn relations_of(class_id: pg_sys::Oid, object_id: pg_sys::Oid, cols: &[&str]) -> Vec<pg_sys::Oid> {
+    // SAFETY: in a transaction (caller's contract); oid_column reads the tuple with_row passes
+    // with its descriptor, while the scan holds it.
     unsafe {
         with_row(class_id, object_id, |tup, desc| cols.iter().filter_map(|c| oid_column(tup, desc, c)).collect())
             .unwrap_or_default()

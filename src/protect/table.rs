@@ -15,6 +15,9 @@ use crate::error::CustodyError;
 /// # Safety
 /// `rel` is an open relation (any lock), in a transaction.
 pub unsafe fn defect(t: Table, rel: pg_sys::Relation) -> Option<String> {
+    // SAFETY: `rel` is an open relation in a transaction (caller's contract), so its rd_rel
+    // and rd_att are valid; its index list is a fresh OID list, and each index is opened and
+    // closed here with the same lock.
     unsafe {
         let form = &*(*rel).rd_rel;
         if form.relkind as u8 != pg_sys::RELKIND_RELATION {
@@ -55,7 +58,13 @@ pub unsafe fn defect(t: Table, rel: pg_sys::Relation) -> Option<String> {
 
 /// What an index of a protected table may not have (the rules CREATE INDEX follows there,
 /// protect::utility::index).
+///
+/// # Safety
+/// `irel` is an open index relation, in a transaction.
 unsafe fn index_defect(t: Table, irel: pg_sys::Relation) -> Option<String> {
+    // SAFETY: `irel` is an open index (caller's contract): rd_index and rd_rel are set,
+    // rd_opfamily has indnkeyatts entries and indkey indnatts; the syscache lookup runs in a
+    // transaction with missing_ok.
     unsafe {
         let index = &*(*irel).rd_index;
         let am = (*(*irel).rd_rel).relam;
@@ -97,6 +106,7 @@ unsafe fn index_defect(t: Table, irel: pg_sys::Relation) -> Option<String> {
 /// # Safety
 /// As `defect`.
 pub unsafe fn require(t: Table, rel: pg_sys::Relation) {
+    // SAFETY: the caller's contract is defect's.
     if let Some(what) = unsafe { defect(t, rel) } {
         CustodyError::NotAsCreated { relation: label(t), what }.report();
     }

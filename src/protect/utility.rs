@@ -17,6 +17,7 @@ use crate::settings;
 /// # Safety
 /// `list` is NIL or a valid pointer List whose elements are `T`s.
 pub unsafe fn list<T>(list: *mut pg_sys::List) -> impl Iterator<Item = *mut T> {
+    // SAFETY: not NIL here, so the valid List the caller promised.
     let n = if list.is_null() { 0 } else { unsafe { (*list).length } };
     // SAFETY: i < length of a valid list (caller's contract).
     (0..n).map(move |i| unsafe { pg_sys::list_nth(list, i) as *mut T })
@@ -27,16 +28,23 @@ pub unsafe fn list<T>(list: *mut pg_sys::List) -> impl Iterator<Item = *mut T> {
 /// # Safety
 /// `list` is NIL or a valid OID List.
 pub unsafe fn list_oids(list: *mut pg_sys::List) -> Vec<pg_sys::Oid> {
+    // SAFETY: not NIL here, so the valid List the caller promised.
     let n = if list.is_null() { 0 } else { unsafe { (*list).length } } as usize;
     // SAFETY: i < length of a valid OID list.
     (0..n).map(|i| unsafe { (*(*list).elements.add(i)).oid_value }).collect()
 }
 
 /// The relation a RangeVar names, or InvalidOid (no lock, no error).
+///
+/// # Safety
+/// `rv` is NULL or a valid RangeVar, in a transaction.
 unsafe fn relid(rv: *mut pg_sys::RangeVar) -> pg_sys::Oid {
     if rv.is_null() {
         return pg_sys::InvalidOid;
     }
+    // SAFETY: `rv` is a valid RangeVar (checked non-NULL) and we are in a transaction (caller's
+    // contract); NoLock with RVR_MISSING_OK takes no lock and returns InvalidOid for a missing
+    // relation; no callback is passed.
     unsafe {
         pg_sys::RangeVarGetRelidExtended(
             rv,
@@ -104,7 +112,12 @@ fn holds_the_log() -> bool {
 }
 
 /// Whether a DefElem list has `name` set to true (VACUUM (FULL), REINDEX (CONCURRENTLY)).
+///
+/// # Safety
+/// `options` is NIL or a valid List of DefElem.
 unsafe fn option_on(options: *mut pg_sys::List, name: &str) -> bool {
+    // SAFETY: the list's elements are DefElems (caller's contract); defname is NULL or a
+    // string (`cstr` takes both), and defGetBoolean is called only with a non-NULL arg.
     unsafe {
         list::<pg_sys::DefElem>(options).any(|d| {
             cstr((*d).defname).eq_ignore_ascii_case(name) && ((*d).arg.is_null() || pg_sys::defGetBoolean(d))
@@ -121,6 +134,11 @@ pub unsafe fn violation(node: *mut pg_sys::Node) -> Option<CustodyError> {
         return None;
     }
     use pg_sys::NodeTag::*;
+    // SAFETY: `node` is a valid parse tree, in a transaction (caller's contract). Each cast
+    // follows the node's tag; each List is read with the element type the grammar builds for
+    // that statement (RangeVar, VacuumRelation, RoleSpec, ...); RangeVars that may be NULL go
+    // through `relid`, strings that may be NULL through `cstr`; every catalog lookup is a
+    // syscache or name lookup with missing_ok, taking no lock.
     unsafe {
         match (*node).type_ {
             T_TruncateStmt => {
@@ -257,6 +275,9 @@ pub unsafe fn violation(node: *mut pg_sys::Node) -> Option<CustodyError> {
 
 /// The protected table a LOCK TABLE of `relid` would lock: itself, or one a view reads
 /// (PostgreSQL locks a view's base relations too).
+///
+/// # Safety
+/// In a transaction.
 unsafe fn locked_through(relid: pg_sys::Oid, depth: u32) -> Option<pg_sys::Oid> {
     if relid == pg_sys::InvalidOid || depth > 32 {
         return None;
@@ -264,6 +285,11 @@ unsafe fn locked_through(relid: pg_sys::Oid, depth: u32) -> Option<pg_sys::Oid> 
     if covered(relid).is_some() {
         return Some(relid);
     }
+    // SAFETY: in a transaction (caller's contract). The relcache entry is opened (NULL
+    // checked) and, being a view, has a _RETURN rule whose Query get_view_query returns; that
+    // Query lives in the entry's rules, kept while we hold the reference, and its range table
+    // is walked completely before RelationClose. No lock is taken, so no invalidation is
+    // processed meanwhile.
     unsafe {
         if pg_sys::get_rel_relkind(relid) as u8 != pg_sys::RELKIND_VIEW {
             return None;
@@ -280,7 +306,13 @@ unsafe fn locked_through(relid: pg_sys::Oid, depth: u32) -> Option<pg_sys::Oid> 
     }
 }
 
+/// The owner of a relation, or InvalidOid if it is gone.
+///
+/// # Safety
+/// In a transaction.
 unsafe fn rel_owner(relid: pg_sys::Oid) -> pg_sys::Oid {
+    // SAFETY: a syscache lookup in a transaction (caller's contract); a non-NULL RELOID tuple
+    // holds a FormData_pg_class, read before the tuple is released.
     unsafe {
         let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(relid));
         if tup.is_null() {
@@ -292,7 +324,13 @@ unsafe fn rel_owner(relid: pg_sys::Oid) -> pg_sys::Oid {
     }
 }
 
+/// ALTER TABLE of pg_custody's tables, of a catalog, or making another table a parent or
+/// partition of ours.
+///
+/// # Safety
+/// `s` is a valid parse node (its pointers valid or NULL), in a transaction.
 unsafe fn alter_table(s: &pg_sys::AlterTableStmt) -> Option<CustodyError> {
+    // SAFETY: the statement's RangeVar, in a transaction (caller's contract).
     let r = unsafe { relid(s.relation) };
     if let Some(t) = protected(r) {
         return Some(CustodyError::Protected {
@@ -306,11 +344,14 @@ unsafe fn alter_table(s: &pg_sys::AlterTableStmt) -> Option<CustodyError> {
     }
     if is_catalog(r) {
         return redefinition(
+            // SAFETY: a syscache lookup in a transaction: NULL or a palloc'd name.
             format!("cannot alter system catalog {} while pg_custody is loaded", unsafe { cstr(pg_sys::get_rel_name(r)) }),
             None,
         );
     }
     // Another table that would become a child or parent of one of ours.
+    // SAFETY: `cmds` is a List of AlterTableCmd; `def` is a RangeVar for AT_AddInherit and a
+    // PartitionCmd for AT_AttachPartition, as the grammar builds them.
     unsafe {
         list::<pg_sys::AlterTableCmd>(s.cmds).find_map(|cmd| {
             let target = match (*cmd).subtype {
@@ -326,7 +367,12 @@ unsafe fn alter_table(s: &pg_sys::AlterTableStmt) -> Option<CustodyError> {
     }
 }
 
+/// CREATE TABLE that inherits from or is a partition of one of ours.
+///
+/// # Safety
+/// `s` is a valid parse node, in a transaction.
 unsafe fn create_table(s: &pg_sys::CreateStmt) -> Option<CustodyError> {
+    // SAFETY: inhRelations is NIL or a List of RangeVar (caller's contract), in a transaction.
     unsafe {
         list::<pg_sys::RangeVar>(s.inhRelations).find_map(|rv| {
             own_relation(relid(rv)).map(|name| CustodyError::Redefinition {
@@ -337,12 +383,18 @@ unsafe fn create_table(s: &pg_sys::CreateStmt) -> Option<CustodyError> {
     }
 }
 
+/// DROP of pg_custody's tables, or a non-concurrent DROP INDEX of their indexes.
+///
+/// # Safety
+/// `s` is a valid parse node, in a transaction.
 unsafe fn drop(s: &pg_sys::DropStmt) -> Option<CustodyError> {
     use pg_sys::ObjectType::*;
     let relation_kind = matches!(s.removeType, OBJECT_TABLE | OBJECT_VIEW | OBJECT_INDEX | OBJECT_SEQUENCE | OBJECT_FOREIGN_TABLE | OBJECT_MATVIEW);
     if !relation_kind {
         return None; // schemas, the extension, functions: the object-access hook and dependencies
     }
+    // SAFETY: for relation kinds, `objects` is a List of name Lists, which is what
+    // makeRangeVarFromNameList takes; in a transaction (caller's contract).
     unsafe {
         list::<pg_sys::List>(s.objects).find_map(|names| {
             let r = relid(pg_sys::makeRangeVarFromNameList(names));
@@ -375,7 +427,11 @@ pub fn stores_values(am: &str) -> bool {
 /// built-in access methods and operator classes. Anything that can fail or run user code
 /// while the writer inserts (an expression, a predicate, a uniqueness check, a user-defined
 /// operator class) would stop recording or run that code inside pg_custody's own work.
+///
+/// # Safety
+/// `s` is a valid parse node, in a transaction.
 unsafe fn index(s: &pg_sys::IndexStmt) -> Option<CustodyError> {
+    // SAFETY: the statement's RangeVar, in a transaction (caller's contract).
     let r = unsafe { relid(s.relation) };
     let t = protected(r)?;
     let name = super::label(t);
@@ -391,18 +447,23 @@ unsafe fn index(s: &pg_sys::IndexStmt) -> Option<CustodyError> {
     if !s.whereClause.is_null() {
         return refuse("a partial index predicate is evaluated for every record the writer stores");
     }
+    // SAFETY: accessMethod is NULL or a NUL-terminated name.
     let am = unsafe { cstr(s.accessMethod) };
     if !["btree", "hash", "brin", "gin"].contains(&am.as_str()) {
         return refuse(&format!("access method {am} is not one of btree, hash, brin, gin"));
     }
-    // SAFETY: syscache lookup by name.
+    // SAFETY: syscache lookup by name, missing_ok; accessMethod is not NULL (it is one of the
+    // names just checked).
     let am_oid = unsafe { pg_sys::get_index_am_oid(s.accessMethod, true) };
+    // SAFETY: indexParams and indexIncludingParams are NIL or Lists of IndexElem.
     let elems = unsafe { list::<pg_sys::IndexElem>(s.indexParams).chain(list::<pg_sys::IndexElem>(s.indexIncludingParams)) };
     for e in elems {
+        // SAFETY: a non-NULL element of a List of IndexElem.
         let e = unsafe { &*e };
         if !e.expr.is_null() || e.name.is_null() {
             return refuse("an index expression is evaluated for every record the writer stores");
         }
+        // SAFETY: e.name is a NUL-terminated column name (checked non-NULL above).
         let col = unsafe { cstr(e.name) };
         if stores_values(&am) && UNBOUNDED.contains(&col.as_str()) {
             return refuse(&format!("column {col} has values longer than a {am} index entry can hold"));
@@ -418,17 +479,25 @@ unsafe fn index(s: &pg_sys::IndexStmt) -> Option<CustodyError> {
     None
 }
 
+/// A non-concurrent REINDEX that would reach pg_custody's tables.
+///
+/// # Safety
+/// `s` is a valid parse node, in a transaction.
 unsafe fn reindex(s: &pg_sys::ReindexStmt) -> Option<CustodyError> {
     use pg_sys::ReindexObjectType::*;
+    // SAFETY: params is NIL or a List of DefElem (caller's contract).
     if unsafe { option_on(s.params, "concurrently") } {
         return None;
     }
     match s.kind {
         REINDEX_OBJECT_INDEX | REINDEX_OBJECT_TABLE => {
+            // SAFETY: the statement's RangeVar, in a transaction (caller's contract).
             let r = unsafe { relid(s.relation) };
             covered(r).and_then(|_| would_block("REINDEX", r, CONCURRENTLY))
         }
         REINDEX_OBJECT_SCHEMA => {
+            // SAFETY: the grammar always names the schema of REINDEX SCHEMA, so `name` is a
+            // NUL-terminated string.
             let name = unsafe { CStr::from_ptr(s.name) }.to_string_lossy().into_owned();
             // pg_toast holds the log's TOAST table.
             let reaches_ours = Some(name.clone()) == own_schema_name() || name == "pg_toast";
@@ -447,10 +516,15 @@ unsafe fn reindex(s: &pg_sys::ReindexStmt) -> Option<CustodyError> {
 
 /// Privileges that would let someone write a protected table (only REVOKE and SELECT-like
 /// grants are harmless).
+///
+/// # Safety
+/// `s` is a valid parse node, in a transaction.
 unsafe fn grant(s: &pg_sys::GrantStmt) -> Option<CustodyError> {
     if !s.is_grant || s.objtype != pg_sys::ObjectType::OBJECT_TABLE {
         return None;
     }
+    // SAFETY: privileges is a List of AccessPriv (caller's contract); priv_name is NULL (ALL
+    // on columns) or a string, both of which `cstr` takes.
     let writes = s.privileges.is_null()
         || unsafe {
             list::<pg_sys::AccessPriv>(s.privileges).any(|p| {
@@ -462,11 +536,13 @@ unsafe fn grant(s: &pg_sys::GrantStmt) -> Option<CustodyError> {
         return None;
     }
     let target = match s.targtype {
+        // SAFETY: for tables, ACL_TARGET_OBJECT's objects are a List of RangeVar; in a transaction.
         pg_sys::GrantTargetType::ACL_TARGET_OBJECT => unsafe {
             list::<pg_sys::RangeVar>(s.objects).map(|rv| relid(rv)).find_map(protected)
         },
         pg_sys::GrantTargetType::ACL_TARGET_ALL_IN_SCHEMA => {
             let own = own_schema_name();
+            // SAFETY: ALL TABLES IN SCHEMA's objects are a List of String nodes (schema names).
             let names: Vec<String> = unsafe { list::<pg_sys::String>(s.objects).map(|n| cstr((*n).sval)).collect() };
             names.iter().any(|n| Some(n) == own.as_ref()).then_some(Table::AuditLog)
         }

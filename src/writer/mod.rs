@@ -353,6 +353,7 @@ fn checkpoint(chain: &mut Chain, signer: &Signer, queue: &Consumer, archiver: &m
         ))
         .expect("no NUL");
         Spi::connect_mut(|client| {
+            // SAFETY: a timestamptz is an int8 passed by value: any i64 is a valid datum of it.
             let ts = |us: i64| unsafe { DatumWithOid::new(us - PG_EPOCH_OFFSET_US, pg_sys::TIMESTAMPTZOID) };
             client
                 .update(
@@ -475,6 +476,9 @@ fn try_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             })
         })
         .execute();
+    // SAFETY: the transaction started above is still current: on success its snapshot is
+    // popped and it commits; after a caught ERROR (pgrx has flushed PostgreSQL's error state)
+    // AbortCurrentTransaction rolls it back and releases the snapshot with it.
     unsafe {
         match &result {
             Ok(_) => {

@@ -73,6 +73,10 @@ impl JsonCache {
     }
 
     /// The jsonb datum of a value, built on first use (inside a transaction).
+    ///
+    /// # Safety
+    /// In a transaction; the datum points into the cache, so it is used only before the cache
+    /// is trimmed (within the batch).
     unsafe fn datum(&mut self, key: JsonKey) -> pg_sys::Datum {
         let (value, jsonb) = self.0.entry(key);
         if jsonb.is_none() {
@@ -122,6 +126,13 @@ pub unsafe fn insert(rows: &[Row], json: &mut JsonCache) {
     if inet.len() >= CACHE_ENTRIES {
         inet.clear();
     }
+    // SAFETY: in the writer's transaction, in the log's database (our contract). The snapshot
+    // pushed is popped at the end; the log is opened with RowExclusiveLock and checked to be
+    // as pg_custody made it before anything is inserted; the slots use a private copy of its
+    // descriptor, whose `natts` bounds the values/nulls slices and `attno` (positions in that
+    // descriptor); each slot is dropped after its index entries are inserted; the ResultRelInfo
+    // is palloc0'd and initialised as InitResultRelInfo expects. On ERROR the transaction's
+    // abort releases all of it.
     unsafe {
         let relid = crate::scan::log_oid();
         if relid == pg_sys::InvalidOid {
@@ -184,6 +195,9 @@ pub unsafe fn insert(rows: &[Row], json: &mut JsonCache) {
 
 /// The row's values in `scan::COLUMNS` order; None is NULL. Varlena values are palloc'd in
 /// the transaction's memory or point into the caches (table_multi_insert copies them).
+///
+/// # Safety
+/// In a transaction; the datums are used before either cache is trimmed or cleared.
 unsafe fn datums(
     row: &Row,
     json: &mut JsonCache,
@@ -191,6 +205,8 @@ unsafe fn datums(
 ) -> [Option<pg_sys::Datum>; 23] {
     let r = &row.rec;
     let ts = |us: i64| Some(pg_sys::Datum::from(us - PG_EPOCH_OFFSET_US));
+    // SAFETY: in a transaction (caller's contract), which is all varlena, cached_inet and
+    // JsonCache::datum need.
     unsafe {
         [
             Some(pg_sys::Datum::from(r.seq)),
@@ -221,20 +237,30 @@ unsafe fn datums(
 }
 
 /// A text or bytea datum (the same varlena layout).
+///
+/// # Safety
+/// In a transaction (the datum is palloc'd in the current memory context).
 unsafe fn varlena(bytes: &[u8]) -> pg_sys::Datum {
     // Record strings are far below 1 GB: statements are truncated at max_statement_length.
+    // SAFETY: `bytes` is a valid slice of the length passed; the copy goes to palloc'd memory.
     unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(bytes.as_ptr().cast(), bytes.len() as i32)) }
 }
 
 /// An inet datum, from the cache or built by its input function.
+///
+/// # Safety
+/// In a transaction; the datum may point into `cache`, so it is used only while the entry
+/// stays (the cache is not cleared during a batch).
 unsafe fn cached_inet(cache: &mut HashMap<String, Box<[u64]>>, text: &str) -> pg_sys::Datum {
     if let Some(v) = cache.get(text) {
         return pg_sys::Datum::from(v.as_ptr());
     }
+    // SAFETY: in a transaction (caller's contract).
     let built = unsafe { build(Input::Inet, text) };
     if text.len() > CACHE_MAX_TEXT {
         return built;
     }
+    // SAFETY: inet_in just returned this varlena, in its plain 4-byte-header form.
     let copy = unsafe { copy_varlena(built) };
     let d = pg_sys::Datum::from(copy.as_ptr());
     cache.insert(text.to_owned(), copy);
@@ -242,6 +268,9 @@ unsafe fn cached_inet(cache: &mut HashMap<String, Box<[u64]>>, text: &str) -> pg
 }
 
 /// A varlena's bytes, copied into 8-byte-aligned memory owned by Rust.
+///
+/// # Safety
+/// `d` is a valid, detoasted varlena datum.
 unsafe fn copy_varlena(d: pg_sys::Datum) -> Box<[u64]> {
     // SAFETY: `d` is a detoasted varlena just returned by an input function.
     unsafe {
@@ -253,6 +282,10 @@ unsafe fn copy_varlena(d: pg_sys::Datum) -> Box<[u64]> {
     }
 }
 
+/// A jsonb or inet datum from its text, by the type's input function.
+///
+/// # Safety
+/// In a transaction.
 unsafe fn build(input: Input, text: &str) -> pg_sys::Datum {
     // Text from the capture path never holds NUL (wire.rs); map one to a clear error anyway.
     let c = CString::new(text).unwrap_or_else(|_| pgrx::error!("pg_custody writer: NUL in a {} value", match input {
@@ -263,5 +296,8 @@ unsafe fn build(input: Input, text: &str) -> pg_sys::Datum {
         Input::Jsonb => (pg_sys::F_JSONB_IN, pg_sys::JSONBOID),
         Input::Inet => (pg_sys::F_INET_IN, pg_sys::INETOID),
     };
+    // SAFETY: a built-in input function called with a NUL-terminated C string that outlives
+    // the call, its own type and typmod -1, in a transaction (caller's contract); bad input
+    // raises an ERROR.
     unsafe { pg_sys::OidInputFunctionCall(pg_sys::Oid::from(func), c.as_ptr().cast_mut(), typ, -1) }
 }
