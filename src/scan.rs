@@ -7,6 +7,7 @@
 
 use pgrx::{pg_sys, PgLogLevel, PgSqlErrorCode};
 
+use custody_chain::columns::{Column, SqlType, COLUMNS, NCOLUMNS};
 use custody_chain::Record;
 
 use crate::capture::PG_EPOCH_OFFSET_US;
@@ -61,48 +62,48 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
             let natts = (*desc).natts as usize;
             let values = std::slice::from_raw_parts((*slot).tts_values, natts);
             let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
-            let v = |k: usize| (!nulls[col[k]]).then(|| values[col[k]]);
-            let seq = v(0).map_or(0, |d| d.value() as i64);
+            let v = |c: Column| (!nulls[col[c]]).then(|| values[col[c]]);
+            let seq = v(Column::Seq).map_or(0, |d| d.value() as i64);
             if to_seq.is_some_and(|t| seq > t) {
                 return false;
             }
             let old = pg_sys::CurrentMemoryContext;
             pg_sys::CurrentMemoryContext = row_cxt;
             // Wrapping: an infinite timestamp (tampering) then fails the hash, not the backend.
-            let ts = |k: usize| v(k).map_or(0, |d| (d.value() as i64).wrapping_add(PG_EPOCH_OFFSET_US));
-            let text = |k: usize, out: &mut String| set_text(out, v(k).map(|d| bytes(d)));
-            let opt_text = |k: usize, out: &mut Option<String>| match v(k) {
+            let ts = |c: Column| v(c).map_or(0, |d| (d.value() as i64).wrapping_add(PG_EPOCH_OFFSET_US));
+            let text = |c: Column, out: &mut String| set_text(out, v(c).map(|d| bytes(d)));
+            let opt_text = |c: Column, out: &mut Option<String>| match v(c) {
                 Some(d) => set_text(out.get_or_insert_with(String::new), Some(bytes(d))),
                 None => *out = None,
             };
             rec.seq = seq;
-            rec.event_time = ts(1);
-            rec.logged_at = ts(2);
-            text(3, &mut rec.database_name);
-            text(4, &mut rec.session_user_name);
-            text(5, &mut rec.current_user_name);
-            rec.client_addr = v(6).map(|d| {
+            rec.event_time = ts(Column::EventTime);
+            rec.logged_at = ts(Column::LoggedAt);
+            text(Column::DatabaseName, &mut rec.database_name);
+            text(Column::SessionUserName, &mut rec.session_user_name);
+            text(Column::CurrentUserName, &mut rec.current_user_name);
+            rec.client_addr = v(Column::ClientAddr).map(|d| {
                 let host = pg_sys::OidFunctionCall1Coll(pg_sys::Oid::from(pg_sys::F_HOST), pg_sys::InvalidOid, d);
                 String::from_utf8_lossy(bytes(host)).into_owned()
             });
-            opt_text(7, &mut rec.application_name);
-            rec.backend_pid = v(8).map_or(0, |d| d.value() as i32);
-            rec.nesting_level = v(9).map_or(0, |d| d.value() as i32);
-            rec.xid = v(10).map(|d| d.value() as i64);
-            text(11, &mut rec.class);
-            text(12, &mut rec.command);
+            opt_text(Column::ApplicationName, &mut rec.application_name);
+            rec.backend_pid = v(Column::BackendPid).map_or(0, |d| d.value() as i32);
+            rec.nesting_level = v(Column::NestingLevel).map_or(0, |d| d.value() as i32);
+            rec.xid = v(Column::Xid).map(|d| d.value() as i64);
+            text(Column::Class, &mut rec.class);
+            text(Column::Command, &mut rec.command);
             json_cache.trim(); // nothing is lent between rows
-            let objects = v(13).map(|d| lend_json(&mut json_cache, d, &mut rec.objects));
+            let objects = v(Column::Objects).map(|d| lend_json(&mut json_cache, d, &mut rec.objects));
             if objects.is_none() {
                 rec.objects = serde_json::Value::Null;
             }
-            opt_text(14, &mut rec.statement);
-            rec.statement_sha256 = v(15).map(|d| bytes(d).to_vec());
-            rec.rows = v(16).map(|d| d.value() as i64);
-            text(17, &mut rec.outcome);
-            opt_text(18, &mut rec.sqlstate);
-            opt_text(19, &mut rec.message);
-            let decision = v(20).map(|d| {
+            opt_text(Column::Statement, &mut rec.statement);
+            rec.statement_sha256 = v(Column::StatementSha256).map(|d| bytes(d).to_vec());
+            rec.rows = v(Column::Rows).map(|d| d.value() as i64);
+            text(Column::Outcome, &mut rec.outcome);
+            opt_text(Column::Sqlstate, &mut rec.sqlstate);
+            opt_text(Column::Message, &mut rec.message);
+            let decision = v(Column::Decision).map(|d| {
                 let mut value = serde_json::Value::Null;
                 let key = lend_json(&mut json_cache, d, &mut value);
                 rec.decision = Some(value);
@@ -112,9 +113,9 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
                 rec.decision = None;
             }
             prev.clear();
-            prev.extend_from_slice(v(21).map_or(&[][..], |d| bytes(d)));
+            prev.extend_from_slice(v(Column::PrevHash).map_or(&[][..], |d| bytes(d)));
             hash.clear();
-            hash.extend_from_slice(v(22).map_or(&[][..], |d| bytes(d)));
+            hash.extend_from_slice(v(Column::Hash).map_or(&[][..], |d| bytes(d)));
             pg_sys::CurrentMemoryContext = old;
             pg_sys::MemoryContextReset(row_cxt);
             let go_on = f(&rec, &prev, &hash);
@@ -128,7 +129,7 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
         };
 
         let snapshot = pg_sys::GetActiveSnapshot();
-        let pk = seq_index(rel, col[0]);
+        let pk = seq_index(rel, col[Column::Seq]);
         if pk != pg_sys::InvalidOid {
             let irel = pg_sys::index_open(pk, lock);
             let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
@@ -287,31 +288,46 @@ unsafe fn lend_json(cache: &mut JsonLender<Vec<u8>>, d: pg_sys::Datum, out: &mut
         .expect("json_of always gives a value")
 }
 
-/// The columns of custody.audit_log, in `Record` order, then prev_hash and hash.
-pub const COLUMNS: [&str; 23] = [
-    "seq", "event_time", "logged_at", "database_name", "session_user_name",
-    "current_user_name", "client_addr", "application_name", "backend_pid", "nesting_level",
-    "xid", "class", "command", "objects", "statement", "statement_sha256", "rows", "outcome",
-    "sqlstate", "message", "decision", "prev_hash", "hash",
-];
+/// The type OID of a column type of the log (custody_chain::columns::SqlType).
+fn type_oid(t: SqlType) -> pg_sys::Oid {
+    match t {
+        SqlType::Int8 => pg_sys::INT8OID,
+        SqlType::Int4 => pg_sys::INT4OID,
+        SqlType::Text => pg_sys::TEXTOID,
+        SqlType::Bytea => pg_sys::BYTEAOID,
+        SqlType::Jsonb => pg_sys::JSONBOID,
+        SqlType::Inet => pg_sys::INETOID,
+        SqlType::TimestampTz => pg_sys::TIMESTAMPTZOID,
+    }
+}
 
-/// The type of each of `COLUMNS`.
-const TYPES: [pg_sys::Oid; 23] = [
-    pg_sys::INT8OID, pg_sys::TIMESTAMPTZOID, pg_sys::TIMESTAMPTZOID, pg_sys::TEXTOID,
-    pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::INETOID, pg_sys::TEXTOID, pg_sys::INT4OID,
-    pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::JSONBOID,
-    pg_sys::TEXTOID, pg_sys::BYTEAOID, pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::TEXTOID,
-    pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::BYTEAOID, pg_sys::BYTEAOID,
-];
+/// Where each column of the log (custody_chain::columns) is in a tuple descriptor of the
+/// table: 0-based attribute numbers, indexed by `Column`. They differ from the columns'
+/// own positions only if columns were dropped or added.
+pub struct Positions([usize; NCOLUMNS]);
 
-/// Attribute index (0-based) of each of `COLUMNS`. An ERROR if one is missing or has
-/// another type (possible only if the table was altered while the library was not
-/// loaded): values are read and written by their type, without the SQL layer's checks.
+impl std::ops::Index<Column> for Positions {
+    type Output = usize;
+    fn index(&self, c: Column) -> &usize {
+        &self.0[c.index()]
+    }
+}
+
+impl Positions {
+    /// Whether attribute `att` (0-based) holds one of the log's columns.
+    fn holds(&self, att: usize) -> bool {
+        self.0.contains(&att)
+    }
+}
+
+/// The attribute of each column of the log. An ERROR if one is missing or has another type
+/// (possible only if the table was altered while the library was not loaded): values are
+/// read and written by their type, without the SQL layer's checks.
 ///
 /// # Safety
 /// `desc` is a valid tuple descriptor.
-pub unsafe fn column_positions(desc: pg_sys::TupleDesc) -> [usize; 23] {
-    // SAFETY: `desc` is a valid tuple descriptor (caller's contract).
+pub unsafe fn column_positions(desc: pg_sys::TupleDesc) -> Positions {
+    // SAFETY: `desc` is valid (the caller's contract).
     match unsafe { positions(desc) } {
         Ok(pos) => pos,
         Err(what) => altered(&what),
@@ -323,7 +339,7 @@ pub unsafe fn column_positions(desc: pg_sys::TupleDesc) -> [usize; 23] {
 /// # Safety
 /// `desc` is a valid tuple descriptor.
 pub unsafe fn column_defect(desc: pg_sys::TupleDesc) -> Option<String> {
-    // SAFETY: `desc` is a valid tuple descriptor (caller's contract).
+    // SAFETY: `desc` is valid (the caller's contract), and so are the positions found in it.
     match unsafe { positions(desc) } {
         // SAFETY: the same descriptor, and `pos` came from it.
         Ok(pos) => unsafe { other_columns_defect(desc, &pos) },
@@ -331,14 +347,15 @@ pub unsafe fn column_defect(desc: pg_sys::TupleDesc) -> Option<String> {
     }
 }
 
-/// Attribute index (0-based) of each of `COLUMNS`, or what is wrong.
+/// The columns are found by name, so a table whose columns were reordered (dropped and
+/// added again) is still read correctly; their types must be the ones pg_custody created.
 ///
 /// # Safety
 /// `desc` is a valid tuple descriptor.
-unsafe fn positions(desc: pg_sys::TupleDesc) -> Result<[usize; 23], String> {
-    let mut pos = [usize::MAX; 23];
-    // SAFETY: `desc` is valid (caller's contract) and `i < natts`; attname is a NameData,
-    // NUL-terminated within its NAMEDATALEN bytes.
+unsafe fn positions(desc: pg_sys::TupleDesc) -> Result<Positions, String> {
+    let mut pos = [usize::MAX; NCOLUMNS];
+    // SAFETY: `desc` is valid (caller's contract) and i < natts; the attribute's name is a
+    // NUL-terminated NameData.
     unsafe {
         for i in 0..(*desc).natts as usize {
             let att = crate::pgver::attr(desc, i);
@@ -346,27 +363,29 @@ unsafe fn positions(desc: pg_sys::TupleDesc) -> Result<[usize; 23], String> {
                 continue;
             }
             let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr());
-            if let Some(k) = COLUMNS.iter().position(|c| c.as_bytes() == name.to_bytes()) {
-                if att.atttypid != TYPES[k] {
-                    return Err(format!("column {} has type {}, not {}", COLUMNS[k], u32::from(att.atttypid), u32::from(TYPES[k])));
+            if let Some(c) = Column::by_name(name.to_bytes()) {
+                let want = type_oid(c.sql_type());
+                if att.atttypid != want {
+                    return Err(format!("column {} has type {}, not {}", c.name(), u32::from(att.atttypid), u32::from(want)));
                 }
-                pos[k] = i;
+                pos[c.index()] = i;
             }
         }
     }
     if let Some(k) = pos.iter().position(|&p| p == usize::MAX) {
-        return Err(format!("it has no column {}", COLUMNS[k]));
+        return Err(format!("it has no column {}", COLUMNS[k].name));
     }
-    Ok(pos)
+    Ok(Positions(pos))
 }
 
-/// Columns other than `COLUMNS` (added by a later version, or by someone with the library
-/// unloaded) are left NULL by the writer: refuse to write if that would break a constraint.
+/// Columns other than the log's own (added by a later version, or by someone with the
+/// library unloaded) are left NULL by the writer: refuse to write if that would break a
+/// constraint.
 ///
 /// # Safety
 /// `desc` is a valid tuple descriptor; `pos` came from `column_positions(desc)`.
-pub unsafe fn check_other_columns_nullable(desc: pg_sys::TupleDesc, pos: &[usize; 23]) {
-    // SAFETY: the caller's contract is other_columns_defect's.
+pub unsafe fn check_other_columns_nullable(desc: pg_sys::TupleDesc, pos: &Positions) {
+    // SAFETY: `desc` is valid and `pos` was found in it (the caller's contract).
     if let Some(what) = unsafe { other_columns_defect(desc, pos) } {
         altered(&what);
     }
@@ -375,14 +394,14 @@ pub unsafe fn check_other_columns_nullable(desc: pg_sys::TupleDesc, pos: &[usize
 /// The first column the writer leaves NULL that may not be NULL, if any.
 ///
 /// # Safety
-/// `desc` is a valid tuple descriptor.
-unsafe fn other_columns_defect(desc: pg_sys::TupleDesc, pos: &[usize; 23]) -> Option<String> {
-    // SAFETY: `desc` is valid (caller's contract) and `i < natts`; attname is a NameData,
-    // NUL-terminated within its NAMEDATALEN bytes.
+/// `desc` is a valid tuple descriptor and `pos` was found in it.
+unsafe fn other_columns_defect(desc: pg_sys::TupleDesc, pos: &Positions) -> Option<String> {
+    // SAFETY: `desc` is valid (caller's contract) and i < natts; the attribute's name is a
+    // NUL-terminated NameData.
     unsafe {
         for i in 0..(*desc).natts as usize {
             let att = crate::pgver::attr(desc, i);
-            if !att.attisdropped && !pos.contains(&i) && (att.attnotnull || att.atthasdef || att.attgenerated != 0) {
+            if !att.attisdropped && !pos.holds(i) && (att.attnotnull || att.atthasdef || att.attgenerated != 0) {
                 let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy();
                 return Some(format!("column {name} is not one pg_custody writes, and it is NOT NULL, has a default or is generated"));
             }
@@ -400,4 +419,57 @@ fn altered(what: &str) -> ! {
     .set_hint("The table was altered while pg_custody was not loaded. Verify the chain from an export, and restore the table's definition.")
     .report(PgLogLevel::ERROR);
     unreachable!()
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use custody_chain::columns::{Column, COLUMNS};
+    use pgrx::prelude::*;
+
+    /// The table sql/bootstrap.sql created has exactly the columns of custody_chain::columns:
+    /// the same names, types and nullability, in the same order; and the server-side lookup
+    /// finds each column at its own position, with nothing to report.
+    #[pg_test]
+    fn audit_log_is_created_as_the_row_definition_says() {
+        let got: Vec<(String, String, bool)> = Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT attname::text, pg_catalog.format_type(atttypid, atttypmod), NOT attnotnull \
+                     FROM pg_catalog.pg_attribute \
+                     WHERE attrelid = 'custody.audit_log'::pg_catalog.regclass AND attnum > 0 AND NOT attisdropped \
+                     ORDER BY attnum",
+                    None,
+                    &[],
+                )?
+                .map(|row| {
+                    Ok((
+                        row.get::<String>(1)?.unwrap_or_default(),
+                        row.get::<String>(2)?.unwrap_or_default(),
+                        row.get::<bool>(3)?.unwrap_or_default(),
+                    ))
+                })
+                .collect::<Result<_, pgrx::spi::Error>>()
+        })
+        .unwrap();
+        let want: Vec<(String, String, bool)> =
+            COLUMNS.iter().map(|c| (c.name.to_string(), c.sql_type.name().to_string(), c.nullable)).collect();
+        assert_eq!(got, want);
+
+        let relid = super::log_oid();
+        assert_ne!(relid, pg_sys::InvalidOid);
+        // SAFETY: in the test's transaction; the relation is opened and closed here.
+        unsafe {
+            let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+            let rel = pg_sys::table_open(relid, lock);
+            let desc = (*rel).rd_att;
+            assert_eq!((*desc).natts as usize, COLUMNS.len());
+            let pos = super::column_positions(desc);
+            for c in Column::ALL {
+                assert_eq!(pos[c], c.index(), "{}", c.name());
+            }
+            assert_eq!(super::column_defect(desc), None);
+            pg_sys::table_close(rel, lock);
+        }
+    }
 }

@@ -13,6 +13,7 @@ use std::ffi::CString;
 
 use pgrx::pg_sys;
 
+use custody_chain::columns::Column;
 use custody_chain::{Hash, Record};
 
 use crate::capture::PG_EPOCH_OFFSET_US;
@@ -126,13 +127,9 @@ pub unsafe fn insert(rows: &[Row], json: &mut JsonCache) {
     if inet.len() >= CACHE_ENTRIES {
         inet.clear();
     }
-    // SAFETY: in the writer's transaction, in the log's database (our contract). The snapshot
-    // pushed is popped at the end; the log is opened with RowExclusiveLock and checked to be
-    // as pg_custody made it before anything is inserted; the slots use a private copy of its
-    // descriptor, whose `natts` bounds the values/nulls slices and `attno` (positions in that
-    // descriptor); each slot is dropped after its index entries are inserted; the ResultRelInfo
-    // is palloc0'd and initialised as InitResultRelInfo expects. On ERROR the transaction's
-    // abort releases all of it.
+    // SAFETY: in a transaction in the log's database (the caller's contract). The slots use
+    // a copy of the descriptor, their value arrays have natts entries, and `attno` holds
+    // attribute numbers below natts (scan::column_positions).
     unsafe {
         let relid = crate::scan::log_oid();
         if relid == pg_sys::InvalidOid {
@@ -166,10 +163,10 @@ pub unsafe fn insert(rows: &[Row], json: &mut JsonCache) {
             let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
             let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
             nulls.fill(true); // columns added by a later version and unknown here stay NULL
-            for (i, d) in datums(row, json, inet).into_iter().enumerate() {
-                if let Some(v) = d {
-                    values[attno[i]] = v;
-                    nulls[attno[i]] = false;
+            for c in Column::ALL {
+                if let Some(v) = datum(row, c, json, inet) {
+                    values[attno[c]] = v;
+                    nulls[attno[c]] = false;
                 }
             }
             pg_sys::ExecStoreVirtualTuple(slot);
@@ -193,46 +190,50 @@ pub unsafe fn insert(rows: &[Row], json: &mut JsonCache) {
     }
 }
 
-/// The row's values in `scan::COLUMNS` order; None is NULL. Varlena values are palloc'd in
-/// the transaction's memory or point into the caches (table_multi_insert copies them).
+/// The row's value for column `c`; None is NULL (only for the columns that may be, see
+/// custody_chain::columns). Varlena values are palloc'd in the transaction's memory or point
+/// into the caches (table_multi_insert copies them).
 ///
 /// # Safety
-/// In a transaction; the datums are used before either cache is trimmed or cleared.
-unsafe fn datums(
+/// In a transaction; the datum is used before either cache is trimmed or cleared.
+unsafe fn datum(
     row: &Row,
+    c: Column,
     json: &mut JsonCache,
     inet: &mut HashMap<String, Box<[u64]>>,
-) -> [Option<pg_sys::Datum>; 23] {
+) -> Option<pg_sys::Datum> {
     let r = &row.rec;
     let ts = |us: i64| Some(pg_sys::Datum::from(us - PG_EPOCH_OFFSET_US));
-    // SAFETY: in a transaction (caller's contract), which is all varlena, cached_inet and
-    // JsonCache::datum need.
+    // SAFETY: in the writer's transaction (insert's contract), where varlena and the input
+    // functions behind cached_inet and JsonCache::datum may palloc and raise.
     unsafe {
-        [
-            Some(pg_sys::Datum::from(r.seq)),
-            ts(r.event_time),
-            ts(r.logged_at),
-            Some(varlena(r.database_name.as_bytes())),
-            Some(varlena(r.session_user_name.as_bytes())),
-            Some(varlena(r.current_user_name.as_bytes())),
-            r.client_addr.as_deref().map(|a| cached_inet(inet, a)),
-            r.application_name.as_deref().map(|s| varlena(s.as_bytes())),
-            Some(pg_sys::Datum::from(r.backend_pid)),
-            Some(pg_sys::Datum::from(r.nesting_level)),
-            r.xid.map(pg_sys::Datum::from),
-            Some(varlena(r.class.as_bytes())),
-            Some(varlena(r.command.as_bytes())),
-            Some(json.datum(row.objects)),
-            r.statement.as_deref().map(|s| varlena(s.as_bytes())),
-            r.statement_sha256.as_deref().map(|h| varlena(h)),
-            r.rows.map(pg_sys::Datum::from),
-            Some(varlena(r.outcome.as_bytes())),
-            r.sqlstate.as_deref().map(|s| varlena(s.as_bytes())),
-            r.message.as_deref().map(|s| varlena(s.as_bytes())),
-            row.decision.map(|k| json.datum(k)),
-            Some(varlena(&row.prev)),
-            Some(varlena(&row.hash)),
-        ]
+        let text = |s: &str| Some(varlena(s.as_bytes()));
+        let opt_text = |s: &Option<String>| s.as_deref().and_then(text);
+        match c {
+            Column::Seq => Some(pg_sys::Datum::from(r.seq)),
+            Column::EventTime => ts(r.event_time),
+            Column::LoggedAt => ts(r.logged_at),
+            Column::DatabaseName => text(&r.database_name),
+            Column::SessionUserName => text(&r.session_user_name),
+            Column::CurrentUserName => text(&r.current_user_name),
+            Column::ClientAddr => r.client_addr.as_deref().map(|a| cached_inet(inet, a)),
+            Column::ApplicationName => opt_text(&r.application_name),
+            Column::BackendPid => Some(pg_sys::Datum::from(r.backend_pid)),
+            Column::NestingLevel => Some(pg_sys::Datum::from(r.nesting_level)),
+            Column::Xid => r.xid.map(pg_sys::Datum::from),
+            Column::Class => text(&r.class),
+            Column::Command => text(&r.command),
+            Column::Objects => Some(json.datum(row.objects)),
+            Column::Statement => opt_text(&r.statement),
+            Column::StatementSha256 => r.statement_sha256.as_deref().map(|h| varlena(h)),
+            Column::Rows => r.rows.map(pg_sys::Datum::from),
+            Column::Outcome => text(&r.outcome),
+            Column::Sqlstate => opt_text(&r.sqlstate),
+            Column::Message => opt_text(&r.message),
+            Column::Decision => row.decision.map(|k| json.datum(k)),
+            Column::PrevHash => Some(varlena(&row.prev)),
+            Column::Hash => Some(varlena(&row.hash)),
+        }
     }
 }
 

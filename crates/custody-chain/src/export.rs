@@ -142,7 +142,9 @@ impl ExportLine {
 }
 
 /// A record line's fields, for `ExportLine::parse`'s direct path: the same fields and
-/// attributes as `Record` and `RecordLine`, without the flatten.
+/// attributes as `Record` and `RecordLine`, without the flatten. A record line's keys are the
+/// log's columns, in order (`columns::COLUMNS`; tested there and in
+/// `direct_record_path_agrees_with_the_general_one`).
 #[derive(Deserialize)]
 struct FlatRecordLine {
     #[serde(rename = "type")]

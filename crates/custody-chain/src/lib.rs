@@ -3,6 +3,7 @@
 //! verifier. Pure Rust: no `pg_sys`, no pgrx. The format is specified in
 //! `docs/chain-format.md`; golden vectors there are pinned by tests here.
 
+pub mod columns;
 pub mod export;
 pub mod hex;
 pub mod merkle;
@@ -17,6 +18,7 @@ pub type Hash = [u8; 32];
 /// prefix. Bump it (and keep the old encoder) for any change to the encoding.
 pub const FORMAT_VERSION: u8 = 1;
 
+pub use columns::{Column, ColumnDef, SqlType, COLUMNS};
 pub use export::{verify_export, Digest, ExportError, ExportLine, FailureClass, Report};
 pub use merkle::{merkle_root, MerkleBuilder};
 pub use note::{
