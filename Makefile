@@ -36,7 +36,7 @@ BENCH_BEFORE  ?=
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup deps pgrx build install install-dev demo test test-version test-unit \
+.PHONY: all setup deps pgrx build install install-dev demo test test-version lint test-unit \
         test-pg test-regress test-client bench stop clean
 
 all: build
@@ -90,12 +90,18 @@ test:
 	    $(MAKE) test-version PG=$$v || exit 1; \
 	done
 
-# Every kind of test that needs a server, on PostgreSQL $(ONE_PG).
+# Every kind of test that needs a server, on PostgreSQL $(ONE_PG) (and the lints for it).
 test-version:
+	$(MAKE) lint
 	$(MAKE) test-pg
 	$(MAKE) install-dev
 	$(MAKE) test-regress
 	$(MAKE) test-client
+
+# 0. clippy, warnings as errors: every unsafe block documented (src/lib.rs), per version
+lint: setup
+	cargo clippy --lib --no-default-features --features pg$(ONE_PG) -- -D warnings
+	cargo clippy -p custody-chain -p custody-cli -p custody-policy -- -D warnings
 
 # 1. pure unit tests (no PostgreSQL)
 test-unit:

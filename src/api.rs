@@ -259,8 +259,11 @@ fn verify_with_checkpoints(
 struct LineReader<'a> {
     buf: Vec<u8>,
     pos: usize,
-    refill: Box<dyn FnMut(&mut Vec<u8>) -> bool + 'a>,
+    refill: Refill<'a>,
 }
+
+/// Appends the next lines to the buffer; false when there are no more.
+type Refill<'a> = Box<dyn FnMut(&mut Vec<u8>) -> bool + 'a>;
 
 impl std::io::Read for LineReader<'_> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
@@ -328,6 +331,7 @@ fn audit_digest() -> Option<JsonB> {
 
 /// The last record of the chain.
 #[pg_extern(stable, parallel_safe)]
+#[allow(clippy::type_complexity)] // pgrx reads the column names from this signature
 fn audit_head() -> TableIterator<
     'static,
     (name!(seq, Option<i64>), name!(hash, Option<Vec<u8>>), name!(logged_at, Option<pgrx::datum::TimestampWithTimeZone>)),

@@ -6,6 +6,7 @@
 //!   types and catalogs every pinned query of pg_custody resolves to), or
 //! - one of pg_custody's objects: any of its OID columns names the extension, its schema, a
 //!   member object, or a protected table's index, TOAST table or row type.
+//!
 //! Rows of users' objects stay editable, as PostgreSQL's own regression suite edits them.
 //!
 //! The check reads the catalog with SnapshotAny for the row versions the statement's command

@@ -15,6 +15,7 @@
 //! - the writer and the store functions check their tables are as pg_custody made them
 //!   before they write (`table`), since triggers or index expressions added while the library
 //!   was unloaded would otherwise run inside pg_custody's own work.
+//!
 //! What is done with the library unloaded is what the hash chain and the head the writer
 //! remembers detect.
 
@@ -308,7 +309,7 @@ pub fn running_extension_script<R>(depth: i32, f: impl FnOnce() -> R) -> R {
         }
     }
     // SAFETY: single-threaded backend.
-    let _restore = Restore(unsafe { std::mem::replace(&mut *std::ptr::addr_of_mut!(EXTENSION_DEPTH), Some(depth)) });
+    let _restore = Restore(unsafe { (*std::ptr::addr_of_mut!(EXTENSION_DEPTH)).replace(depth) });
     f()
 }
 

@@ -420,7 +420,7 @@ fn append_from_queue(chain: &mut Chain, batch: &[Vec<u8>]) {
     // A table pg_custody does not write to (changed while unloaded) is not a bad record:
     // end, and let the next writer refuse with the reason.
     // SAFETY: inside a transaction; the relation is opened and closed there.
-    if let Some(what) = BackgroundWorker::transaction(|| crate::scan::log_defect()) {
+    if let Some(what) = BackgroundWorker::transaction(crate::scan::log_defect) {
         error!("pg_custody writer: {what}");
     }
     warning!("pg_custody writer: a batch of {} records could not be stored ({e}); storing them one at a time", batch.len());
