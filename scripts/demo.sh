@@ -143,6 +143,29 @@ psql -qc "UPDATE custody.audit_log l SET statement = s.statement FROM demo_saved
 loaded
 psql -c "SELECT * FROM custody.verify_audit_chain()"
 
+say "Invisible to applications: an error reaches the client exactly as PostgreSQL raised it"
+cat > "$dir.errors.sql" <<'SQL'
+CREATE OR REPLACE FUNCTION demo_withdraw(amount int) RETURNS int LANGUAGE plpgsql AS $f$
+BEGIN
+    IF amount > 100 THEN
+        RAISE EXCEPTION 'limit exceeded: %', amount USING ERRCODE = 'P0100', HINT = 'ask a teller';
+    END IF;
+    RETURN amount;
+END $f$;
+-- a PL/pgSQL handler catches the application's own SQLSTATE
+DO $$ BEGIN PERFORM demo_withdraw(500); EXCEPTION WHEN SQLSTATE 'P0100' THEN RAISE NOTICE 'caught P0100'; END $$;
+\set VERBOSITY verbose
+\set ON_ERROR_STOP 0
+-- SQLSTATE, hint, context; then a position in a utility statement
+SELECT demo_withdraw(500);
+CREATE TABLE demo_bad (a no_such_type);
+SQL
+chmod 644 "$dir.errors.sql"
+"$here/cluster.sh" psql "$port" -q -f "$dir.errors.sql" 2>&1 || true
+psql -c "SELECT custody.flush()" -qAt >/dev/null
+psql -c "SELECT seq, outcome, sqlstate, message, statement FROM custody.audit_log
+         WHERE statement IN ('SELECT demo_withdraw(500)', 'CREATE TABLE demo_bad (a no_such_type)') ORDER BY seq"
+
 say "Signed checkpoints, and a digest to keep outside the database"
 for _ in $(seq 50); do   # wait for the next checkpoint (custody.checkpoint_interval = 1s here)
     [ "$(psql -qAt -c "SELECT (custody.status()->>'last_checkpoint_seq')::int8 > 0")" = t ] && break

@@ -62,10 +62,11 @@ pgrx-init)
         grep -qs "^pg$major *= *\"$pg_config\"" "$HOME/.pgrx/config.toml" || missing=true
     done
     if $missing; then
-        for major in 15 16 17 18; do   # keep versions configured before
+        for major in 15 16 17 18; do   # keep versions configured before, where they are
             case " $* " in *" $major "*) continue ;; esac
-            if grep -qs "^pg$major *=" "$HOME/.pgrx/config.toml"; then
-                args+=("--pg$major" "$(bindir "$major")/pg_config")
+            kept=$(sed -n "s/^pg$major *= *\"\(.*\)\"/\1/p" "$HOME/.pgrx/config.toml" 2>/dev/null || true)
+            if [ -n "$kept" ] && [ -x "$kept" ]; then
+                args+=("--pg$major" "$kept")
             fi
         done
         cargo pgrx init "${args[@]}"

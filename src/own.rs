@@ -152,17 +152,11 @@ pub unsafe fn is_own_text(text: *const c_char) -> bool {
     })
 }
 
-/// Runs `f` (standard ExecutorStart of an own statement) with `rtable` marked as that
-/// statement's range table, for the permission check inside it.
-pub fn starting<R>(rtable: *mut pg_sys::List, f: impl FnOnce() -> R) -> R {
-    struct Clear(*mut pg_sys::List);
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            state().rtable = self.0;
-        }
-    }
-    let _clear = Clear(std::mem::replace(&mut state().rtable, rtable));
-    f()
+/// Marks `rtable` as the range table of the own statement whose ExecutorStart is about to
+/// run (NULL: none), for the permission check inside it; returns the previous one, to put
+/// back when it returned (an ERROR leaves that to the abort, `hooks::HookState`).
+pub fn set_starting(rtable: *mut pg_sys::List) -> *mut pg_sys::List {
+    std::mem::replace(&mut state().rtable, rtable)
 }
 
 /// Whether `rtable` is the range table of the own statement being started.

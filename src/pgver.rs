@@ -101,12 +101,12 @@ unsafe fn permissions(rte: &pg_sys::RangeTblEntry, perm_infos: PermInfos) -> Per
 }
 
 /// ExecutorCheckPerms_hook: PostgreSQL 16 added the permission list to its arguments. Both
-/// forms call `crate::hooks::executor::check_perms`.
+/// forms call `crate::hooks::executor::check_perms`, a plain frame that guards its own parts
+/// (`crate::hooks::guarded`) and lets an ERROR of the previous hook pass through.
 ///
 /// # Safety
 /// Called only by PostgreSQL, as ExecutorCheckPerms_hook.
 #[cfg(feature = "pg15")]
-#[pgrx::pg_guard]
 pub unsafe extern "C-unwind" fn check_perms_hook(rtable: *mut pg_sys::List, ereport: bool) -> bool {
     // SAFETY: called as ExecutorCheckPerms_hook, so `rtable` is PostgreSQL's range table, as
     // check_perms requires; 15 has no permission list (NIL).
@@ -118,7 +118,6 @@ pub unsafe extern "C-unwind" fn check_perms_hook(rtable: *mut pg_sys::List, erep
 /// # Safety
 /// Called only by PostgreSQL, as ExecutorCheckPerms_hook.
 #[cfg(not(feature = "pg15"))]
-#[pgrx::pg_guard]
 pub unsafe extern "C-unwind" fn check_perms_hook(rtable: *mut pg_sys::List, perm_infos: PermInfos, ereport: bool) -> bool {
     // SAFETY: called as ExecutorCheckPerms_hook, so the range table and its permission list
     // are PostgreSQL's own, as check_perms requires.
@@ -324,12 +323,11 @@ pub unsafe fn primary_key_index(rel: pg_sys::Relation) -> pg_sys::Oid {
 }
 
 /// ExecutorRun_hook: PostgreSQL 18 dropped `execute_once`. Both forms call
-/// `crate::hooks::executor::run`.
+/// `crate::hooks::executor::run`, a plain frame that guards its own parts.
 ///
 /// # Safety
 /// Called only by PostgreSQL, as ExecutorRun_hook.
 #[cfg(not(feature = "pg18"))]
-#[pgrx::pg_guard]
 pub unsafe extern "C-unwind" fn executor_run_hook(
     qd: *mut pg_sys::QueryDesc,
     direction: pg_sys::ScanDirection::Type,
@@ -346,17 +344,93 @@ pub unsafe extern "C-unwind" fn executor_run_hook(
 /// # Safety
 /// Called only by PostgreSQL, as ExecutorRun_hook.
 #[cfg(feature = "pg18")]
-#[pgrx::pg_guard]
 pub unsafe extern "C-unwind" fn executor_run_hook(qd: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64) {
     // SAFETY: called as ExecutorRun_hook, so these are PostgreSQL's own arguments, as run
     // requires; 18 always runs a plan to completion once.
     unsafe { crate::hooks::executor::run(qd, direction, count, true) }
 }
 
-/// Calls the previous ExecutorRun_hook, or standard_ExecutorRun.
+/// PostgreSQL's standard executor and utility functions, declared here again so that they are
+/// called without pgrx's FFI boundary. pgrx wraps every function it binds: an ERROR raised
+/// inside is caught, copied into a Rust panic and raised again at the hook's edge — with its
+/// message, detail and hint only, so the client would lose the error's position, context,
+/// internal query, schema/table/column/datatype/constraint fields and any SQLSTATE pgrx does
+/// not know. Called directly, the ERROR longjmps through the hook to PostgreSQL's own handler
+/// exactly as it was raised. A hook that calls them must be a plain frame: nothing with a
+/// destructor alive across the call (`crate::hooks::guarded` runs its own parts).
+mod raw {
+    use pgrx::pg_sys;
+    extern "C-unwind" {
+        pub fn standard_ExecutorStart(qd: *mut pg_sys::QueryDesc, eflags: std::ffi::c_int);
+        pub fn standard_planner(
+            parse: *mut pg_sys::Query,
+            query_string: *const std::ffi::c_char,
+            cursor_options: std::ffi::c_int,
+            bound_params: pg_sys::ParamListInfo,
+        ) -> *mut pg_sys::PlannedStmt;
+        #[cfg(not(feature = "pg18"))]
+        pub fn standard_ExecutorRun(qd: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64, execute_once: bool);
+        #[cfg(feature = "pg18")]
+        pub fn standard_ExecutorRun(qd: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64);
+        pub fn standard_ExecutorFinish(qd: *mut pg_sys::QueryDesc);
+        pub fn standard_ExecutorEnd(qd: *mut pg_sys::QueryDesc);
+        #[allow(clippy::too_many_arguments)]
+        pub fn standard_ProcessUtility(
+            pstmt: *mut pg_sys::PlannedStmt,
+            query_string: *const std::ffi::c_char,
+            read_only_tree: bool,
+            context: pg_sys::ProcessUtilityContext::Type,
+            params: pg_sys::ParamListInfo,
+            query_env: *mut pg_sys::QueryEnvironment,
+            dest: *mut pg_sys::DestReceiver,
+            qc: *mut pg_sys::QueryCompletion,
+        );
+    }
+}
+
+/// Calls the previous planner_hook, or standard_planner; an ERROR passes through.
 ///
 /// # Safety
-/// The arguments PostgreSQL passed to the hook.
+/// The arguments PostgreSQL passed to the hook; the caller is a plain frame (see `raw`).
+#[inline(always)]
+pub unsafe fn call_planner(
+    prev: pg_sys::planner_hook_type,
+    parse: *mut pg_sys::Query,
+    query_string: *const std::ffi::c_char,
+    cursor_options: i32,
+    bound_params: pg_sys::ParamListInfo,
+) -> *mut pg_sys::PlannedStmt {
+    // SAFETY: `prev` is the hook installed before ours (standard_planner when none), called
+    // with the arguments PostgreSQL passed to our hook (caller's contract).
+    unsafe {
+        match prev {
+            Some(prev) => prev(parse, query_string, cursor_options, bound_params),
+            None => raw::standard_planner(parse, query_string, cursor_options, bound_params),
+        }
+    }
+}
+
+/// Calls the previous ExecutorStart_hook, or standard_ExecutorStart; an ERROR passes through.
+///
+/// # Safety
+/// The arguments PostgreSQL passed to the hook; the caller is a plain frame (see `raw`).
+#[inline(always)]
+pub unsafe fn call_executor_start(prev: pg_sys::ExecutorStart_hook_type, qd: *mut pg_sys::QueryDesc, eflags: i32) {
+    // SAFETY: `prev` is the hook installed before ours (standard_ExecutorStart when none),
+    // called with the arguments PostgreSQL passed to our hook (caller's contract).
+    unsafe {
+        match prev {
+            Some(prev) => prev(qd, eflags),
+            None => raw::standard_ExecutorStart(qd, eflags),
+        }
+    }
+}
+
+/// Calls the previous ExecutorRun_hook, or standard_ExecutorRun; an ERROR passes through.
+///
+/// # Safety
+/// The arguments PostgreSQL passed to the hook; the caller is a plain frame (see `raw`).
+#[inline(always)]
 pub unsafe fn call_executor_run(
     prev: pg_sys::ExecutorRun_hook_type,
     qd: *mut pg_sys::QueryDesc,
@@ -370,15 +444,75 @@ pub unsafe fn call_executor_run(
         #[cfg(not(feature = "pg18"))]
         match prev {
             Some(prev) => prev(qd, direction, count, execute_once),
-            None => pg_sys::standard_ExecutorRun(qd, direction, count, execute_once),
+            None => raw::standard_ExecutorRun(qd, direction, count, execute_once),
         }
         #[cfg(feature = "pg18")]
         {
             let _ = execute_once;
             match prev {
                 Some(prev) => prev(qd, direction, count),
-                None => pg_sys::standard_ExecutorRun(qd, direction, count),
+                None => raw::standard_ExecutorRun(qd, direction, count),
             }
+        }
+    }
+}
+
+/// Calls the previous ExecutorFinish_hook, or standard_ExecutorFinish; an ERROR passes through.
+///
+/// # Safety
+/// The QueryDesc PostgreSQL passed to the hook; the caller is a plain frame (see `raw`).
+#[inline(always)]
+pub unsafe fn call_executor_finish(prev: pg_sys::ExecutorFinish_hook_type, qd: *mut pg_sys::QueryDesc) {
+    // SAFETY: `prev` is the hook installed before ours (the standard function when none),
+    // called with the QueryDesc PostgreSQL passed to our hook (caller's contract).
+    unsafe {
+        match prev {
+            Some(prev) => prev(qd),
+            None => raw::standard_ExecutorFinish(qd),
+        }
+    }
+}
+
+/// Calls the previous ExecutorEnd_hook, or standard_ExecutorEnd; an ERROR passes through.
+///
+/// # Safety
+/// The QueryDesc PostgreSQL passed to the hook; the caller is a plain frame (see `raw`).
+#[inline(always)]
+pub unsafe fn call_executor_end(prev: pg_sys::ExecutorEnd_hook_type, qd: *mut pg_sys::QueryDesc) {
+    // SAFETY: `prev` is the hook installed before ours (the standard function when none),
+    // called with the QueryDesc PostgreSQL passed to our hook (caller's contract).
+    unsafe {
+        match prev {
+            Some(prev) => prev(qd),
+            None => raw::standard_ExecutorEnd(qd),
+        }
+    }
+}
+
+/// Calls the previous ProcessUtility_hook, or standard_ProcessUtility; an ERROR passes through.
+///
+/// # Safety
+/// The arguments PostgreSQL passed to the hook (`context` may be any value of its enum); the
+/// caller is a plain frame (see `raw`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub unsafe fn call_process_utility(
+    prev: pg_sys::ProcessUtility_hook_type,
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: `prev` is the hook installed before ours (the standard function when none),
+    // called with the arguments PostgreSQL passed to our hook (caller's contract).
+    unsafe {
+        match prev {
+            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            None => raw::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         }
     }
 }

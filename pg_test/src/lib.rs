@@ -460,6 +460,7 @@ pub struct Rec {
     pub nesting_level: i32,
     pub session_user_name: String,
     pub objects: String,
+    pub rows: Option<i64>,
 }
 
 /// Records of `table` (e.g. `custody.audit_log`) matching `condition` (SQL over its columns,
@@ -472,7 +473,7 @@ pub fn records_where(
 ) -> Vec<Rec> {
     let sql = format!(
         "SELECT seq, class, command, outcome, sqlstate, statement, message, nesting_level, \
-         session_user_name, objects::text FROM {table} WHERE {condition} ORDER BY seq"
+         session_user_name, objects::text, rows FROM {table} WHERE {condition} ORDER BY seq"
     );
     c.query(sql.as_str(), params)
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
@@ -488,6 +489,7 @@ pub fn records_where(
             nesting_level: r.get(7),
             session_user_name: r.get(8),
             objects: r.get(9),
+            rows: r.get(10),
         })
         .collect()
 }

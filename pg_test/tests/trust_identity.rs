@@ -63,6 +63,13 @@ fn catalog_attempts(m: &str) -> Vec<(String, Option<&'static str>)> {
         (format!("/* {m} */ DELETE FROM pg_catalog.pg_trigger WHERE false"), None),
         (format!("/* {m} */ UPDATE pg_catalog.pg_class SET reltuples = 10 WHERE oid = 'public.ident_t'::regclass"), None),
         (format!("/* {m} */ UPDATE pg_catalog.pg_proc SET procost = 2 WHERE proname = 'now'"), deny),
+        // A built-in relation's statistics may be set (PostgreSQL's regression suite does),
+        // nothing else of its row, and not pg_custody's tables' statistics either.
+        (format!("/* {m} */ UPDATE pg_catalog.pg_class SET reltuples = reltuples + 1 WHERE oid = 'pg_catalog.pg_depend'::regclass"), None),
+        (format!("/* {m} */ UPDATE pg_catalog.pg_class SET relpages = relpages + 1, relkind = 'v' WHERE oid = 'pg_catalog.pg_depend'::regclass"), deny),
+        (format!("/* {m} */ UPDATE pg_catalog.pg_class SET relname = 'pg_dep' WHERE oid = 'pg_catalog.pg_depend'::regclass"), deny),
+        (format!("/* {m} */ DELETE FROM pg_catalog.pg_class WHERE oid = 'pg_catalog.pg_depend'::regclass"), deny),
+        (format!("/* {m} */ UPDATE pg_catalog.pg_class SET reltuples = 1 WHERE oid = 'custody.audit_log'::regclass"), deny),
         (
             format!(
                 "/* {m} */ INSERT INTO pg_catalog.pg_inherits \

@@ -112,6 +112,7 @@ pub fn classify_text(text: &str) -> (Class, &'static str) {
         "DELETE" => (Class::Write, "DELETE"),
         "MERGE" => (Class::Write, "MERGE"),
         "TRUNCATE" => (Class::Write, "TRUNCATE TABLE"),
+        "COPY" if copy_reads(text) => (Class::Read, "COPY"),
         "COPY" => (Class::Write, "COPY"),
         "CREATE" => (Class::Ddl, "CREATE"),
         "ALTER" => (Class::Ddl, "ALTER"),
@@ -124,6 +125,44 @@ pub fn classify_text(text: &str) -> (Class, &'static str) {
         "COMMIT" | "END" => (Class::Misc, "COMMIT"),
         _ => (Class::Misc, "UNKNOWN"),
     }
+}
+
+/// Whether a COPY statement's text copies out (`TO`: class read, as pgAudit has it) rather
+/// than in (`FROM`: write): `COPY (query) TO ...`, or `COPY name [(columns)] TO ...`.
+fn copy_reads(text: &str) -> bool {
+    let b = text.trim_start().as_bytes();
+    let mut i = 4; // past COPY
+    let skip_blank = |i: &mut usize| {
+        while *i < b.len() && b[*i].is_ascii_whitespace() {
+            *i += 1;
+        }
+    };
+    skip_blank(&mut i);
+    if b.get(i) == Some(&b'(') {
+        return true; // only COPY (query) TO exists
+    }
+    // the table's (qualified, possibly quoted) name
+    while i < b.len() && !b[i].is_ascii_whitespace() && b[i] != b'(' {
+        if b[i] == b'"' {
+            i += 1;
+            while i < b.len() && !(b[i] == b'"' && b.get(i + 1) != Some(&b'"')) {
+                i += if b[i] == b'"' { 2 } else { 1 };
+            }
+        }
+        i += 1;
+    }
+    skip_blank(&mut i);
+    if b.get(i) == Some(&b'(') {
+        // the column list
+        let mut quoted = false;
+        while i < b.len() && (quoted || b[i] != b')') {
+            quoted ^= b[i] == b'"';
+            i += 1;
+        }
+        i += 1;
+        skip_blank(&mut i);
+    }
+    b.len() >= i + 2 && b[i..i + 2].eq_ignore_ascii_case(b"TO") && b.get(i + 2).is_none_or(|c| !c.is_ascii_alphanumeric() && *c != b'_')
 }
 
 #[cfg(test)]
@@ -163,6 +202,14 @@ mod tests {
         assert_eq!(classify_text("insert into nope values (1)"), (Class::Write, "INSERT"));
         assert_eq!(classify_text("commit"), (Class::Misc, "COMMIT"));
         assert_eq!(classify_text("selct 1"), (Class::Misc, "UNKNOWN"));
+        // COPY out is a read, as pgAudit and the utility hook have it; COPY in a write.
+        assert_eq!(classify_text("COPY t TO STDOUT"), (Class::Read, "COPY"));
+        assert_eq!(classify_text("copy s.t (a, \"b c\") to '/tmp/x'"), (Class::Read, "COPY"));
+        assert_eq!(classify_text("COPY \"we\"\"ird\" TO STDOUT"), (Class::Read, "COPY"));
+        assert_eq!(classify_text("COPY (SELECT 1 FROM t) TO STDOUT"), (Class::Read, "COPY"));
+        assert_eq!(classify_text("COPY t FROM STDIN"), (Class::Write, "COPY"));
+        assert_eq!(classify_text("COPY t (a) FROM '/tmp/x'"), (Class::Write, "COPY"));
+        assert_eq!(classify_text("COPY tokens FROM STDIN"), (Class::Write, "COPY"));
         assert_eq!(classify_text(""), (Class::Misc, "UNKNOWN"));
     }
 

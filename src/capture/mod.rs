@@ -59,6 +59,8 @@ struct State {
     depth: i32,
     /// Inside ExecutorStart (expressions are being initialized, not run).
     in_start: bool,
+    /// A client statement (depth 0) is being planned, one level deeper (`planning_begin`).
+    planning_top: bool,
     /// The client's current statement came with bind parameters: error messages are
     /// recorded as their templates, which cannot contain the values.
     client_params: bool,
@@ -68,8 +70,10 @@ struct State {
     last_pos: u64,
     /// Queue position after this session's last record (for custody.flush()).
     session_pos: u64,
-    /// Settings generation last recorded (see settings::generation()).
+    /// Settings generation last looked at (see settings::generation()).
     settings_seen: u64,
+    /// The values of the recorded settings this session started with or last recorded.
+    settings_values: Option<Vec<(String, String)>>,
     /// The last ERROR reported by this backend, seen in emit_log_hook.
     last_error: Option<ReportedError>,
     session: Option<Session>,
@@ -99,11 +103,13 @@ static mut STATE: State = State {
     open: Vec::new(),
     depth: 0,
     in_start: false,
+    planning_top: false,
     client_params: false,
     loose: None,
     last_pos: 0,
     session_pos: 0,
     settings_seen: 0,
+    settings_values: None,
     last_error: None,
     session: None,
     users: Vec::new(),
@@ -116,6 +122,14 @@ fn state() -> &'static mut State {
     // SAFETY: PostgreSQL backends are single-threaded and the hooks never run concurrently;
     // no reference returned here is held across a call that could re-enter capture.
     unsafe { &mut STATE }
+}
+
+/// The session has logged in (its role's and database's settings are applied): what it
+/// starts with is what later changes are compared with.
+pub fn settings_baseline() {
+    let st = state();
+    st.settings_seen = settings::generation();
+    st.settings_values = Some(settings::snapshot());
 }
 
 /// Called once the library is loaded, so that the boot-time assignment of settings is not
@@ -147,9 +161,19 @@ pub fn open(key: usize, class: Class, command: &str, objects: String, text: Opti
     close_loose_if_returned();
     let st = state();
     let stored = statement_text(text);
+    // A function run while a client statement was prepared has its record at the client's
+    // level; a statement at the top level while that function's record is open is one the
+    // function runs (parsing has no hook of its own to count the level).
+    let nesting_level = if key == PLANNED_KEY {
+        0
+    } else if st.depth == 0 && st.loose.as_ref().is_some_and(|l| l.key == PLANNED_KEY) {
+        1
+    } else {
+        st.depth
+    };
     let rec = Captured {
         event_time: now_unix_us(),
-        nesting_level: st.depth,
+        nesting_level,
         class: class as u8,
         command: command.to_string(),
         objects,
@@ -198,9 +222,18 @@ pub fn close(key: usize, rows: Option<i64>) {
         return; // a read of the catalogs only, which called nothing unsafe
     }
     let mut rec = o.rec;
-    rec.rows = rows;
+    // Rows counted while it ran (`add_rows`) come first.
+    rec.rows = rec.rows.or(rows);
     rec.xid = current_xid();
     submit(rec, false);
+}
+
+/// The statement `key` processed `n` more rows in one run of its plan (a portal fetched in
+/// chunks, a cursor, runs once per chunk).
+pub fn add_rows(key: usize, n: i64) {
+    if let Some(o) = state().open.iter_mut().rev().find(|o| o.key == key) {
+        o.rec.rows = Some(o.rec.rows.unwrap_or(0) + n);
+    }
 }
 
 
@@ -314,18 +347,15 @@ fn statement_start() -> i64 {
 
 // ---- the executor starting, and the functions it will call ------------------------------
 
-/// Runs `f` (standard ExecutorStart) noting that expressions are being initialized, not run.
-pub fn starting(f: impl FnOnce()) {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            state().in_start = self.0;
-        }
-    }
-    let st = state();
-    let _restore = Restore(st.in_start);
-    st.in_start = true;
-    f();
+/// ExecutorStart is about to run: expressions are being initialized, not run. Returns what
+/// to hand to `end_start` when it returned (an ERROR leaves that to the abort, `HookState`).
+pub fn begin_start() -> bool {
+    std::mem::replace(&mut state().in_start, true)
+}
+
+/// ExecutorStart returned; `was` is what `begin_start` returned.
+pub fn end_start(was: bool) {
+    state().in_start = was;
 }
 
 /// Volatile built-in functions a read of the catalogs may call and still be skipped with
@@ -341,7 +371,8 @@ pub fn function_executes(func: pg_sys::Oid) {
     if st.open.iter().any(|o| o.tentative) && !safe_function(func) {
         st.open.iter_mut().for_each(|o| o.tentative = false);
     }
-    if st.in_start || st.depth != 0 {
+    // Outside any executing statement: at the top level, or planning a client statement.
+    if st.in_start || !(st.depth == 0 || (st.depth == 1 && st.planning_top)) {
         return;
     }
     if in_fastpath() {
@@ -443,6 +474,10 @@ fn function_record(func: pg_sys::Oid, key: usize, planned: Option<(usize, Box<[u
         return;
     }
     let verdict = pending.map(|p| p.decide("FUNCTION CALL", &objects_json));
+    // A refusal is always recorded; an allowed call as custody.audit says.
+    if !wanted(Class::Function) && !verdict.as_ref().is_some_and(|v| v.refuses()) {
+        return;
+    }
     let (source, text) = match planned {
         Some((ptr, bytes, text)) => (Some((ptr, bytes)), text),
         None => (None, None),
@@ -570,6 +605,31 @@ pub fn note_error(e: ReportedError) {
     state().last_error = Some(e);
 }
 
+/// The planner is about to plan a statement: it plans one level deeper, so that what the
+/// functions it evaluates run is nested in the statement. Returns what `planning_end` needs.
+pub fn planning_begin() -> bool {
+    let st = state();
+    let was = st.planning_top;
+    st.planning_top |= st.depth == 0;
+    st.depth += 1;
+    was
+}
+
+/// The planner returned; `was` is what `planning_begin` returned.
+pub fn planning_end(was: bool) {
+    let st = state();
+    st.depth = (st.depth - 1).max(0);
+    st.planning_top = was;
+}
+
+pub fn planning_top() -> bool {
+    state().planning_top
+}
+
+pub fn set_planning_top(planning: bool) {
+    state().planning_top = planning;
+}
+
 pub fn depth_enter() {
     state().depth += 1;
 }
@@ -617,13 +677,20 @@ pub fn record_settings_change(statement: Option<&str>) {
         return;
     }
     st.settings_seen = generation;
-    if crate::own::in_writer() || queue::state() == ChainState::Absent {
+    // Parallel workers restore the leader's settings (the leader records its own), the writer
+    // records reloads itself; a session that has not logged in has nothing to compare with.
+    if !active() || st.settings_values.is_none() {
         return;
     }
-    let values: serde_json::Map<String, serde_json::Value> = settings::snapshot()
-        .into_iter()
-        .map(|(k, v)| (k, serde_json::Value::String(v)))
-        .collect();
+    // A setting assigned again to the value it had (a transaction start, a reload that
+    // changed nothing for this session) is no change.
+    let now = settings::snapshot();
+    if st.settings_values.as_ref() == Some(&now) {
+        return;
+    }
+    st.settings_values = Some(now.clone());
+    let values: serde_json::Map<String, serde_json::Value> =
+        now.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
     let objects = serde_json::to_string(&[serde_json::json!({
         "kind": "settings",
         "name": "custody",

@@ -124,6 +124,7 @@ pub fn startup_committing() {
         return;
     }
     set_login(Login::Done);
+    super::settings_baseline();
     if !active() || !super::wanted(Class::Login) {
         return;
     }

@@ -5,6 +5,7 @@
 use pgrx::pg_sys;
 
 use crate::capture::{self, class::Class, objects};
+use super::guarded;
 use crate::{own, policy, protect, settings};
 
 static mut PREV_START: pg_sys::ExecutorStart_hook_type = None;
@@ -94,6 +95,11 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
     let info = unsafe { objects::from_range_table(pstmt.rtable, perm_infos) };
     let objects_json = objects::to_json(&info.objects);
     let verdict = pending.map(|p| p.decide(tag, &objects_json));
+    // A refusal is always recorded; an allowed statement as custody.audit says.
+    let refused = verdict.as_ref().is_some_and(|v| v.refuses());
+    if violation.is_none() && !refused && !capture::wanted(class) {
+        return false;
+    }
     // custody.audit_catalog = off skips reads of the catalogs only: never a write (a catalog
     // write has privileges other than SELECT), never a decision or a refusal, and never a
     // read that calls an unsafe function (decided when it finishes) or that ran code while it
@@ -104,17 +110,17 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
         && pstmt.invalItems.is_null()
         && qd_ref.operation == pg_sys::CmdType::CMD_SELECT
         && !info.writes
-        && verdict.is_none()
+        && !refused
         && violation.is_none()
         && !settings::audit_catalog();
     // SAFETY: sourceText is NULL or the statement's NUL-terminated text, which outlives the
     // QueryDesc; `cstr` maps NULL to "".
     let source = unsafe { objects::cstr(qd_ref.sourceText) };
     let text = capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len);
-    capture::open(qd as usize, class, tag, objects_json, Some(text));
     if planned {
         capture::settle_planned(true);
     }
+    capture::open(qd as usize, class, tag, objects_json, Some(text));
     if catalog_read {
         capture::set_tentative(qd as usize);
     }
@@ -135,6 +141,7 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
 /// outside it for RI checks and COPY): nobody but the custody writer may change the audit
 /// log, and nobody but pg_custody's own statements the policy store, superusers included.
 /// (The hook itself, whose arguments differ between versions, is `pgver::check_perms_hook`.)
+/// A plain frame: an ERROR of the previous hook passes through.
 ///
 /// # Safety
 /// The arguments PostgreSQL passed to the hook.
@@ -142,121 +149,116 @@ pub unsafe fn check_perms(rtable: *mut pg_sys::List, perm_infos: crate::pgver::P
     // SAFETY: PREV_CHECK_PERMS is written only in _PG_init, before any query, and read in
     // this single-threaded backend; `rtable` and `perm_infos` are the valid lists
     // PostgreSQL passed to the hook (our contract), forwarded unchanged.
-    unsafe {
-        if !crate::pgver::call_check_perms(PREV_CHECK_PERMS, rtable, perm_infos, ereport) {
-            return false;
-        }
-        match protect::range_table_violation(rtable, perm_infos) {
-            None => true,
-            Some((t, action)) if ereport => protect::refuse(t, action),
-            Some(_) => false,
-        }
+    if !unsafe { crate::pgver::call_check_perms(PREV_CHECK_PERMS, rtable, perm_infos, ereport) } {
+        return false;
     }
+    // SAFETY: the same lists, read only.
+    guarded(|| match unsafe { protect::range_table_violation(rtable, perm_infos) } {
+        None => true,
+        Some((t, action)) if ereport => protect::refuse(t, action),
+        Some(_) => false,
+    })
 }
 
-/// The previous ExecutorStart_hook, or standard_ExecutorStart.
-///
-/// # Safety
-/// `qd` and `eflags` are what PostgreSQL passed to ExecutorStart.
-unsafe fn standard_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
-    // SAFETY: PREV_START is written only in _PG_init; the arguments are PostgreSQL's own
-    // (our contract), passed on unchanged.
-    unsafe {
-        match PREV_START {
-            Some(prev) => prev(qd, eflags),
-            None => pg_sys::standard_ExecutorStart(qd, eflags),
-        }
-    }
-}
-
-/// ExecutorStart_hook.
+/// ExecutorStart_hook. A plain frame: pg_custody's parts run in `guarded`, and an ERROR of
+/// ExecutorStart itself passes through untouched (see `hooks`).
 ///
 /// # Safety
 /// Called only by PostgreSQL, as ExecutorStart_hook.
-#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_executor_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
     // SAFETY: called as ExecutorStart_hook with the QueryDesc PostgreSQL passed: it and its
-    // plannedstmt (always set by CreateQueryDesc) are valid, the source text is NULL or
-    // NUL-terminated, and once standard_ExecutorStart returned, `estate` is set.
-    unsafe {
-        let rtable = (*(*qd).plannedstmt).rtable;
-        if own::in_writer() || own::is_own_text((*qd).sourceText) {
-            // pg_custody's own statement: neither recorded nor gated; it may change the
-            // policy store (the permission check recognises its range table).
-            own::starting(rtable, || capture::starting(|| standard_start(qd, eflags)));
-            return;
-        }
+    // plannedstmt (always set by CreateQueryDesc) are valid, its source text NULL or
+    // NUL-terminated.
+    let own_statement = guarded(|| unsafe { own::in_writer() || own::is_own_text((*qd).sourceText) });
+    if own_statement {
+        // pg_custody's own statement: neither recorded nor gated; it may change the policy
+        // store (the permission check recognises its range table).
+        // SAFETY: as above.
+        let (was_own, was_starting) =
+            guarded(|| unsafe { (own::set_starting((*(*qd).plannedstmt).rtable), capture::begin_start()) });
+        // SAFETY: PREV_START is written only in _PG_init; PostgreSQL's arguments, unchanged.
+        unsafe { crate::pgver::call_executor_start(PREV_START, qd, eflags) };
+        guarded(|| {
+            capture::end_start(was_starting);
+            own::set_starting(was_own);
+        });
+        return;
+    }
+    // SAFETY: as above.
+    let was_starting = guarded(|| unsafe {
         open_record(qd, eflags);
-        capture::starting(|| standard_start(qd, eflags));
+        capture::begin_start()
+    });
+    // SAFETY: PREV_START is written only in _PG_init; PostgreSQL's arguments, unchanged.
+    unsafe { crate::pgver::call_executor_start(PREV_START, qd, eflags) };
+    // SAFETY: standard_ExecutorStart returned, so `estate` is set.
+    guarded(|| unsafe {
+        capture::end_start(was_starting);
         if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 == 0 {
-            let catalogs = protect::catalog::modified_catalogs(rtable, crate::pgver::plan_perm_infos(&*(*qd).plannedstmt));
+            let pstmt = &*(*qd).plannedstmt;
+            let catalogs = protect::catalog::modified_catalogs(pstmt.rtable, crate::pgver::plan_perm_infos(pstmt));
             if !catalogs.is_empty() {
                 protect::catalog::watch(qd as usize, (*(*qd).estate).es_output_cid, catalogs);
             }
         }
-    }
+    });
 }
 
 /// ExecutorRun (the hook itself, whose arguments differ between versions, is
-/// `pgver::executor_run_hook`).
+/// `pgver::executor_run_hook`). A plain frame: an ERROR passes through.
 ///
 /// # Safety
 /// The arguments PostgreSQL passed to the hook.
 pub unsafe fn run(qd: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64, execute_once: bool) {
     // Statements run from inside this one (functions, triggers) are one level deeper.
     // On ERROR the decrement is skipped; the abort callbacks restore the depth.
-    capture::depth_enter();
+    guarded(capture::depth_enter);
     // SAFETY: PREV_RUN is written only in _PG_init; the arguments are those PostgreSQL passed
     // to the hook (our contract), passed on unchanged.
     unsafe { crate::pgver::call_executor_run(PREV_RUN, qd, direction, count, execute_once) };
-    capture::depth_leave();
+    // SAFETY: the QueryDesc ExecutorRun ran: its estate is set.
+    guarded(|| unsafe {
+        capture::depth_leave();
+        // A portal fetched in chunks runs once per chunk (es_processed counts one run).
+        capture::add_rows(qd as usize, (*(*qd).estate).es_processed as i64);
+    });
 }
 
-/// ExecutorFinish_hook.
+/// ExecutorFinish_hook. A plain frame: an ERROR passes through.
 ///
 /// # Safety
 /// Called only by PostgreSQL, as ExecutorFinish_hook.
-#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_executor_finish(qd: *mut pg_sys::QueryDesc) {
-    capture::depth_enter();
+    guarded(capture::depth_enter);
     // SAFETY: called as ExecutorFinish_hook: `qd` is PostgreSQL's QueryDesc, passed on
     // unchanged; PREV_FINISH is written only in _PG_init.
-    unsafe {
-        match PREV_FINISH {
-            Some(prev) => prev(qd),
-            None => pg_sys::standard_ExecutorFinish(qd),
-        }
-    }
-    capture::depth_leave();
-    // Direct catalog DML ran: refuse it now if it changed rows it may not (the ERROR undoes
-    // it before anything else sees it).
-    protect::catalog::finished(qd as usize);
+    unsafe { crate::pgver::call_executor_finish(PREV_FINISH, qd) };
+    guarded(|| {
+        capture::depth_leave();
+        // Direct catalog DML ran: refuse it now if it changed rows it may not (the ERROR
+        // undoes it before anything else sees it).
+        protect::catalog::finished(qd as usize);
+    });
 }
 
-/// ExecutorEnd_hook.
+/// ExecutorEnd_hook. A plain frame: an ERROR passes through.
 ///
 /// # Safety
 /// Called only by PostgreSQL, as ExecutorEnd_hook.
-#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_executor_end(qd: *mut pg_sys::QueryDesc) {
-    let key = qd as usize;
-    protect::catalog::forget(key);
-    if capture::is_open(key) {
-        // SAFETY: called as ExecutorEnd_hook with PostgreSQL's QueryDesc; its estate, when
-        // set, is still alive until standard_ExecutorEnd below frees it.
-        let rows = unsafe {
+    // SAFETY: called as ExecutorEnd_hook with PostgreSQL's QueryDesc; its estate, when set,
+    // is still alive until standard_ExecutorEnd below frees it.
+    guarded(|| unsafe {
+        let key = qd as usize;
+        protect::catalog::forget(key);
+        if capture::is_open(key) {
+            // Rows counted run by run; a plan that never ran processed none.
             let es = (*qd).estate;
-            if es.is_null() { None } else { Some((*es).es_processed as i64) }
-        };
-        capture::close(key, rows);
-    }
-    // SAFETY: called as ExecutorEnd_hook: `qd` is PostgreSQL's QueryDesc, passed on unchanged;
-    // PREV_END is written only in _PG_init.
-    unsafe {
-        match PREV_END {
-            Some(prev) => prev(qd),
-            None => pg_sys::standard_ExecutorEnd(qd),
+            capture::close(key, if es.is_null() { None } else { Some((*es).es_processed as i64) });
         }
-    }
-    capture::record_settings_change(None);
+    });
+    // SAFETY: `qd` is PostgreSQL's QueryDesc, passed on unchanged; PREV_END is written only in
+    // _PG_init.
+    unsafe { crate::pgver::call_executor_end(PREV_END, qd) };
+    guarded(|| capture::record_settings_change(None));
 }

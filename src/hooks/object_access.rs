@@ -18,11 +18,10 @@ pub fn init() {
     }
 }
 
-/// object_access_hook.
+/// object_access_hook. A plain frame: an ERROR of the previous hook passes through.
 ///
 /// # Safety
 /// Called only by PostgreSQL, as object_access_hook.
-#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_object_access(
     access: pg_sys::ObjectAccessType::Type,
     class_id: pg_sys::Oid,
@@ -37,6 +36,21 @@ unsafe extern "C-unwind" fn custody_object_access(
             prev(access, class_id, object_id, sub_id, arg);
         }
     }
+    // SAFETY: PostgreSQL's arguments (our contract).
+    super::guarded(|| unsafe { accessed(access, class_id, object_id, sub_id, arg) });
+}
+
+/// object_access_hook's own part.
+///
+/// # Safety
+/// The arguments PostgreSQL passed to object_access_hook.
+unsafe fn accessed(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: std::ffi::c_int,
+    arg: *mut std::ffi::c_void,
+) {
     use pg_sys::ObjectAccessType::*;
     match access {
         // Every function of every expression passes here: keep it to a few loads.

@@ -22,11 +22,11 @@ pub fn init() {
     }
 }
 
-/// ClientAuthentication_hook.
+/// ClientAuthentication_hook. A plain frame: an ERROR (FATAL) of the previous hook passes
+/// through.
 ///
 /// # Safety
 /// Called only by PostgreSQL, as ClientAuthentication_hook.
-#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_client_authentication(port: *mut pg_sys::Port, status: std::ffi::c_int) {
     // SAFETY: PREV_CLIENT_AUTH is written only in _PG_init (postmaster, before any fork);
     // it is called with the Port and status PostgreSQL passed to us, unchanged.
@@ -37,5 +37,5 @@ unsafe extern "C-unwind" fn custody_client_authentication(port: *mut pg_sys::Por
     }
     // Success is known when the startup transaction commits, failure from the FATAL that
     // follows (capture::session); here the connection starts to count as a login.
-    capture::session::authenticating();
+    super::guarded(capture::session::authenticating);
 }

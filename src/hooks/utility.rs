@@ -6,6 +6,7 @@ use std::ffi::CStr;
 
 use pgrx::pg_sys;
 
+use super::guarded;
 use crate::capture::{self, class::Class, objects};
 use crate::{own, policy, protect};
 
@@ -144,39 +145,23 @@ unsafe fn utility_objects(node: *mut pg_sys::Node) -> String {
     objects::to_json(&out)
 }
 
-/// Runs the statement in PostgreSQL (or the previous hook).
-///
-/// # Safety
-/// The arguments are those PostgreSQL passed to ProcessUtility_hook.
-#[allow(clippy::too_many_arguments)]
-unsafe fn standard_utility(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query_string: *const std::ffi::c_char,
-    read_only_tree: bool,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    query_env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
-    // SAFETY: PREV_UTILITY is written only in _PG_init; PostgreSQL's arguments (our contract)
-    // are passed on unchanged, but for `context`, which may be any value of the enum.
-    unsafe {
-        match PREV_UTILITY {
-            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(
-                pstmt, query_string, read_only_tree, context, params, query_env, dest, qc,
-            ),
-        }
-    }
+/// What the hook does with a utility statement, decided (gated, refused) before it runs.
+#[derive(Clone, Copy)]
+enum Run {
+    /// pg_custody's own DDL, run in this context (a subcommand: no event trigger fires):
+    /// not recorded here.
+    Own(pg_sys::ProcessUtilityContext::Type),
+    /// As the client (or a function) runs it, one statement level deeper; `key` is its open
+    /// record (0: not recorded); `extension`: CREATE/ALTER EXTENSION (its script runs there).
+    Recorded { key: usize, context: pg_sys::ProcessUtilityContext::Type, extension: bool },
 }
 
-/// ProcessUtility_hook.
+/// ProcessUtility_hook. A plain frame: pg_custody's parts run in `guarded`, and an ERROR of
+/// the statement itself passes through untouched (see `hooks`).
 ///
 /// # Safety
 /// Called only by PostgreSQL, as ProcessUtility_hook.
 #[allow(clippy::too_many_arguments)]
-#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_process_utility(
     pstmt: *mut pg_sys::PlannedStmt,
     query_string: *const std::ffi::c_char,
@@ -188,8 +173,53 @@ unsafe extern "C-unwind" fn custody_process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     // SAFETY: called as ProcessUtility_hook: `pstmt` is the valid utility statement PostgreSQL
-    // is about to run (its utilityStmt checked for NULL), `query_string` its NUL-terminated
-    // text (ProcessUtility requires it); everything is passed on unchanged but `context`.
+    // is about to run, `query_string` its NUL-terminated text (ProcessUtility requires it).
+    let run = guarded(|| unsafe { before(pstmt, query_string, context) });
+    match run {
+        Run::Own(own_context) => {
+            // SAFETY: PREV_UTILITY is written only in _PG_init; PostgreSQL's arguments are
+            // passed on unchanged but for `context`, which may be any value of the enum.
+            unsafe {
+                crate::pgver::call_process_utility(
+                    PREV_UTILITY, pstmt, query_string, read_only_tree, own_context, params, query_env, dest, qc,
+                )
+            }
+        }
+        Run::Recorded { key, context, extension } => {
+            let was_extension = guarded(|| {
+                capture::depth_enter();
+                extension.then(|| protect::set_extension_depth(Some(capture::depth())))
+            });
+            // SAFETY: as above.
+            unsafe {
+                crate::pgver::call_process_utility(
+                    PREV_UTILITY, pstmt, query_string, read_only_tree, context, params, query_env, dest, qc,
+                )
+            };
+            // SAFETY: `pstmt` is the caller's and still valid after the statement ran; `qc`
+            // is NULL or the caller's QueryCompletion.
+            guarded(|| unsafe {
+                capture::depth_leave();
+                if let Some(was) = was_extension {
+                    protect::set_extension_depth(was);
+                }
+                after(pstmt, key, qc);
+            });
+        }
+    }
+}
+
+/// The hook's part before the statement runs.
+///
+/// # Safety
+/// The arguments PostgreSQL passed to ProcessUtility_hook, in a transaction.
+unsafe fn before(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    context: pg_sys::ProcessUtilityContext::Type,
+) -> Run {
+    // SAFETY: `pstmt` is the valid utility statement PostgreSQL is about to run (its
+    // utilityStmt checked for NULL), `query_string` its NUL-terminated text (our contract).
     unsafe {
         // pg_custody's own DDL (row policies) and its extension scripts: not recorded here,
         // and run as subcommands, which fire no event triggers — nothing but pg_custody's own
@@ -201,20 +231,20 @@ unsafe extern "C-unwind" fn custody_process_utility(
                 pg_sys::ProcessUtilityContext::PROCESS_UTILITY_SUBCOMMAND
             };
             let scripted = protect::in_own_script() && !own::is_own_text(query_string) && !own::in_writer();
+            if scripted {
+                // The script's statements are recorded like any nested statement.
+                return opened(pstmt, query_string, own_context);
+            }
             // pg_custody's own DDL is checked like anyone's (it never targets its own tables).
             let node = (*pstmt).utilityStmt;
-            if !scripted && !node.is_null() {
+            if !node.is_null() {
                 if let Some(refusal) = protect::utility::violation(node) {
                     refusal.report();
                 }
             }
-            if scripted {
-                // The script's statements are recorded like any nested statement.
-                return recorded(pstmt, query_string, read_only_tree, own_context, params, query_env, dest, qc);
-            }
-            return standard_utility(pstmt, query_string, read_only_tree, own_context, params, query_env, dest, qc);
+            return Run::Own(own_context);
         }
-        recorded(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
+        opened(pstmt, query_string, context)
     }
 }
 
@@ -222,22 +252,15 @@ unsafe extern "C-unwind" fn custody_process_utility(
 ///
 /// # Safety
 /// The arguments are those PostgreSQL passed to ProcessUtility_hook, in a transaction.
-#[allow(clippy::too_many_arguments)]
-unsafe fn recorded(
+unsafe fn opened(
     pstmt: *mut pg_sys::PlannedStmt,
     query_string: *const std::ffi::c_char,
-    read_only_tree: bool,
     context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    query_env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
+) -> Run {
     let mut key = 0usize;
     // SAFETY: `pstmt` is the valid utility statement PostgreSQL is about to run and
     // `query_string` its NUL-terminated text (our contract); `node` is used only after a NULL
-    // check; `qc` is NULL or the caller's QueryCompletion, checked before it is read; `pstmt`
-    // is the caller's and still valid after the statement ran.
+    // check.
     unsafe {
         let node = (*pstmt).utilityStmt;
         // Protection holds whether or not anything is being recorded.
@@ -251,40 +274,51 @@ unsafe fn recorded(
             let (class, forced) = classify(node);
             // Utility statements pass the same gate (DDL, GRANT, COPY, SET ROLE, ...).
             let pending = if gate_exempt(node) { None } else { policy::prepare() };
-            if pending.is_some() || forced || violation.is_some() || capture::wanted(class) {
+            let record = forced || violation.is_some() || capture::wanted(class);
+            if pending.is_some() || record {
                 let tag = objects::cstr(pg_sys::GetCommandTagName(pg_sys::CreateCommandTag(node)));
                 let objects_json = utility_objects(node);
                 verdict = pending.map(|p| p.decide(&tag, &objects_json));
-                key = capture::utility_token();
-                let source = objects::cstr(query_string);
-                let text =
-                    capture::statement_slice(&source, (*pstmt).stmt_location, (*pstmt).stmt_len);
-                capture::open(key, class, &tag, objects_json, Some(text));
+                // A refusal is always recorded; an allowed statement as custody.audit says.
+                if record || verdict.as_ref().is_some_and(|v| v.refuses()) {
+                    if planned {
+                        capture::settle_planned(true);
+                    }
+                    key = capture::utility_token();
+                    let source = objects::cstr(query_string);
+                    let text =
+                        capture::statement_slice(&source, (*pstmt).stmt_location, (*pstmt).stmt_len);
+                    capture::open(key, class, &tag, objects_json, Some(text));
+                }
             }
         }
-        if planned {
-            capture::settle_planned(key != 0);
+        if planned && key == 0 {
+            capture::settle_planned(false);
         }
         if let Some(refusal) = violation {
             refusal.report();
         }
         if let Some(v) = verdict {
-            capture::set_decision(key, v.record_json(), v.denies());
+            if key != 0 {
+                capture::set_decision(key, v.record_json(), v.denies());
+            }
             if v.denies() {
                 policy::raise_denied(&v);
             }
         }
-        capture::depth_enter();
         let extension = !node.is_null()
             && matches!((*node).type_, pg_sys::NodeTag::T_CreateExtensionStmt | pg_sys::NodeTag::T_AlterExtensionStmt);
-        if extension {
-            protect::running_extension_script(capture::depth(), || {
-                standard_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
-            });
-        } else {
-            standard_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
-        }
-        capture::depth_leave();
+        Run::Recorded { key, context, extension }
+    }
+}
+
+/// The hook's part once the statement ran.
+///
+/// # Safety
+/// `pstmt` is the statement that ran; `qc` NULL or its QueryCompletion.
+unsafe fn after(pstmt: *mut pg_sys::PlannedStmt, key: usize, qc: *mut pg_sys::QueryCompletion) {
+    // SAFETY: `pstmt` and `qc` as the caller's contract says; `qc` is checked for NULL.
+    unsafe {
         if key != 0 {
             let rows = if qc.is_null() || (*qc).nprocessed == 0 { None } else { Some((*qc).nprocessed as i64) };
             capture::close(key, rows);

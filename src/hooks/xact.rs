@@ -11,8 +11,8 @@ use crate::queue;
 use crate::settings::{self, Durability, OnFailure};
 
 static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
-/// Statement depth at the start of each open subtransaction, to restore it on abort.
-static mut SUB_DEPTHS: Vec<(pg_sys::SubTransactionId, i32)> = Vec::new();
+/// The hooks' state at the start of each open subtransaction, to restore it on abort.
+static mut SUB_STATES: Vec<(pg_sys::SubTransactionId, super::HookState)> = Vec::new();
 
 pub fn init() {
     // SAFETY: _PG_init; the previous emit_log_hook is chained to.
@@ -26,15 +26,29 @@ pub fn init() {
 
 /// Remembers the SQLSTATE and message of an ERROR being reported, for the record of the
 /// statement that raised it. Never raises, never touches shared memory or the catalog.
+/// (A plain frame: the previous hook is called outside `guarded`.)
 ///
 /// # Safety
 /// Called only by PostgreSQL, as emit_log_hook.
-#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn custody_emit_log(edata: *mut pg_sys::ErrorData) {
-    // SAFETY: called as emit_log_hook: EmitErrorReport passes its current, non-NULL ErrorData,
-    // which nothing else touches while the hook runs; its message and message_id are NULL
-    // (checked) or NUL-terminated. PREV_EMIT_LOG is written only in _PG_init, and am_walsender
-    // is a plain flag of this single-threaded backend.
+    // SAFETY: called as emit_log_hook: EmitErrorReport passes its current, non-NULL ErrorData.
+    super::guarded(|| unsafe { note_reported(edata) });
+    // SAFETY: PREV_EMIT_LOG is written only in _PG_init; it gets the ErrorData we got.
+    unsafe {
+        if let Some(prev) = PREV_EMIT_LOG {
+            prev(edata);
+        }
+    }
+}
+
+/// emit_log_hook's own part.
+///
+/// # Safety
+/// `edata` is the ErrorData EmitErrorReport passed to the hook.
+unsafe fn note_reported(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: `edata` is EmitErrorReport's current, non-NULL ErrorData, which nothing else
+    // touches while the hook runs; its message and message_id are NULL (checked) or
+    // NUL-terminated; am_walsender is a plain flag of this single-threaded backend.
     unsafe {
         let e = &mut *edata;
         if e.elevel == pgrx::PgLogLevel::LOG as i32 && pg_sys::am_walsender {
@@ -59,9 +73,6 @@ unsafe extern "C-unwind" fn custody_emit_log(edata: *mut pg_sys::ErrorData) {
             let query = capture::current_query_text();
             capture::session::reported(e, &sqlstate, &message);
             capture::note_error(capture::ReportedError { sqlstate, message, template, query });
-        }
-        if let Some(prev) = PREV_EMIT_LOG {
-            prev(edata);
         }
     }
 }
@@ -91,12 +102,13 @@ unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type
             capture::fail_open(None);
             capture::reset_after_abort();
             crate::own::reset_after_abort();
+            super::HookState::reset();
             crate::protect::catalog::reset();
             crate::protect::take_extension_dropped();
             capture::take_last_pos();
-            // SAFETY: SUB_DEPTHS is backend-local (single-threaded) and not borrowed elsewhere
+            // SAFETY: SUB_STATES is backend-local (single-threaded) and not borrowed elsewhere
             // while a transaction callback runs.
-            unsafe { SUB_DEPTHS.clear() };
+            unsafe { SUB_STATES.clear() };
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => {
             crate::policy::store::commit();
@@ -104,7 +116,7 @@ unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type
                 crate::writer::head::forget();
             }
             // SAFETY: as above: backend-local and not borrowed elsewhere.
-            unsafe { SUB_DEPTHS.clear() };
+            unsafe { SUB_STATES.clear() };
         }
         _ => {}
     }
@@ -149,18 +161,18 @@ unsafe extern "C-unwind" fn custody_subxact_callback(
     _arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::SubXactEvent::*;
-    // SAFETY: SUB_DEPTHS is backend-local (single-threaded backend); each use below is a
+    // SAFETY: SUB_STATES is backend-local (single-threaded backend); each use below is a
     // short borrow, and the capture functions called meanwhile never touch it.
     unsafe {
         match event {
-            SUBXACT_EVENT_START_SUB => SUB_DEPTHS.push((my_subid, capture::depth())),
-            SUBXACT_EVENT_COMMIT_SUB => SUB_DEPTHS.retain(|(s, _)| *s < my_subid),
+            SUBXACT_EVENT_START_SUB => SUB_STATES.push((my_subid, super::HookState::now())),
+            SUBXACT_EVENT_COMMIT_SUB => SUB_STATES.retain(|(s, _)| *s < my_subid),
             SUBXACT_EVENT_ABORT_SUB => {
                 capture::fail_open(Some(my_subid));
-                if let Some(&(_, d)) = SUB_DEPTHS.iter().find(|(s, _)| *s == my_subid) {
-                    capture::set_depth(d);
+                if let Some(&(_, state)) = SUB_STATES.iter().find(|(s, _)| *s == my_subid) {
+                    state.restore();
                 }
-                SUB_DEPTHS.retain(|(s, _)| *s < my_subid);
+                SUB_STATES.retain(|(s, _)| *s < my_subid);
             }
             _ => {}
         }

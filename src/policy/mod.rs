@@ -322,6 +322,12 @@ impl Verdict {
         !self.decision.allowed && self.enforce == Enforce::On
     }
 
+    /// A refusal, enforced or (custody.enforce = dry_run) not: always recorded. An allowed
+    /// statement is recorded as custody.audit and custody.audit_catalog say, with its decision.
+    pub fn refuses(&self) -> bool {
+        !self.decision.allowed
+    }
+
     pub fn record_json(&self) -> String {
         let d = &self.decision;
         if !(d.allowed && d.reasons.is_empty() && d.suspended_role.is_none()) {

@@ -7,7 +7,9 @@
 //! - one of pg_custody's objects: any of its OID columns names the extension, its schema, a
 //!   member object, or a protected table's index, TOAST table or row type.
 //!
-//! Rows of users' objects stay editable, as PostgreSQL's own regression suite edits them.
+//! Rows of users' objects stay editable, as PostgreSQL's own regression suite edits them, and so
+//! do the statistics columns of a built-in relation's pg_class row (relpages, reltuples,
+//! relallvisible: an UPDATE that changes nothing else), which the suite also sets directly.
 //!
 //! The check reads the catalog with SnapshotAny for the row versions the statement's command
 //! created or deleted (their xmin or xmax is this transaction, their cmin or cmax the
@@ -159,21 +161,32 @@ pub unsafe fn check(catalog: pg_sys::Oid, cid: pg_sys::CommandId) {
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![false; natts];
         let mut refusal = None;
+        // pg_class rows of built-in relations whose statistics alone may have changed: (OID,
+        // old or new version, what else the row says, the refusal if not).
+        let statistics = if catalog == pg_sys::RelationRelationId { statistics_columns(desc) } else { Vec::new() };
+        let mut stats_only: Vec<(u32, bool, Vec<u8>, String)> = Vec::new();
         loop {
             let tup = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
             if tup.is_null() {
                 break;
             }
-            if !changed_by(&*(*tup).t_data, cid) {
-                continue;
-            }
+            let Some(created) = changed_by(&*(*tup).t_data, cid) else { continue };
             pg_sys::heap_deform_tuple(tup, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-            if let Some(why) = row_refusal(desc, &values, &nulls, identity, &own) {
-                refusal = Some(why);
-                break;
+            match row_refusal(desc, &values, &nulls, identity, &own) {
+                None => {}
+                Some(Refusal::BuiltIn(oid, why)) if !statistics.is_empty() => {
+                    stats_only.push((oid, created, row_bytes(desc, &values, &nulls, &statistics), why));
+                }
+                Some(Refusal::BuiltIn(_, why) | Refusal::Own(why)) => {
+                    refusal = Some(why);
+                    break;
+                }
             }
         }
         pg_sys::heap_endscan(scan);
+        if refusal.is_none() {
+            refusal = statistics_refusal(stats_only);
+        }
         let name = cstr(pg_sys::get_rel_name(catalog));
         pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         if let Some(what) = refusal {
@@ -182,11 +195,79 @@ pub unsafe fn check(catalog: pg_sys::Oid, cid: pg_sys::CommandId) {
     }
 }
 
-/// Whether a row version was created or deleted by command `cid` of this transaction.
+/// pg_class's statistics columns (ANALYZE and VACUUM maintain them; PostgreSQL's regression
+/// suite sets them directly): a built-in relation's row may change in them and nothing else.
+/// Their positions in `desc`.
+///
+/// # Safety
+/// `desc` is pg_class's valid tuple descriptor.
+unsafe fn statistics_columns(desc: pg_sys::TupleDesc) -> Vec<usize> {
+    const NAMES: [&str; 4] = ["relpages", "reltuples", "relallvisible", "relallfrozen"];
+    // SAFETY: `desc` is valid (caller's contract) and i < natts; attname is a NameData,
+    // NUL-terminated within its NAMEDATALEN bytes.
+    (0..unsafe { (*desc).natts } as usize)
+        .filter(|&i| NAMES.contains(&unsafe { cstr(crate::pgver::attr(desc, i).attname.data.as_ptr()) }.as_str()))
+        .collect()
+}
+
+/// Everything a row version says but the columns `skip`, as bytes (equal bytes: equal rows).
+///
+/// # Safety
+/// `desc` is the descriptor `values`/`nulls` were deformed with, the tuple still pinned.
+unsafe fn row_bytes(desc: pg_sys::TupleDesc, values: &[pg_sys::Datum], nulls: &[bool], skip: &[usize]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in (0..values.len()).filter(|i| !skip.contains(i)) {
+        // SAFETY: i < natts of `desc` (caller's contract).
+        let a = unsafe { crate::pgver::attr(desc, i) };
+        out.push(u8::from(nulls[i]));
+        if nulls[i] {
+            continue;
+        }
+        let d = values[i];
+        if a.attbyval {
+            out.extend_from_slice(&d.value().to_ne_bytes());
+        } else {
+            let p = d.cast_mut_ptr::<u8>();
+            // SAFETY: a by-reference datum of the pinned tuple: `attlen` bytes, a varlena of
+            // its own size (VARSIZE_ANY), or a NUL-terminated cstring.
+            let len = unsafe {
+                match a.attlen {
+                    -1 => pgrx::varlena::varsize_any(p.cast()),
+                    -2 => std::ffi::CStr::from_ptr(p.cast()).to_bytes().len(),
+                    n => n as usize,
+                }
+            };
+            out.extend_from_slice(&(len as u64).to_ne_bytes());
+            // SAFETY: `len` bytes at `p`, as computed above.
+            out.extend_from_slice(unsafe { std::slice::from_raw_parts(p, len) });
+        }
+    }
+    out
+}
+
+/// pg_class rows of built-in relations that changed: allowed only when each is one update
+/// (its old and new version) that changed nothing but statistics.
+fn statistics_refusal(mut rows: Vec<(u32, bool, Vec<u8>, String)>) -> Option<String> {
+    rows.sort_by_key(|r| (r.0, r.1));
+    let mut i = 0;
+    while i < rows.len() {
+        let same_oid = rows[i..].iter().take_while(|r| r.0 == rows[i].0).count();
+        let pair = &rows[i..i + same_oid];
+        let statistics_only = same_oid == 2 && !pair[0].1 && pair[1].1 && pair[0].2 == pair[1].2;
+        if !statistics_only {
+            return Some(pair[0].3.clone());
+        }
+        i += same_oid;
+    }
+    None
+}
+
+/// Whether a row version was created (`Some(true)`) or deleted (`Some(false)`) by command
+/// `cid` of this transaction.
 ///
 /// # Safety
 /// `h` is the header of a heap tuple read in a transaction, its buffer pinned.
-unsafe fn changed_by(h: &pg_sys::HeapTupleHeaderData, cid: pg_sys::CommandId) -> bool {
+unsafe fn changed_by(h: &pg_sys::HeapTupleHeaderData, cid: pg_sys::CommandId) -> Option<bool> {
     // SAFETY: `h` is a live tuple header in a transaction (caller's contract).
     // HeapTupleHeaderGetCmin/Cmax are only asked once xmin/xmax is known to be this
     // transaction's, as they require; HeapTupleGetUpdateXid only for a multixact xmax.
@@ -199,19 +280,20 @@ unsafe fn changed_by(h: &pg_sys::HeapTupleHeaderData, cid: pg_sys::CommandId) ->
             && pg_sys::TransactionIdIsCurrentTransactionId(xmin)
             && pg_sys::HeapTupleHeaderGetCmin(h as *const _ as *mut _) == cid
         {
-            return true;
+            return Some(true);
         }
         if mask & pg_sys::HEAP_XMAX_INVALID != 0 || locked_only(mask) {
-            return false;
+            return None;
         }
         let xmax = if mask & pg_sys::HEAP_XMAX_IS_MULTI != 0 {
             pg_sys::HeapTupleGetUpdateXid(h as *const _ as *mut _)
         } else {
             h.t_choice.t_heap.t_xmax
         };
-        xmax != pg_sys::InvalidTransactionId
+        (xmax != pg_sys::InvalidTransactionId
             && pg_sys::TransactionIdIsCurrentTransactionId(xmax)
-            && pg_sys::HeapTupleHeaderGetCmax(h as *const _ as *mut _) == cid
+            && pg_sys::HeapTupleHeaderGetCmax(h as *const _ as *mut _) == cid)
+            .then_some(false)
     }
 }
 
@@ -243,6 +325,14 @@ unsafe fn identity_column(catalog: pg_sys::Oid, desc: pg_sys::TupleDesc) -> Opti
     (0..natts).find(|&i| OID_TYPES.contains(&att(i).atttypid))
 }
 
+/// Why a row may not change.
+enum Refusal {
+    /// It describes the built-in object with this OID.
+    BuiltIn(u32, String),
+    /// It names one of pg_custody's objects.
+    Own(String),
+}
+
 /// Why this row may not change, if it may not.
 ///
 /// # Safety
@@ -254,15 +344,30 @@ unsafe fn row_refusal(
     nulls: &[bool],
     identity: Option<usize>,
     own: &[pg_sys::Oid],
-) -> Option<String> {
-    // SAFETY: called only with i < values.len(), which is `desc`'s natts (caller's contract).
-    let att = |i: usize| unsafe { crate::pgver::attr(desc, i) };
+) -> Option<Refusal> {
     if let Some(i) = identity {
         let oid = pg_sys::Oid::from(values[i].value() as u32);
         if !nulls[i] && u32::from(oid) < pg_sys::FirstNormalObjectId {
-            return Some(format!("the row describes built-in object {} (OID below {})", u32::from(oid), pg_sys::FirstNormalObjectId));
+            let why = format!("the row describes built-in object {} (OID below {})", u32::from(oid), pg_sys::FirstNormalObjectId);
+            // A built-in row that also names pg_custody's objects is refused as such.
+            // SAFETY: the caller's contract is own_column's.
+            return Some(match unsafe { own_column(desc, values, nulls, own) } {
+                Some(own_why) => Refusal::Own(own_why),
+                None => Refusal::BuiltIn(u32::from(oid), why),
+            });
         }
     }
+    // SAFETY: the caller's contract is own_column's.
+    unsafe { own_column(desc, values, nulls, own) }.map(Refusal::Own)
+}
+
+/// The first column of this row that names one of pg_custody's objects, as a refusal.
+///
+/// # Safety
+/// As `row_refusal`.
+unsafe fn own_column(desc: pg_sys::TupleDesc, values: &[pg_sys::Datum], nulls: &[bool], own: &[pg_sys::Oid]) -> Option<String> {
+    // SAFETY: called only with i < values.len(), which is `desc`'s natts (caller's contract).
+    let att = |i: usize| unsafe { crate::pgver::attr(desc, i) };
     for i in 0..values.len() {
         let a = att(i);
         if nulls[i] || a.attisdropped {

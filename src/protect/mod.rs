@@ -298,19 +298,18 @@ pub fn in_own_script() -> bool {
 /// one level deeper).
 static mut EXTENSION_DEPTH: Option<i32> = None;
 
-/// Runs `f` (PostgreSQL running CREATE/ALTER EXTENSION at statement depth `depth`) noting the
-/// depth of its script.
-pub fn running_extension_script<R>(depth: i32, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<i32>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // SAFETY: single-threaded backend.
-            unsafe { EXTENSION_DEPTH = self.0 };
-        }
-    }
-    // SAFETY: single-threaded backend.
-    let _restore = Restore(unsafe { (*std::ptr::addr_of_mut!(EXTENSION_DEPTH)).replace(depth) });
-    f()
+/// The statement depth of the CREATE or ALTER EXTENSION PostgreSQL is running, if any.
+pub fn extension_depth() -> Option<i32> {
+    // SAFETY: single-threaded backend; a plain read.
+    unsafe { EXTENSION_DEPTH }
+}
+
+/// Notes (Some) or forgets (None) the depth of a CREATE/ALTER EXTENSION about to run or that
+/// returned; returns the previous value, to put back when it returned (an ERROR leaves that
+/// to the abort, `hooks::HookState`).
+pub fn set_extension_depth(depth: Option<i32>) -> Option<i32> {
+    // SAFETY: single-threaded backend; no reference to the static is held.
+    unsafe { std::mem::replace(&mut *std::ptr::addr_of_mut!(EXTENSION_DEPTH), depth) }
 }
 
 /// Whether the object being created or altered comes from a statement of an extension's own
