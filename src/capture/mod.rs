@@ -281,6 +281,10 @@ pub fn fail_open(subid: Option<pg_sys::SubTransactionId>) {
     if st.loose.as_ref().is_some_and(|l| st.open.iter().all(|o| o.key != l.key)) {
         st.loose = None;
     }
+    // A statement that failed before its record opened is the client's when the whole
+    // transaction aborts (its text is the client's query; the depth may still count the
+    // planning of it), a nested one's otherwise.
+    let level = if subid.is_none() { 0 } else { st.depth };
     if failed.is_empty() {
         // Nothing was open, yet an error was reported: the statement failed before it could
         // start (syntax error, unknown table, an error while planning, bind parameters that
@@ -291,7 +295,7 @@ pub fn fail_open(subid: Option<pg_sys::SubTransactionId>) {
                 class: Class::Function as u8,
                 command: "FUNCTION CALL".into(),
                 objects: "[]".into(),
-                nesting_level: st.depth,
+                nesting_level: level,
                 ..Default::default()
             });
             rec.outcome = Outcome::Error;
@@ -312,7 +316,7 @@ pub fn fail_open(subid: Option<pg_sys::SubTransactionId>) {
                     objects: "[]".into(),
                     statement: stored.text,
                     statement_sha256: stored.sha256,
-                    nesting_level: st.depth,
+                    nesting_level: level,
                     ..Default::default()
                 });
                 rec.outcome = Outcome::Error;
