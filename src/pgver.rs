@@ -545,3 +545,6 @@ pub unsafe fn guc_extra_alloc(size: usize) -> *mut std::ffi::c_void {
 /// Whether a statement's `stmt_location` points at its first token (18: leading comments
 /// are not part of it) rather than right after the previous statement's `;` (15 to 17).
 pub const STMT_LOCATION_AT_FIRST_TOKEN: bool = cfg!(feature = "pg18");
+
+/// pg_auth_members.roleid's attribute number: 16 gave the catalog an `oid` column first.
+pub const AUTH_MEMBERS_ROLEID: i16 = if cfg!(feature = "pg15") { 1 } else { 2 };

@@ -201,3 +201,28 @@ fn errors_and_results_are_the_same_with_and_without_pg_custody() {
     assert!(get("CREATE TABLE tr.bad (a no_such_type)").contains("position at"), "{}", get("CREATE TABLE tr.bad (a no_such_type)"));
     assert!(get("INSERT INTO tr.t VALUES (1, 1)").contains("constraint Some(\"t_pkey\")"));
 }
+
+/// With a policy in force, deciding a statement reads the subject's roles. Doing that with a
+/// query took the transaction's snapshot, so `SET TRANSACTION ISOLATION LEVEL` right after
+/// BEGIN failed ("must be called before any query") whenever the backend's cache of roles
+/// was empty: a session's first transaction, or after any role change in the cluster.
+#[test]
+fn set_transaction_right_after_begin_with_a_policy_in_force() {
+    let cluster = Cluster::shared();
+    let m = marker("tr_iso");
+    let mut su = cluster.connect("tr_iso_setup");
+    let mut cleanup = CleanupOnDrop::new(&cluster);
+    cleanup.add(format!("SELECT custody.drop_policy('{m}')"));
+    su.batch_execute(&format!(
+        "SELECT custody.set_policy('{m}', 'package custody\ndeny contains \"never\" if input.subject.session_user == \"nobody_{m}\"')"
+    ))
+    .unwrap();
+    for _ in 0..3 {
+        let mut c = cluster.connect(&m);
+        c.batch_execute("BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE; SELECT 1; COMMIT")
+            .unwrap();
+        // A role change anywhere empties every backend's cache of roles.
+        su.batch_execute(&format!("CREATE ROLE {m}_r; DROP ROLE {m}_r")).unwrap();
+        c.batch_execute("BEGIN; SET TRANSACTION READ ONLY; SELECT 1; COMMIT").unwrap();
+    }
+}

@@ -268,7 +268,7 @@ fn current_gate() -> Option<&'static mut Gate> {
 }
 
 /// Every role `user` is a member of, transitively, itself included. Cached; a cache miss
-/// (first statement, or after GRANT/REVOKE of a role) asks pg_roles, a shared catalog.
+/// (first statement, or after GRANT/REVOKE of a role) reads the catalog caches.
 fn roles_of(user: pg_sys::Oid) -> Vec<String> {
     let l = local();
     if let Some((u, r)) = &l.roles {
@@ -276,39 +276,65 @@ fn roles_of(user: pg_sys::Oid) -> Vec<String> {
             return r.clone();
         }
     }
-    // Some utility statements (SET, LOCK, transaction control) run without an active
-    // snapshot; a read needs one.
-    // SAFETY: pushed here, popped below on the normal path; an ERROR unwinds the stack.
-    let pushed = unsafe {
-        if pg_sys::ActiveSnapshotSet() {
-            false
-        } else {
-            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-            true
-        }
-    };
-    // Granted memberships, transitively: not pg_has_role(), which makes a superuser a member
-    // of every role (and so of every suspended one). pg_custody's own query: search_path is
-    // pinned, so no user-defined `=` on oid or other shadow can change what it returns.
-    let roles: Vec<String> = Spi::connect(|client| {
-        crate::own::select(
-            client,
-            c"WITH RECURSIVE r(oid) AS (SELECT $1::pg_catalog.oid UNION \
-               SELECT m.roleid FROM pg_catalog.pg_auth_members m JOIN r ON m.member OPERATOR(pg_catalog.=) r.oid) \
-             SELECT coalesce(pg_catalog.array_agg(a.rolname::pg_catalog.text ORDER BY a.rolname), '{}') \
-             FROM pg_catalog.pg_roles a JOIN r ON a.oid OPERATOR(pg_catalog.=) r.oid",
-            &[user.into()],
-        )
-        .ok()
-        .and_then(|t| t.first().get_one::<Vec<String>>().ok().flatten())
-        .unwrap_or_default()
-    });
-    if pushed {
-        // SAFETY: pairs with the push above.
-        unsafe { pg_sys::PopActiveSnapshot() };
-    }
-    l.roles = Some((user, roles.clone()));
+    // SAFETY: in a transaction (every statement path is).
+    let roles = unsafe { granted_roles(user) };
+    local().roles = Some((user, roles.clone()));
     roles
+}
+
+/// Granted memberships of `user`, transitively, by name: not pg_has_role(), which makes a
+/// superuser a member of every role (and so of every suspended one). Read from the catalog
+/// caches, not by a query: nothing user-defined can be resolved in it, and it takes no
+/// snapshot, which would make a following `SET TRANSACTION ISOLATION LEVEL` fail as "called
+/// after a query" in a transaction that has run none.
+///
+/// # Safety
+/// In a transaction.
+unsafe fn granted_roles(user: pg_sys::Oid) -> Vec<String> {
+    let mut oids = vec![user];
+    let mut i = 0;
+    while i < oids.len() {
+        let member = oids[i];
+        i += 1;
+        // SAFETY: a catcache list of pg_auth_members rows by member (caller's contract: in a
+        // transaction), each tuple a pg_auth_members row, released before the next lookup.
+        unsafe {
+            let list = pg_sys::SearchSysCacheList(
+                pg_sys::SysCacheIdentifier::AUTHMEMMEMROLE as i32,
+                1,
+                pg_sys::Datum::from(member),
+                pg_sys::Datum::from(0),
+                pg_sys::Datum::from(0),
+            );
+            for &ct in (*list).members.as_slice((*list).n_members as usize) {
+                let mut isnull = false;
+                let role = pg_sys::Oid::from(
+                    pg_sys::SysCacheGetAttr(
+                        pg_sys::SysCacheIdentifier::AUTHMEMMEMROLE as i32,
+                        &mut (*ct).tuple,
+                        crate::pgver::AUTH_MEMBERS_ROLEID,
+                        &mut isnull,
+                    )
+                    .value() as u32,
+                );
+                if !isnull && !oids.contains(&role) {
+                    oids.push(role);
+                }
+            }
+            pg_sys::ReleaseCatCacheList(list);
+        }
+    }
+    let mut names: Vec<String> = oids
+        .into_iter()
+        // SAFETY: GetUserNameFromId with noerr returns NULL for a role that is gone, else a
+        // palloc'd NUL-terminated name.
+        .filter_map(|o| unsafe {
+            let n = pg_sys::GetUserNameFromId(o, true);
+            (!n.is_null()).then(|| CStr::from_ptr(n).to_string_lossy().into_owned())
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 /// What the gate said about a statement, for its record and for raising the denial.
