@@ -296,6 +296,57 @@ impl Gate {
         })
     }
 
+    /// Evaluates the set once on plain statements, as the gate would: a set whose rules
+    /// cannot be evaluated together (a `deny := "text"` beside a `deny contains`, `allow :=
+    /// true` beside `allow := false`, a builtin that fails on every input) would deny every
+    /// gated statement with an evaluation error, so `set_policy` refuses it first. The error
+    /// names the rule and the policy, as a denial would.
+    pub fn check_evaluates(&mut self) -> Result<(), String> {
+        if self.engine.is_none() {
+            return Ok(());
+        }
+        let subject = SubjectInput {
+            session_user: "custody_probe".into(),
+            current_user: "custody_probe".into(),
+            roles: Vec::new(),
+        };
+        let table = r#"[{"schema":"public","name":"custody_probe","kind":"table","privileges":["SELECT"],"columns":["id"]}]"#;
+        for (command, objects) in [
+            ("SELECT", "[]"),
+            ("SELECT", table),
+            ("INSERT", table),
+            ("UPDATE", table),
+            ("DELETE", table),
+            ("CREATE TABLE", table),
+            ("DROP TABLE", table),
+        ] {
+            let st = StatementInput {
+                subject: &subject,
+                command,
+                objects_json: objects,
+                client_addr: None,
+                application_name: None,
+                now_unix_us: 0,
+                pid: 0,
+                backend_start_unix_us: 0,
+                statements: 1,
+            };
+            if let Err(reasons) = self.evaluate_statement(&st) {
+                if let Some(e) = reasons.iter().find(|r| r.starts_with(EVALUATION_ERROR)) {
+                    return Err(e[EVALUATION_ERROR.len()..].to_string());
+                }
+            }
+        }
+        self.statement_evaluations = 0;
+        if self.declared.row_allow {
+            let resource = serde_json::json!({"schema": "public", "table": "custody_probe"});
+            self.row_allow(&subject, 0, "SELECT", &resource)?;
+            self.row_memo.clear();
+            self.row_evaluations = 0;
+        }
+        Ok(())
+    }
+
     /// True when there is nothing to check (no enabled policy, no suspension): the statement path then skips everything.
     /// (Enabled policies that declare neither `deny` nor `allow` only serve `row_allow`.)
     pub fn is_trivial(&self) -> bool {
@@ -412,7 +463,7 @@ impl Gate {
         let volatile_deny = if sg.volatile_deny {
             sg.volatile
                 .eval_rule(DENY.to_string())
-                .map_err(|e| vec![evaluation_error(e)])?
+                .map_err(|e| vec![evaluation_error(DENY, e)])?
         } else {
             Value::Undefined
         };
@@ -441,7 +492,7 @@ impl Gate {
             let allow = if sg.allow_volatile {
                 sg.volatile
                     .eval_rule(ALLOW.to_string())
-                    .map_err(evaluation_error)
+                    .map_err(|e| evaluation_error(ALLOW, e))
             } else {
                 stable
                     .allow
@@ -502,7 +553,7 @@ impl Gate {
         if self.declared.deny {
             let deny = engine
                 .eval_rule(DENY.to_string())
-                .map_err(|e| vec![evaluation_error(e)])?;
+                .map_err(|e| vec![evaluation_error(DENY, e)])?;
             let messages = deny_messages(&deny);
             if !messages.is_empty() {
                 return Err(messages);
@@ -511,7 +562,7 @@ impl Gate {
         if self.declared.allow {
             let allow = engine
                 .eval_rule(ALLOW.to_string())
-                .map_err(|e| vec![evaluation_error(e)])?;
+                .map_err(|e| vec![evaluation_error(ALLOW, e)])?;
             if allow != Value::Bool(true) {
                 return Err(vec![NOT_ALLOWED.to_string()]);
             }
@@ -628,7 +679,7 @@ impl Gate {
         engine.set_input(doc);
         let result = engine
             .eval_rule(ROW_ALLOW.to_string())
-            .map_err(evaluation_error)?;
+            .map_err(|e| evaluation_error(ROW_ALLOW, e))?;
         let allowed = result == Value::Bool(true);
         self.row_memo.insert(self.row_key.clone(), allowed);
         Ok(allowed)
@@ -674,7 +725,7 @@ impl SplitGate {
         let deny = if self.stable_deny {
             self.stable
                 .eval_rule(DENY.to_string())
-                .map_err(evaluation_error)
+                .map_err(|e| evaluation_error(DENY, e))
         } else {
             Ok(Value::Undefined)
         };
@@ -682,7 +733,7 @@ impl SplitGate {
         let allow = (declared_allow && !self.allow_volatile && deny_empty).then(|| {
             self.stable
                 .eval_rule(ALLOW.to_string())
-                .map_err(evaluation_error)
+                .map_err(|e| evaluation_error(ALLOW, e))
         });
         StableOutcome { deny, allow }
     }
@@ -709,12 +760,19 @@ fn deny_messages(deny: &Value) -> Vec<String> {
 /// How every reason that is an evaluation error (not a policy's message) begins.
 const EVALUATION_ERROR: &str = "policy evaluation error: ";
 
-/// `policy evaluation error: NAME:LINE:COL: MESSAGE` from a regorus error.
-fn evaluation_error(e: impl std::fmt::Display) -> String {
-    format!(
-        "{EVALUATION_ERROR}{}",
-        LocatedError::parse(&e.to_string()).one_line()
-    )
+/// `policy evaluation error: rule deny of policy NAME (NAME:LINE:COL): MESSAGE` from a
+/// regorus error raised while `rule` (a `data.custody.` path) was evaluated: which module
+/// and which rule failed, and where.
+fn evaluation_error(rule: &str, e: impl std::fmt::Display) -> String {
+    let rule = rule.strip_prefix("data.custody.").unwrap_or(rule);
+    let located = LocatedError::parse(&e.to_string());
+    match (&located.file, located.line, located.column) {
+        (Some(f), Some(l), Some(c)) => format!(
+            "{EVALUATION_ERROR}rule {rule} of policy {f} ({f}:{l}:{c}): {}",
+            located.message
+        ),
+        _ => format!("{EVALUATION_ERROR}rule {rule}: {}", located.message),
+    }
 }
 
 fn policy_set_id(policies: &[(String, i64)]) -> String {

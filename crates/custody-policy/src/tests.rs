@@ -291,7 +291,7 @@ fn runtime_errors_fail_closed() {
         assert!(!d.allowed, "{src}");
         assert_eq!(d.reasons.len(), 1, "{d:?}");
         assert!(
-            d.reasons[0].starts_with("policy evaluation error: broken:"),
+            d.reasons[0].starts_with("policy evaluation error: rule deny of policy broken (broken:"),
             "{d:?}"
         );
     }
@@ -413,7 +413,7 @@ fn row_allow_undefined_is_false_and_errors_surface() {
     )]);
     assert_eq!(g.row_allow(&s, NOW, "read", &json!({"n": 2})), Ok(true));
     let err = g.row_allow(&s, NOW, "read", &json!({"n": 0})).unwrap_err();
-    assert!(err.starts_with("policy evaluation error: p:3:"), "{err}");
+    assert!(err.starts_with("policy evaluation error: rule row_allow of policy p (p:3:"), "{err}");
 }
 
 #[test]
@@ -649,4 +649,47 @@ fn a_policy_set_is_not_split_where_the_analysis_cannot_follow() {
         let g = Gate::build(&snapshot_with_attributes(&src)).unwrap_or_else(|e| panic!("{why}: {e}\n{src}"));
         assert!(!g.is_split(), "{why}\n{src}");
     }
+}
+
+#[test]
+fn sets_that_cannot_be_evaluated_together_are_found_before_they_are_in_force() {
+    let set = |a: &str, b: &str| {
+        Gate::build(&Snapshot {
+            generation: 1,
+            policies: vec![policy("a", 1, a), policy("b", 2, b)],
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let deny_string = "package custody\n\ndeny := \"not a set\"\n";
+    let deny_set = "package custody\n\ndeny contains \"x\" if input.command == \"DROP\"\n";
+    let e = set(deny_string, deny_set).check_evaluates().unwrap_err();
+    assert!(e.starts_with("rule deny of policy b (b:3:1): "), "{e}");
+    let e = set("package custody\n\nallow := true\n", "package custody\n\nallow := false\n")
+        .check_evaluates()
+        .unwrap_err();
+    assert_eq!(e, "rule allow of policy b (b:3:1): rule conflicts with rule at a:3:1");
+    // Conflicting only for some statements: found when one of the probes is such a statement.
+    let e = set(
+        "package custody\n\nallow := true if input.command == \"DELETE\"\n",
+        "package custody\n\nallow := false if input.command == \"DELETE\"\n",
+    )
+    .check_evaluates()
+    .unwrap_err();
+    assert!(e.contains("rule conflicts"), "{e}");
+    // Sets that evaluate are accepted, and the probes leave no trace.
+    let mut g = set(
+        "package custody\n\ndeny contains \"no drops\" if input.command == \"DROP TABLE\"\n",
+        "package custody\n\nallow if true\n",
+    );
+    g.check_evaluates().unwrap();
+    assert_eq!(g.statement_evaluations(), 0);
+    // The same error reaches a statement's denial, naming the rule and the policy.
+    let mut g = set("package custody\n\nallow := true\n", "package custody\n\nallow := false\n");
+    let s = alice();
+    let d = g.decide(&stmt(&s, "SELECT", OBJECTS));
+    assert_eq!(
+        d.reasons,
+        vec!["policy evaluation error: rule allow of policy b (b:3:1): rule conflicts with rule at a:3:1"]
+    );
 }
