@@ -183,6 +183,15 @@ pub fn state() -> ChainState {
     }
 }
 
+/// A backend committed a change to pg_custody's store, so the extension is there, but the
+/// writer has not found it yet (it looks every 100 ms): from now on sessions record and gate
+/// as while the writer attaches (`Unknown`), instead of neither recording nor gating.
+pub fn extension_is_there() {
+    if let Some(s) = shared() {
+        let _ = s.state.compare_exchange(ChainState::Absent as u32, ChainState::Unknown as u32, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
 /// Largest payload a single record may have, given the queue size.
 pub fn max_record_len() -> usize {
     shared().map_or(0, |s| (s.capacity / 4) as usize)

@@ -142,7 +142,13 @@ struct Local {
     epoch: u64,
     /// PostgreSQL's statement start when the epoch last moved (see `sync_statement`).
     statement_start: i64,
+    /// When the current statement started, nested ones included (Unix µs): what policies
+    /// and attribute validity judge it by.
+    now_us: i64,
     subject: Option<(u64, pg_sys::Oid, std::rc::Rc<SubjectInput>)>,
+    /// A walsender's subject, taken when its login committed: its replication commands are
+    /// decided where no catalog can be read (see `replication_verdict`).
+    walsender: Option<(capture::Who, std::rc::Rc<SubjectInput>)>,
     /// custody.check() answers of the current statement (see rows.rs).
     row_memo: Option<RowMemo>,
     /// The record JSON of an allowed decision: the same for every allowed statement of one
@@ -159,7 +165,9 @@ static mut LOCAL: Local =
         build_error: None,
         epoch: 0,
         statement_start: 0,
+        now_us: 0,
         subject: None,
+        walsender: None,
         row_memo: None,
         allowed_json: None,
     };
@@ -212,6 +220,15 @@ pub fn statement_starts() {
     l.epoch += 1;
     // SAFETY: a getter of the transaction state.
     l.statement_start = unsafe { GetCurrentStatementStartTimestamp() };
+    l.now_us = clock_unix_us();
+}
+
+/// The time now, Unix µs. Statements are judged when each starts, not when the client's
+/// message arrived (PostgreSQL's statement start): `SELECT pg_sleep(3); SELECT ...` or a
+/// loop in a DO block must not ride on an attribute that expired meanwhile.
+fn clock_unix_us() -> i64 {
+    // SAFETY: reads the clock.
+    (unsafe { pg_sys::GetCurrentTimestamp() }) + capture::PG_EPOCH_OFFSET_US
 }
 
 extern "C" {
@@ -229,6 +246,7 @@ fn sync_statement(l: &mut Local) {
     if now != l.statement_start {
         l.statement_start = now;
         l.epoch += 1;
+        l.now_us = clock_unix_us();
     }
 }
 
@@ -392,19 +410,45 @@ pub struct Pending {
 /// Starts deciding a statement, or None when nothing is to be checked (enforce = off, an
 /// exempt role, no policy and no suspension in force). Called once per statement.
 pub fn prepare() -> Option<Pending> {
-    let gate = current_gate();
-    let l = local();
     let enforce = settings::enforce();
     if enforce == Enforce::Off {
         return None;
     }
-    let failed = l.build_error.clone();
-    if failed.is_none() && gate.is_none_or(|g| g.is_trivial()) {
+    let mut gate = current_gate();
+    let unknown = local().generation == 0;
+    if !unknown && local().build_error.is_none() && gate.as_ref().is_none_or(|g| g.is_trivial()) {
         return None;
     }
     let who = capture::who();
     if settings::is_exempt(&who.session_user) || settings::is_exempt(&who.current_user) {
         return None;
+    }
+    let mut failed = None;
+    // SAFETY: a plain check of the server's state.
+    if unknown && unsafe { pg_sys::RecoveryInProgress() } {
+        // A hot standby has no custody writer to publish the store (its gating and
+        // recording are the operations issue's): not denying everything there.
+        return None;
+    }
+    if unknown {
+        // Fail closed: until the writer has published the store after the server started,
+        // nobody knows which policies and suspensions are in force.
+        let waited = wait_for_publication();
+        gate = current_gate();
+        if local().generation == 0 {
+            if crate::queue::state() == crate::queue::ChainState::Absent {
+                return None;
+            }
+            failed = Some(format!(
+                "the policies in force are not known yet: the custody writer has not published them (waited {waited} ms, custody.failure_timeout)"
+            ));
+        } else if local().build_error.is_none() && gate.as_ref().is_none_or(|g| g.is_trivial()) {
+            return None;
+        }
+    }
+    let l = local();
+    if failed.is_none() {
+        failed = l.build_error.as_ref().map(|e| format!("policies in force could not be compiled: {e}"));
     }
     // SAFETY: plain read of the current user id.
     let user = unsafe { pg_sys::GetUserId() };
@@ -419,19 +463,89 @@ pub fn prepare() -> Option<Pending> {
     Some(Pending { enforce, failed, who, subject })
 }
 
+/// A walsender's login commits: who its replication commands are decided for.
+pub fn remember_replication_subject() {
+    let who = capture::who();
+    // SAFETY: plain read of the current user id.
+    let user = unsafe { pg_sys::GetUserId() };
+    let subject = std::rc::Rc::new(SubjectInput {
+        session_user: who.session_user.clone(),
+        current_user: who.current_user.clone(),
+        roles: roles_of(user),
+    });
+    local().walsender = Some((who, subject));
+}
+
+/// The decision on a walsender's replication command (`BASE_BACKUP`, `START_REPLICATION`,
+/// `IDENTIFY_SYSTEM`, ...; objects `[]`), or None when nothing is to be checked. Decided
+/// while PostgreSQL reports the command, where nothing may wait or read a catalog: the
+/// subject is the one taken at login, and a policy state not published yet denies at once.
+pub fn replication_verdict(command: &str) -> Option<Verdict> {
+    let enforce = settings::enforce();
+    if enforce == Enforce::Off {
+        return None;
+    }
+    let gate = current_gate();
+    let l = local();
+    let (who, subject) = l.walsender.clone()?;
+    if settings::is_exempt(&who.session_user) || settings::is_exempt(&who.current_user) {
+        return None;
+    }
+    let failed = if l.generation == 0 {
+        Some("the policies in force are not known yet: the custody writer has not published them".to_string())
+    } else {
+        l.build_error.as_ref().map(|e| format!("policies in force could not be compiled: {e}"))
+    };
+    if failed.is_none() && gate.is_none_or(|g| g.is_trivial()) {
+        return None;
+    }
+    statement_starts();
+    local().statements += 1;
+    Some(Pending { enforce, failed, who, subject }.decide(command, "[]"))
+}
+
+/// Waits (up to custody.failure_timeout) for the first publication of the policy store, or
+/// for the writer to find pg_custody absent; the milliseconds waited.
+fn wait_for_publication() -> i64 {
+    let timeout = settings::failure_timeout_ms();
+    let start = std::time::Instant::now();
+    loop {
+        let waited = start.elapsed().as_millis() as i64;
+        if published_generation() != 0
+            || crate::queue::state() == crate::queue::ChainState::Absent
+            || waited >= timeout
+        {
+            return waited;
+        }
+        // SAFETY: a timed wait on this backend's own latch, as any wait loop in a backend;
+        // interrupts (cancel, terminate) are served after each wake.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                (timeout - waited).clamp(1, 10),
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+    }
+}
+
 impl Pending {
     pub fn decide(self, command: &str, objects_json: &str) -> Verdict {
         let enforce = self.enforce;
         let gate = match (self.failed, current_gate()) {
             (None, Some(g)) => g,
             (failed, _) => {
-                // A snapshot that does not compile cannot be published (set_policy checks
-                // first), but fail closed if it ever happens.
-                let err = failed.unwrap_or_else(|| "no policy set in force".into());
+                // Not published yet (see prepare), or a snapshot that does not compile (it
+                // cannot be published, set_policy checks first, but fail closed if it ever
+                // happens).
+                let reason = failed.unwrap_or_else(|| "no policy set in force".into());
                 return Verdict {
                     decision: Decision {
                         allowed: false,
-                        reasons: vec![format!("policies in force could not be compiled: {err}")],
+                        reasons: vec![reason],
                         policies: Vec::new(),
                         suspended_role: None,
                         policy_set: String::new(),
@@ -457,11 +571,15 @@ impl Pending {
     }
 }
 
-/// When the current (top-level) statement started: policies judge it by the attributes valid
-/// then, and `time` in the input is that instant.
+/// When the current statement (nested ones included) started: policies judge it by the
+/// attributes valid then, and `time` in the input is that instant.
 pub fn statement_start_unix_us() -> i64 {
-    // SAFETY: plain read of the transaction state's statement start time.
-    (unsafe { pg_sys::GetCurrentStatementStartTimestamp() }) + capture::PG_EPOCH_OFFSET_US
+    let l = local();
+    sync_statement(l);
+    if l.now_us == 0 {
+        l.now_us = clock_unix_us();
+    }
+    l.now_us
 }
 
 /// The subject of the current statement, for custody.current_subject() and custody.check().

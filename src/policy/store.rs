@@ -69,10 +69,26 @@ fn check_manager(writes: Table) {
     // lock any role could hold forever, and nobody could suspend anyone meanwhile): SHARE
     // UPDATE EXCLUSIVE conflicts with itself, not with readers, and LOCK TABLE in that mode
     // needs privileges only the owner has (and pg_custody refuses stronger ones).
+    // The same lock orders publications: a change publishes at commit, before its locks are
+    // released, and the writer publishes what it reads under this lock, so the store that is
+    // published last is always the newest one.
     let store = crate::protect::ids().map(|i| i.table(Table::PolicyStore)).unwrap_or(pg_sys::InvalidOid);
     if store != pg_sys::InvalidOid {
         // SAFETY: a heavyweight lock held until the end of the transaction.
         unsafe { pg_sys::LockRelationOid(store, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE) };
+    }
+    // At commit the store is read back and published. Under a snapshot older than the lock
+    // (REPEATABLE READ, SERIALIZABLE) that read would miss a change another session
+    // committed meanwhile, and publishing it would undo that change for every backend.
+    // SAFETY: a plain read of the transaction's isolation level.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "pg_custody policies, attributes and suspensions are changed in READ COMMITTED transactions",
+            "pg_custody",
+        )
+        .set_detail("A REPEATABLE READ or SERIALIZABLE snapshot could publish the store without another session's change.")
+        .report(PgLogLevel::ERROR);
     }
     // Nothing of anyone else's may run when pg_custody writes its store.
     crate::protect::table::require_oid(writes);
@@ -174,17 +190,10 @@ fn set_policy(name: &str, source: &str) {
         );
     }
     // The new module must also compile together with the others in force.
-    let mut snap = load_snapshot();
+    let mut snap = latest_snapshot();
     snap.policies.retain(|p| p.name != name);
     snap.policies.push(PolicySource { name: name.into(), version: 0, source: source.into(), enabled: true });
-    if let Err(e) = Gate::build(&snap) {
-        bad(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("policy \"{name}\" conflicts with the policies in force: {e}"),
-            None,
-            "The policies in force are unchanged.",
-        );
-    }
+    check_together(name, &snap);
     let sha = sha256_hex(source);
     let version = own_sql::<i32>(
         sql("INSERT INTO {policy_store} AS p (name, source, version, sha256, enabled, updated_at, updated_by) \
@@ -196,6 +205,22 @@ fn set_policy(name: &str, source: &str) {
     )
     .unwrap_or(0);
     changed("SET POLICY", serde_json::json!({"kind": "policy", "name": name, "version": version, "sha256": sha}));
+}
+
+/// Refuses (22023) a policy set, `name` changed in it, that does not compile together or
+/// cannot be evaluated together: in force it would deny every gated statement with an
+/// evaluation error, the administrator's included.
+fn check_together(name: &str, snap: &Snapshot) {
+    let problem = match Gate::build(snap) {
+        Err(e) => Some(format!("policy \"{name}\" conflicts with the policies in force: {e}")),
+        Ok(mut gate) => gate
+            .check_evaluates()
+            .err()
+            .map(|e| format!("policy \"{name}\" cannot be evaluated with the policies in force: {e}")),
+    };
+    if let Some(message) = problem {
+        bad(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, None, "The policies in force are unchanged.");
+    }
 }
 
 /// Removes a policy.
@@ -224,6 +249,9 @@ fn enable_policy(name: &str, on: bool) {
     let Some((Some(version), Some(sha))) = row else {
         bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("policy \"{name}\" does not exist"), None, "See custody.policies.");
     };
+    if on {
+        check_together(name, &latest_snapshot());
+    }
     let command = if on { "ENABLE POLICY" } else { "DISABLE POLICY" };
     changed(command, serde_json::json!({"kind": "policy", "name": name, "version": version, "sha256": sha}));
 }
@@ -308,6 +336,53 @@ fn resume(role: &str) {
         bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("role \"{role}\" is not suspended"), None, "See custody.suspensions.");
     }
     changed("RESUME", serde_json::json!({"kind": "role", "name": role}));
+}
+
+/// What the writer's publication of the store did.
+pub enum Published {
+    /// Published (false: it does not fit in shared memory).
+    Done(bool),
+    /// No store here (the extension is not created), or a change holds the store's lock (it
+    /// publishes at its commit; try again).
+    NotNow,
+}
+
+/// The writer's publication of the store, at its start: read under the lock store changes
+/// take, with a snapshot taken after it, so that it never replaces a newer state published
+/// by a change that committed meanwhile. The lock is only tried: a change waits at its
+/// commit for the writer to store its records.
+/// Runs in a transaction of the writer.
+pub fn publish_from_writer() -> Published {
+    let store = crate::protect::ids().map(|i| i.table(Table::PolicyStore)).unwrap_or(pg_sys::InvalidOid);
+    if store == pg_sys::InvalidOid {
+        return Published::NotNow;
+    }
+    // SAFETY: a heavyweight lock held until the writer's transaction ends; the snapshot push
+    // and pop pair around the reads, in that transaction.
+    unsafe {
+        if !pg_sys::ConditionalLockRelationOid(store, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE) {
+            return Published::NotNow;
+        }
+        pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
+        let snap = load_snapshot();
+        pg_sys::PopActiveSnapshot();
+        Published::Done(super::publish(&snap))
+    }
+}
+
+/// The store as this transaction leaves it, with every change committed so far (the caller
+/// holds the store's lock, so none is in between): the statement's snapshot predates the
+/// lock.
+fn latest_snapshot() -> Snapshot {
+    // SAFETY: makes this transaction's own changes visible, then a push/pop pair around the
+    // reads, inside the transaction.
+    unsafe {
+        pg_sys::CommandCounterIncrement();
+        pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
+        let snap = load_snapshot();
+        pg_sys::PopActiveSnapshot();
+        snap
+    }
 }
 
 /// Reads policies, attributes and suspensions from the store (in custody.database).
@@ -410,6 +485,7 @@ pub fn pre_prepare() {
 pub fn commit() {
     let p = pending();
     if let Some(snap) = p.snapshot.take() {
+        crate::queue::extension_is_there();
         super::publish(&snap);
     }
     p.dirty = false;

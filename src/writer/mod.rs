@@ -147,8 +147,15 @@ fn run() {
     let mut archiver = archive::Archiver::new();
     let mut refusing_since: Option<std::time::Instant> = None;
     let (mut gathered, mut stopping) = (false, false);
+    // Whether the policy store is published. Backends wait for it before they gate (fail
+    // closed), so it goes first, before the chain is opened (which reads the log's head and
+    // can take long).
+    let mut policies_published = false;
 
     loop {
+        if !policies_published {
+            policies_published = publish_policies();
+        }
         if chain.is_none() {
             match BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| start::open(&queue))) {
                 start::Start::Ready(mut c, first, on_disk) => {
@@ -163,11 +170,10 @@ fn run() {
                     durable.start(on_disk);
                     append(&mut c, first);
                     committed(&c, &queue, &mut durable);
-                    // Policies, attributes and suspensions in force for every backend.
-                    let snap = BackgroundWorker::transaction(crate::policy::store::load_snapshot);
-                    if !crate::policy::publish(&snap) {
-                        warning!("pg_custody writer: the policy store does not fit in shared memory");
-                    }
+                    // Policies, attributes and suspensions in force for every backend, read
+                    // again now that the extension is known to be there (it may have been
+                    // dropped and created again meanwhile).
+                    policies_published = publish_policies();
                     chain = Some(c);
                 }
                 start::Start::Absent => {
@@ -277,6 +283,22 @@ fn run() {
             archiver.finish(&queue, Duration::from_secs(5));
             return;
         }
+    }
+}
+
+/// Publishes the policy store for every backend; false when it must be tried again (no
+/// store yet, or a change holds its lock and publishes at its own commit).
+fn publish_policies() -> bool {
+    match BackgroundWorker::transaction(crate::policy::store::publish_from_writer) {
+        crate::policy::store::Published::Done(fits) => {
+            if !fits {
+                // Nothing is published: statements are denied (fail closed) until a change
+                // makes the store fit and publishes it at its commit.
+                warning!("pg_custody writer: the policy store does not fit in shared memory; gated statements are denied until it does");
+            }
+            true
+        }
+        crate::policy::store::Published::NotNow => false,
     }
 }
 
