@@ -583,6 +583,7 @@ pub fn record_event(class: Class, command: &str, objects: &str) {
 }
 
 /// Who is running the current statement, as the records name them.
+#[derive(Clone)]
 pub struct Who {
     pub database_name: String,
     pub session_user: String,

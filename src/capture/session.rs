@@ -125,6 +125,10 @@ pub fn startup_committing() {
     }
     set_login(Login::Done);
     super::settings_baseline();
+    // SAFETY: a plain read of a process global.
+    if unsafe { pg_sys::am_walsender } && active() {
+        crate::policy::remember_replication_subject();
+    }
     if !active() || !super::wanted(Class::Login) {
         return;
     }
@@ -273,7 +277,13 @@ fn open_replication(text: &str) {
         return;
     }
     let (class, command) = replication_class(text);
-    if !super::wanted(class) {
+    // Replication commands pass the gate like statements (a suspended REPLICATION role runs
+    // no BASE_BACKUP). PostgreSQL reports the command right before it checks for interrupts
+    // and runs it, and nothing may be raised while a report is emitted: a denial is a cancel
+    // request, so the command ends with 57014 before it does anything (the record says
+    // denied, and why), and the connection stays.
+    let verdict = crate::policy::replication_verdict(command);
+    if !super::wanted(class) && !verdict.as_ref().is_some_and(|v| v.refuses()) {
         return;
     }
     let stored = statement_text(Some(text));
@@ -289,6 +299,17 @@ fn open_replication(text: &str) {
     state().open.push(super::Open { key: REPLICATION_KEY, subid: 0, rec, secrets: stored.secrets, tentative: false });
     // SAFETY: single-threaded backend.
     unsafe { REPLICATION_OPEN = true };
+    if let Some(v) = verdict {
+        super::set_decision(REPLICATION_KEY, v.record_json(), v.denies());
+        if v.denies() {
+            // SAFETY: the interrupt flags, set as a signal handler sets them; served by the
+            // CHECK_FOR_INTERRUPTS that follows the report.
+            unsafe {
+                pg_sys::QueryCancelPending = 1;
+                pg_sys::InterruptPending = 1;
+            }
+        }
+    }
 }
 
 /// Closes the open replication command's record: as a success, or with the error that ends it.
@@ -304,7 +325,9 @@ fn close_replication(error: Option<(&str, &str)>) {
     let Some(i) = st.open.iter().rposition(|o| o.key == REPLICATION_KEY) else { return };
     let mut rec = st.open.remove(i).rec;
     if let Some((sqlstate, message)) = error {
-        rec.outcome = Outcome::Error;
+        if rec.outcome != Outcome::Denied {
+            rec.outcome = Outcome::Error;
+        }
         rec.sqlstate = Some(sqlstate.into());
         rec.message = Some(message.into());
     }

@@ -85,9 +85,12 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
     if !capture::active() {
         return false;
     }
-    // Every statement passes the policy gate; every decision is recorded. The objects are
-    // read from the catalog caches only when the record or the gate needs them.
-    let pending = policy::prepare();
+    // Every statement passes the policy gate (but for break-glass calls); every refusal is
+    // recorded. The objects are read from the catalog caches only when the record or the
+    // gate needs them.
+    // SAFETY: `pstmt` is the plan ExecutorStart was given, in a transaction.
+    let glass = unsafe { break_glass(pstmt) };
+    let pending = if glass { None } else { policy::prepare() };
     if pending.is_none() && violation.is_none() && !capture::wanted(class) {
         return false;
     }
@@ -95,6 +98,10 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
     let info = unsafe { objects::from_range_table(pstmt.rtable, perm_infos) };
     let objects_json = objects::to_json(&info.objects);
     let verdict = pending.map(|p| p.decide(tag, &objects_json));
+    if verdict.as_ref().is_some_and(|v| !v.denies()) {
+        // Gated and let through: a portal can run it in chunks, each checked again.
+        gated_push(qd as usize, tag, class, &objects_json);
+    }
     // A refusal is always recorded; an allowed statement as custody.audit says.
     let refused = verdict.as_ref().is_some_and(|v| v.refuses());
     if violation.is_none() && !refused && !capture::wanted(class) {
@@ -135,6 +142,196 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
         }
     }
     true
+}
+
+/// A statement the gate let through when it started, while its plan is open: a portal runs
+/// it once per chunk (extended-protocol Execute with a row limit, as JDBC's fetch size does;
+/// FETCH from a cursor), and each chunk after the first is decided again by the policies,
+/// suspensions and attributes in force then.
+struct Gated {
+    key: usize,
+    subid: pg_sys::SubTransactionId,
+    tag: &'static str,
+    class: Class,
+    objects_json: String,
+    ran: bool,
+}
+
+/// The gated statements whose plans are open (few: one per open portal or nesting level).
+static mut GATED: Vec<Gated> = Vec::new();
+
+#[allow(static_mut_refs)]
+fn gated() -> &'static mut Vec<Gated> {
+    // SAFETY: backend-local state of a single-threaded backend; callers hold no other
+    // reference across calls that could reach here.
+    unsafe { &mut GATED }
+}
+
+fn gated_push(key: usize, tag: &'static str, class: Class, objects_json: &str) {
+    // SAFETY: a getter of the transaction state.
+    let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let g = gated();
+    g.retain(|e| e.key != key);
+    g.push(Gated { key, subid, tag, class, objects_json: objects_json.to_owned(), ran: false });
+}
+
+/// At an abort of subtransaction `subid` (None: of the transaction): the plans started in
+/// it are gone (a failed portal's ExecutorEnd is never called).
+pub fn gated_forget_aborted(subid: Option<pg_sys::SubTransactionId>) {
+    match subid {
+        None => gated().clear(),
+        Some(s) => gated().retain(|e| e.subid < s),
+    }
+}
+
+/// Before a run of a gated statement's plan: the first run was decided at ExecutorStart; a
+/// later one (the next chunk of a portal) is decided again, recorded when refused, and
+/// raises the denial instead of fetching more.
+///
+/// # Safety
+/// `qd` is the QueryDesc ExecutorRun was given.
+unsafe fn recheck(qd: *mut pg_sys::QueryDesc) {
+    let key = qd as usize;
+    let g = gated();
+    if g.is_empty() {
+        return;
+    }
+    let Some(i) = g.iter().position(|e| e.key == key) else { return };
+    if !g[i].ran {
+        g[i].ran = true;
+        return;
+    }
+    let (tag, class, objects_json) = (g[i].tag, g[i].class, g[i].objects_json.clone());
+    policy::statement_starts();
+    let Some(pending) = policy::prepare() else { return };
+    let verdict = pending.decide(tag, &objects_json);
+    if !verdict.refuses() {
+        return;
+    }
+    if !capture::is_open(key) {
+        // SAFETY: the QueryDesc's plan and source text are alive while it runs (caller's
+        // contract); `cstr` maps a NULL text to "".
+        let text = unsafe {
+            let pstmt = &*(*qd).plannedstmt;
+            let source = objects::cstr((*qd).sourceText);
+            capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len).to_owned()
+        };
+        capture::open(key, class, tag, objects_json, Some(&text));
+    }
+    capture::set_decision(key, verdict.record_json(), verdict.denies());
+    if verdict.denies() {
+        policy::raise_denied(&verdict);
+    }
+}
+
+/// pg_custody's functions that manage what the gate decides by.
+const MANAGEMENT: [&str; 9] = [
+    "set_policy",
+    "drop_policy",
+    "enable_policy",
+    "set_attribute",
+    "clear_attribute",
+    "suspend",
+    "resume",
+    "create_row_policy",
+    "drop_row_policy",
+];
+
+/// Break-glass: the gate never denies a superuser's or a custody_admin member's call of
+/// pg_custody's management functions or of `pg_reload_conf()`, so that no policy can lock
+/// out who must fix it (the call is recorded as usual). The plan must read nothing: a
+/// `SELECT` of such calls, with built-in functions that change nothing for their arguments.
+///
+/// # Safety
+/// `pstmt` is the plan ExecutorStart was given, in a transaction.
+unsafe fn break_glass(pstmt: &pg_sys::PlannedStmt) -> bool {
+    // SAFETY: the plan's nodes and lists are valid (caller's contract); each cast follows the
+    // node's tag; catalog lookups of functions that exist (they are in the plan).
+    unsafe {
+        let plan = pstmt.planTree;
+        if pstmt.commandType != pg_sys::CmdType::CMD_SELECT
+            || plan.is_null()
+            || (*plan).type_ != pg_sys::NodeTag::T_Result
+            || !(*plan).lefttree.is_null()
+            || !pstmt.subplans.is_null()
+        {
+            return false;
+        }
+        // A SELECT without FROM has one range table entry, an RTE_RESULT (the planner's
+        // stand-in for the empty FROM list); anything else reads a relation or a function.
+        for rte in protect::utility::list::<pg_sys::RangeTblEntry>(pstmt.rtable) {
+            if (*rte).rtekind != pg_sys::RTEKind::RTE_RESULT {
+                return false;
+            }
+        }
+        let mut calls = BreakGlass { management: false, other: false };
+        let ctx = (&mut calls as *mut BreakGlass).cast();
+        for tle in protect::utility::list::<pg_sys::TargetEntry>((*plan).targetlist) {
+            if pg_sys::check_functions_in_node((*tle).expr.cast(), Some(break_glass_call), ctx)
+                || crate::pgver::walk_expression((*tle).expr.cast(), break_glass_walker, ctx)
+            {
+                return false;
+            }
+        }
+        if calls.other || !calls.management {
+            return false;
+        }
+        let admin = pg_sys::get_role_oid(c"custody_admin".as_ptr(), true);
+        pg_sys::superuser() || (admin != pg_sys::InvalidOid && pg_sys::is_member_of_role(pg_sys::GetUserId(), admin))
+    }
+}
+
+struct BreakGlass {
+    management: bool,
+    other: bool,
+}
+
+/// check_functions_in_node's callback: true (stop) for a function break-glass does not cover.
+///
+/// # Safety
+/// Called by check_functions_in_node with the BreakGlass of `break_glass`.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn break_glass_call(func: pg_sys::Oid, ctx: *mut std::ffi::c_void) -> bool {
+    // SAFETY: `ctx` is break_glass's BreakGlass; catalog lookups of a function in the plan.
+    unsafe {
+        let calls = &mut *(ctx as *mut BreakGlass);
+        let name = objects::cstr(pg_sys::get_func_name(func));
+        if u32::from(func) < pg_sys::FirstNormalObjectId {
+            if name == "pg_reload_conf" {
+                calls.management = true;
+                return false;
+            }
+            // built-ins that change nothing, for the arguments
+            return pg_sys::func_volatile(func) as u8 == pg_sys::PROVOLATILE_VOLATILE;
+        }
+        let custody = protect::ids().map(|i| i.nsp);
+        if custody == Some(pg_sys::get_func_namespace(func)) && MANAGEMENT.contains(&name.as_str()) {
+            calls.management = true;
+            return false;
+        }
+        calls.other = true;
+        true
+    }
+}
+
+/// Walks a break-glass candidate's expressions: every node's functions are checked.
+///
+/// # Safety
+/// Called by expression_tree_walker with the BreakGlass of `break_glass`.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn break_glass_walker(node: *mut pg_sys::Node, ctx: *mut std::ffi::c_void) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    // SAFETY: `node` is a valid expression node of the plan, `ctx` break_glass's BreakGlass.
+    unsafe {
+        if (*node).type_ == pg_sys::NodeTag::T_SubLink
+            || pg_sys::check_functions_in_node(node, Some(break_glass_call), ctx)
+        {
+            return true;
+        }
+        crate::pgver::walk_expression(node, break_glass_walker, ctx)
+    }
 }
 
 /// The permission check PostgreSQL runs after its own ACL check passed (in the executor, and
@@ -210,6 +407,8 @@ unsafe extern "C-unwind" fn custody_executor_start(qd: *mut pg_sys::QueryDesc, e
 /// # Safety
 /// The arguments PostgreSQL passed to the hook.
 pub unsafe fn run(qd: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64, execute_once: bool) {
+    // SAFETY: the QueryDesc ExecutorRun was given (our contract).
+    guarded(|| unsafe { recheck(qd) });
     // Statements run from inside this one (functions, triggers) are one level deeper.
     // On ERROR the decrement is skipped; the abort callbacks restore the depth.
     guarded(capture::depth_enter);
@@ -251,6 +450,9 @@ unsafe extern "C-unwind" fn custody_executor_end(qd: *mut pg_sys::QueryDesc) {
     guarded(|| unsafe {
         let key = qd as usize;
         protect::catalog::forget(key);
+        if !gated().is_empty() {
+            gated().retain(|e| e.key != key);
+        }
         if capture::is_open(key) {
             // Rows counted run by run; a plan that never ran processed none.
             let es = (*qd).estate;

@@ -89,9 +89,16 @@ unsafe fn classify(node: *mut pg_sys::Node) -> (Class, bool) {
     }
 }
 
-/// Statements that are never gated: transaction control (denying ROLLBACK protects nothing)
-/// and giving up a role (RESET ROLE, RESET SESSION AUTHORIZATION), so that a session that
-/// assumed a suspended role can always return to its own identity, which is gated itself.
+/// Statements that are never gated (they are recorded as usual):
+/// - transaction control: denying ROLLBACK protects nothing;
+/// - session housekeeping: `SET`/`RESET` of settings, `RESET ALL`, `DISCARD`: they read and
+///   change no data, and a connection pooler sends them on connections it switches between
+///   clients (pgbouncer closes a server connection whose `SET application_name` fails, so a
+///   denied pooled role would lose its connection instead of getting a 42501 on its query);
+///   `SET ROLE` and `SET SESSION AUTHORIZATION` stay gated, giving a role up (`RESET ROLE`)
+///   does not, so a session that assumed a suspended role can return to its own identity;
+/// - break-glass: `ALTER SYSTEM` of a `custody.*` setting (superusers only), so that a broken
+///   policy never locks out the administrator who must fix it.
 ///
 /// # Safety
 /// `node` is a valid, non-NULL utility statement node.
@@ -101,13 +108,14 @@ unsafe fn gate_exempt(node: *mut pg_sys::Node) -> bool {
     // is NULL (checked) or a NUL-terminated string.
     unsafe {
         match (*node).type_ {
-            T_TransactionStmt => true,
+            T_TransactionStmt | T_DiscardStmt => true,
             T_VariableSetStmt => {
                 let s = &*(node as *mut pg_sys::VariableSetStmt);
                 let name = if s.name.is_null() { &b""[..] } else { CStr::from_ptr(s.name).to_bytes() };
-                (name == b"role" || name == b"session_authorization")
-                    && s.kind == pg_sys::VariableSetKind::VAR_RESET
+                let identity = name == b"role" || name == b"session_authorization";
+                !identity || s.kind == pg_sys::VariableSetKind::VAR_RESET
             }
+            T_AlterSystemStmt => touches_custody_setting((*(node as *mut pg_sys::AlterSystemStmt)).setstmt),
             _ => false,
         }
     }
@@ -152,8 +160,34 @@ enum Run {
     /// not recorded here.
     Own(pg_sys::ProcessUtilityContext::Type),
     /// As the client (or a function) runs it, one statement level deeper; `key` is its open
-    /// record (0: not recorded); `extension`: CREATE/ALTER EXTENSION (its script runs there).
-    Recorded { key: usize, context: pg_sys::ProcessUtilityContext::Type, extension: bool },
+    /// record (0: not recorded); `extension`: CREATE/ALTER EXTENSION (its script runs there);
+    /// `recheck`: a COPY FROM the gate let through, decided again when its rows are in.
+    Recorded { key: usize, context: pg_sys::ProcessUtilityContext::Type, extension: bool, recheck: bool },
+}
+
+/// What a COPY FROM was decided by when it started, to decide it again once it has read its
+/// rows (see `after`). Kept in backend state, not in the hook's frame, which an ERROR may
+/// skip (see `hooks`).
+struct Recheck {
+    /// The statement level it runs at (capture::depth before it ran).
+    depth: i32,
+    tag: String,
+    class: Class,
+    objects_json: String,
+}
+
+/// The COPY FROMs running, innermost last (a COPY in a function called by a COPY's default).
+static mut RECHECKS: Vec<Recheck> = Vec::new();
+
+#[allow(static_mut_refs)]
+fn rechecks() -> &'static mut Vec<Recheck> {
+    // SAFETY: backend-local state of a single-threaded backend, borrowed briefly.
+    unsafe { &mut RECHECKS }
+}
+
+/// A top-level abort: no COPY is running.
+pub fn forget_rechecks() {
+    rechecks().clear();
 }
 
 /// ProcessUtility_hook. A plain frame: pg_custody's parts run in `guarded`, and an ERROR of
@@ -185,7 +219,7 @@ unsafe extern "C-unwind" fn custody_process_utility(
                 )
             }
         }
-        Run::Recorded { key, context, extension } => {
+        Run::Recorded { key, context, extension, recheck } => {
             let was_extension = guarded(|| {
                 capture::depth_enter();
                 extension.then(|| protect::set_extension_depth(Some(capture::depth())))
@@ -203,7 +237,7 @@ unsafe extern "C-unwind" fn custody_process_utility(
                 if let Some(was) = was_extension {
                     protect::set_extension_depth(was);
                 }
-                after(pstmt, key, qc);
+                after(pstmt, key, qc, recheck);
             });
         }
     }
@@ -258,6 +292,7 @@ unsafe fn opened(
     context: pg_sys::ProcessUtilityContext::Type,
 ) -> Run {
     let mut key = 0usize;
+    let mut recheck = false;
     // SAFETY: `pstmt` is the valid utility statement PostgreSQL is about to run and
     // `query_string` its NUL-terminated text (our contract); `node` is used only after a NULL
     // check.
@@ -279,6 +314,10 @@ unsafe fn opened(
                 let tag = objects::cstr(pg_sys::GetCommandTagName(pg_sys::CreateCommandTag(node)));
                 let objects_json = utility_objects(node);
                 verdict = pending.map(|p| p.decide(&tag, &objects_json));
+                if verdict.as_ref().is_some_and(|v| !v.denies()) && is_copy_from(node) {
+                    rechecks().push(Recheck { depth: capture::depth(), tag: tag.clone(), class, objects_json: objects_json.clone() });
+                    recheck = true;
+                }
                 // A refusal is always recorded; an allowed statement as custody.audit says.
                 if record || verdict.as_ref().is_some_and(|v| v.refuses()) {
                     if planned {
@@ -308,17 +347,52 @@ unsafe fn opened(
         }
         let extension = !node.is_null()
             && matches!((*node).type_, pg_sys::NodeTag::T_CreateExtensionStmt | pg_sys::NodeTag::T_AlterExtensionStmt);
-        Run::Recorded { key, context, extension }
+        Run::Recorded { key, context, extension, recheck }
     }
+}
+
+/// Whether `node` is a COPY ... FROM.
+///
+/// # Safety
+/// `node` is a valid utility statement node.
+unsafe fn is_copy_from(node: *mut pg_sys::Node) -> bool {
+    // SAFETY: the cast follows the node's tag.
+    unsafe { (*node).type_ == pg_sys::NodeTag::T_CopyStmt && (*(node as *mut pg_sys::CopyStmt)).is_from }
 }
 
 /// The hook's part once the statement ran.
 ///
 /// # Safety
 /// `pstmt` is the statement that ran; `qc` NULL or its QueryCompletion.
-unsafe fn after(pstmt: *mut pg_sys::PlannedStmt, key: usize, qc: *mut pg_sys::QueryCompletion) {
+unsafe fn after(pstmt: *mut pg_sys::PlannedStmt, key: usize, qc: *mut pg_sys::QueryCompletion, recheck: bool) {
     // SAFETY: `pstmt` and `qc` as the caller's contract says; `qc` is checked for NULL.
     unsafe {
+        // Entries of deeper COPYs an ERROR ended in a subtransaction are stale.
+        let depth = capture::depth();
+        rechecks().retain(|r| r.depth <= depth);
+        let mine = recheck && rechecks().last().is_some_and(|r| r.depth == depth);
+        if let Some(r) = mine.then(|| rechecks().pop()).flatten() {
+            // A COPY FROM STDIN stays open as long as the client sends rows: decided again by
+            // what is in force now, so that a suspension, a revoked attribute or a new policy
+            // meanwhile keeps its rows from being committed (the denial aborts them).
+            // PostgreSQL calls no hook while COPY reads, so this is at its end.
+            policy::statement_starts();
+            if let Some(verdict) = policy::prepare().map(|p| p.decide(&r.tag, &r.objects_json)) {
+                if verdict.refuses() {
+                    let key = if key != 0 {
+                        key
+                    } else {
+                        let k = capture::utility_token();
+                        capture::open(k, r.class, &r.tag, r.objects_json, None);
+                        k
+                    };
+                    capture::set_decision(key, verdict.record_json(), verdict.denies());
+                    if verdict.denies() {
+                        policy::raise_denied(&verdict);
+                    }
+                }
+            }
+        }
         if key != 0 {
             let rows = if qc.is_null() || (*qc).nprocessed == 0 { None } else { Some((*qc).nprocessed as i64) };
             capture::close(key, rows);

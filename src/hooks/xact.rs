@@ -100,6 +100,8 @@ unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             crate::policy::store::abort();
             capture::fail_open(None);
+            super::executor::gated_forget_aborted(None);
+            super::utility::forget_rechecks();
             capture::reset_after_abort();
             crate::own::reset_after_abort();
             super::HookState::reset();
@@ -112,6 +114,7 @@ unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => {
             crate::policy::store::commit();
+            super::executor::gated_forget_aborted(None);
             if crate::protect::take_extension_dropped() {
                 crate::writer::head::forget();
             }
@@ -169,6 +172,7 @@ unsafe extern "C-unwind" fn custody_subxact_callback(
             SUBXACT_EVENT_COMMIT_SUB => SUB_STATES.retain(|(s, _)| *s < my_subid),
             SUBXACT_EVENT_ABORT_SUB => {
                 capture::fail_open(Some(my_subid));
+                super::executor::gated_forget_aborted(Some(my_subid));
                 if let Some(&(_, state)) = SUB_STATES.iter().find(|(s, _)| *s == my_subid) {
                     state.restore();
                 }
