@@ -17,7 +17,7 @@ PG_CONFIG   ?= $(PGBIN)/pg_config
 PGRX_VER    := 0.18.0
 # Versions cargo-pgrx must know (make test asks for all it runs).
 PGRX_PGS    ?= $(ONE_PG)
-APT_PKGS    := postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo
+APT_PKGS    := postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo pgbouncer
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CLUSTER     := scripts/cluster.sh
 DEMO_DIR    := target/demo-cluster-$(ONE_PG)

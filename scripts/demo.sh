@@ -98,6 +98,39 @@ SQL
 chmod 644 "$dir.session.sql"
 "$here/cluster.sh" psql "$port" -U demo_contractor -d postgres -f "$dir.session.sql" 2>&1 || true
 
+say "Open work is checked again; a pooler's SET is not denied; administrators cannot be locked out"
+cat > "$dir.open.sql" <<SQL
+BEGIN;
+DECLARE c CURSOR FOR SELECT owner FROM demo_accounts ORDER BY id;
+\echo '-- FETCH 1 from a cursor opened before the suspension: allowed'
+FETCH 1 FROM c;
+\! $psql_bin -X -q -h /tmp -p $port -U postgres -d postgres -c "SELECT custody.suspend('demo_contractor', 'offboarding')" >/dev/null
+\echo '-- after custody.suspend(), the next FETCH from the same cursor: denied'
+FETCH 1 FROM c;
+ROLLBACK;
+\echo '-- what a pooler sends on a shared connection (SET application_name, DISCARD ALL): recorded, not denied'
+SET application_name = 'pooled';
+DISCARD ALL;
+\! $psql_bin -X -q -h /tmp -p $port -U postgres -d postgres -c "SELECT custody.resume('demo_contractor')" >/dev/null
+SQL
+chmod 644 "$dir.open.sql"
+"$here/cluster.sh" psql "$port" -U demo_contractor -d postgres -f "$dir.open.sql" 2>&1 || true
+echo "-- a policy that denies everything; the superuser's fix is never denied (break-glass)"
+psql -q -c "SELECT custody.set_policy('demo_broken', 'package custody
+
+deny contains \"everything\" if true')" >/dev/null
+psql -c "SELECT count(*) FROM demo_accounts" 2>&1 || true
+psql -c "SELECT custody.drop_policy('demo_broken')"
+psql -c "SELECT count(*) FROM demo_accounts"
+echo "-- a set that cannot be evaluated together is refused before it is in force"
+psql -q -c "SELECT custody.set_policy('demo_allow_a', 'package custody
+
+allow := true')" >/dev/null
+psql -c "SELECT custody.set_policy('demo_allow_b', 'package custody
+
+allow := false')" 2>&1 || true
+psql -q -c "SELECT custody.drop_policy('demo_allow_a')" >/dev/null
+
 say "A row policy written as SQL: custody.check() asks Rego about each row"
 psql -q >/dev/null <<'SQL'
 CREATE TABLE IF NOT EXISTS demo_orders (id int PRIMARY KEY, tenant int, item text);
