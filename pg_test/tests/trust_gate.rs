@@ -109,6 +109,14 @@ fn open_work_is_rechecked() {
     let mut a = cluster.connect_as("gate_a", app);
 
     // Extended protocol, row limit 2 (what JDBC's setFetchSize does).
+    // Bound (the plan starts) before the suspension, first executed after it.
+    let mut tx = a.transaction().unwrap();
+    let portal = tx.bind("SELECT id FROM public.gate_big ORDER BY id", &[]).unwrap();
+    b.batch_execute("SELECT custody.suspend('gate_a', 'offboarded')").unwrap();
+    assert_denied(tx.query_portal(&portal, 0), "first Execute of a portal bound before the suspension");
+    drop(tx);
+    b.batch_execute("SELECT custody.resume('gate_a')").unwrap();
+
     let mut tx = a.transaction().unwrap();
     let portal = tx.bind("SELECT id FROM public.gate_big ORDER BY id", &[]).unwrap();
     assert_eq!(tx.query_portal(&portal, 2).unwrap().len(), 2);
@@ -138,6 +146,16 @@ fn open_work_is_rechecked() {
     assert_eq!(one(&mut b, "SELECT count(*) FROM public.gate_big").unwrap(), before, "the COPY's rows were committed");
     b.batch_execute("SELECT custody.resume('gate_a')").unwrap();
 
+    // A COPY that started while nothing at all was in force, and the first suspension ever.
+    b.batch_execute("SELECT custody.drop_policy('nothing')").unwrap();
+    let mut w = a.copy_in("COPY public.gate_big (id) FROM STDIN").unwrap();
+    w.write_all(b"3001\n").unwrap();
+    w.flush().unwrap();
+    b.batch_execute("SELECT custody.suspend('gate_a', 'offboarded')").unwrap();
+    assert_denied(w.finish(), "COPY started with nothing in force, finished after a suspension");
+    assert_eq!(one(&mut b, "SELECT count(*) FROM public.gate_big").unwrap(), before, "the COPY's rows were committed");
+    b.batch_execute("SELECT custody.resume('gate_a')").unwrap();
+
     flush(&mut b);
     let fetches = outcomes(&mut b, app, "SELECT");
     let denied = |recs: &[(String, Option<String>, Option<String>)]| {
@@ -145,7 +163,7 @@ fn open_work_is_rechecked() {
             .filter(|(o, s, d)| o == "denied" && s.as_deref() == Some("42501") && d.as_deref().unwrap_or("").contains("offboarded"))
             .count()
     };
-    assert_eq!(denied(&fetches), 1, "the portal's denied chunk is not recorded: {fetches:?}");
+    assert_eq!(denied(&fetches), 2, "the portals' denied chunks are not recorded: {fetches:?}");
     let fetch = outcomes(&mut b, app, "FETCH");
     assert_eq!(denied(&fetch), 1, "the denied FETCH is not recorded: {fetch:?}");
     let copies = outcomes(&mut b, app, "COPY");
@@ -331,6 +349,27 @@ fn administrators_cannot_be_locked_out() {
     let mut boss = cluster.connect_as("gate_boss", "gate_glass");
     assert_denied(one(&mut boss, "SELECT 1::int8"), "custody_admin member, ordinary statement");
     boss.batch_execute("SELECT custody.suspend('gate_boss', 'test'), custody.resume('gate_boss')").expect("custody_admin member manages");
+    // Break-glass lets through the fix and nothing else: no WHERE, no domain, no user type,
+    // no volatile built-in in the arguments, only the recovery settings.
+    s.batch_execute("SET custody.enforce = off").unwrap();
+    s.batch_execute(
+        "CREATE FUNCTION public.gate_evil() RETURNS bool LANGUAGE plpgsql AS 'BEGIN RETURN true; END'; \
+         CREATE DOMAIN public.gate_d AS text CHECK (public.gate_evil()); \
+         CREATE TYPE public.gate_e AS ENUM ('a')",
+    )
+    .unwrap();
+    s.batch_execute("RESET custody.enforce").unwrap();
+    for (what, sql) in [
+        ("WHERE with a user function", "SELECT custody.resume('nobody') WHERE public.gate_evil()"),
+        ("a domain argument", "SELECT custody.resume(('x'::public.gate_d)::text)"),
+        ("a user type through a built-in", "SELECT custody.resume(to_json('a'::public.gate_e)::text)"),
+        ("a volatile built-in argument", "SELECT custody.resume(set_config('search_path', 'public', false))"),
+        ("ALTER SYSTEM RESET ALL", "ALTER SYSTEM RESET ALL"),
+        ("ALTER SYSTEM of another custody setting", "ALTER SYSTEM SET custody.failure_timeout = 1000"),
+        ("SET ROLE spelled \"Role\"", "SET \"Role\" TO gate_boss"),
+    ] {
+        assert_denied(s.batch_execute(sql), what);
+    }
     s.batch_execute("SELECT custody.drop_policy('deny_all')").expect("drop_policy is break-glass");
     assert_eq!(one(&mut s, "SELECT 1::int8").unwrap(), 1);
     flush(&mut s);

@@ -126,7 +126,7 @@ pub fn startup_committing() {
     set_login(Login::Done);
     super::settings_baseline();
     // SAFETY: a plain read of a process global.
-    if unsafe { pg_sys::am_walsender } && active() {
+    if unsafe { pg_sys::am_walsender } {
         crate::policy::remember_replication_subject();
     }
     if !active() || !super::wanted(Class::Login) {

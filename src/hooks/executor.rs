@@ -90,6 +90,13 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
     // gate needs them.
     // SAFETY: `pstmt` is the plan ExecutorStart was given, in a transaction.
     let glass = unsafe { break_glass(pstmt) };
+    if glass {
+        // Not an earlier plan's (one that failed without ExecutorEnd) at the same address.
+        gated().retain(|e| e.key != qd as usize);
+    } else {
+        // A portal can run it in chunks, each decided again if anything moved meanwhile.
+        gated_push(qd as usize, tag, class);
+    }
     let pending = if glass { None } else { policy::prepare() };
     if pending.is_none() && violation.is_none() && !capture::wanted(class) {
         return false;
@@ -98,10 +105,6 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
     let info = unsafe { objects::from_range_table(pstmt.rtable, perm_infos) };
     let objects_json = objects::to_json(&info.objects);
     let verdict = pending.map(|p| p.decide(tag, &objects_json));
-    if verdict.as_ref().is_some_and(|v| !v.denies()) {
-        // Gated and let through: a portal can run it in chunks, each checked again.
-        gated_push(qd as usize, tag, class, &objects_json);
-    }
     // A refusal is always recorded; an allowed statement as custody.audit says.
     let refused = verdict.as_ref().is_some_and(|v| v.refuses());
     if violation.is_none() && !refused && !capture::wanted(class) {
@@ -144,20 +147,22 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
     true
 }
 
-/// A statement the gate let through when it started, while its plan is open: a portal runs
-/// it once per chunk (extended-protocol Execute with a row limit, as JDBC's fetch size does;
-/// FETCH from a cursor), and each chunk after the first is decided again by the policies,
-/// suspensions and attributes in force then.
+/// A statement's plan while it is open: a portal runs it once per chunk (extended-protocol
+/// Execute with a row limit, as JDBC's fetch size does; FETCH from a cursor), and Bind (which
+/// starts it) and Execute are separate messages. A run is decided again by the policies,
+/// suspensions and attributes in force then whenever the decision may have changed since it
+/// was taken (`policy::still_decided`) — whether or not the gate had anything to check when
+/// the plan started.
 struct Gated {
     key: usize,
     subid: pg_sys::SubTransactionId,
     tag: &'static str,
     class: Class,
-    objects_json: String,
-    ran: bool,
+    /// When the last decision was taken.
+    decided: policy::DecidedAt,
 }
 
-/// The gated statements whose plans are open (few: one per open portal or nesting level).
+/// The plans open (few: one per open portal or nesting level).
 static mut GATED: Vec<Gated> = Vec::new();
 
 #[allow(static_mut_refs)]
@@ -167,16 +172,16 @@ fn gated() -> &'static mut Vec<Gated> {
     unsafe { &mut GATED }
 }
 
-fn gated_push(key: usize, tag: &'static str, class: Class, objects_json: &str) {
+fn gated_push(key: usize, tag: &'static str, class: Class) {
     // SAFETY: a getter of the transaction state.
     let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let g = gated();
     g.retain(|e| e.key != key);
-    g.push(Gated { key, subid, tag, class, objects_json: objects_json.to_owned(), ran: false });
+    g.push(Gated { key, subid, tag, class, decided: policy::decided_now() });
 }
 
-/// At an abort of subtransaction `subid` (None: of the transaction): the plans started in
-/// it are gone (a failed portal's ExecutorEnd is never called).
+/// At an abort of subtransaction `subid` (None: of the transaction, or its end): the plans
+/// started in it are gone (a failed portal's ExecutorEnd is never called).
 pub fn gated_forget_aborted(subid: Option<pg_sys::SubTransactionId>) {
     match subid {
         None => gated().clear(),
@@ -184,9 +189,8 @@ pub fn gated_forget_aborted(subid: Option<pg_sys::SubTransactionId>) {
     }
 }
 
-/// Before a run of a gated statement's plan: the first run was decided at ExecutorStart; a
-/// later one (the next chunk of a portal) is decided again, recorded when refused, and
-/// raises the denial instead of fetching more.
+/// Before a run of an open plan: decided again when the last decision may no longer stand;
+/// recorded when refused, and the denial raised instead of fetching more.
 ///
 /// # Safety
 /// `qd` is the QueryDesc ExecutorRun was given.
@@ -197,25 +201,27 @@ unsafe fn recheck(qd: *mut pg_sys::QueryDesc) {
         return;
     }
     let Some(i) = g.iter().position(|e| e.key == key) else { return };
-    if !g[i].ran {
-        g[i].ran = true;
+    if policy::still_decided(g[i].decided) {
         return;
     }
-    let (tag, class, objects_json) = (g[i].tag, g[i].class, g[i].objects_json.clone());
+    g[i].decided = policy::decided_now();
+    let (tag, class) = (g[i].tag, g[i].class);
     policy::statement_starts();
     let Some(pending) = policy::prepare() else { return };
+    // SAFETY: the QueryDesc's plan, its range table and source text are alive while it runs
+    // (caller's contract); `cstr` maps a NULL text to "".
+    let (objects_json, text) = unsafe {
+        let pstmt = &*(*qd).plannedstmt;
+        let perm_infos = crate::pgver::plan_perm_infos(pstmt);
+        let info = objects::from_range_table(pstmt.rtable, perm_infos);
+        let source = objects::cstr((*qd).sourceText);
+        (objects::to_json(&info.objects), capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len).to_owned())
+    };
     let verdict = pending.decide(tag, &objects_json);
     if !verdict.refuses() {
         return;
     }
     if !capture::is_open(key) {
-        // SAFETY: the QueryDesc's plan and source text are alive while it runs (caller's
-        // contract); `cstr` maps a NULL text to "".
-        let text = unsafe {
-            let pstmt = &*(*qd).plannedstmt;
-            let source = objects::cstr((*qd).sourceText);
-            capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len).to_owned()
-        };
         capture::open(key, class, tag, objects_json, Some(&text));
     }
     capture::set_decision(key, verdict.record_json(), verdict.denies());
@@ -253,8 +259,12 @@ unsafe fn break_glass(pstmt: &pg_sys::PlannedStmt) -> bool {
             || plan.is_null()
             || (*plan).type_ != pg_sys::NodeTag::T_Result
             || !(*plan).lefttree.is_null()
+            || !(*plan).qual.is_null()
+            || !(*(plan as *mut pg_sys::Result)).resconstantqual.is_null()
             || !pstmt.subplans.is_null()
         {
+            // (A FROM-less SELECT's WHERE or HAVING is the Result's constant qual: code there
+            // would run without a decision.)
             return false;
         }
         // A SELECT without FROM has one range table entry, an RTE_RESULT (the planner's
@@ -267,9 +277,7 @@ unsafe fn break_glass(pstmt: &pg_sys::PlannedStmt) -> bool {
         let mut calls = BreakGlass { management: false, other: false };
         let ctx = (&mut calls as *mut BreakGlass).cast();
         for tle in protect::utility::list::<pg_sys::TargetEntry>((*plan).targetlist) {
-            if pg_sys::check_functions_in_node((*tle).expr.cast(), Some(break_glass_call), ctx)
-                || crate::pgver::walk_expression((*tle).expr.cast(), break_glass_walker, ctx)
-            {
+            if break_glass_walker((*tle).expr.cast(), ctx) {
                 return false;
             }
         }
@@ -325,7 +333,16 @@ unsafe extern "C-unwind" fn break_glass_walker(node: *mut pg_sys::Node, ctx: *mu
     }
     // SAFETY: `node` is a valid expression node of the plan, `ctx` break_glass's BreakGlass.
     unsafe {
-        if (*node).type_ == pg_sys::NodeTag::T_SubLink
+        use pg_sys::NodeTag::*;
+        // Only plain values and calls: no domain (its CHECK may call anyone's code), no
+        // subquery; and only built-in types, so that no built-in calls a user's cast or
+        // output function on the way (to_json of a user type does).
+        let plain = matches!(
+            (*node).type_,
+            T_Const | T_Param | T_RelabelType | T_NamedArgExpr | T_FuncExpr | T_OpExpr | T_CoerceViaIO | T_ArrayExpr
+        );
+        if !plain
+            || u32::from(pg_sys::exprType(node)) >= pg_sys::FirstNormalObjectId
             || pg_sys::check_functions_in_node(node, Some(break_glass_call), ctx)
         {
             return true;

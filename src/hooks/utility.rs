@@ -38,6 +38,32 @@ unsafe fn touches_custody_setting(set: *mut pg_sys::VariableSetStmt) -> bool {
     name.len() > 8 && name[..8].eq_ignore_ascii_case(b"custody.")
 }
 
+/// `role` or `session_authorization`, spelled in any case (GUC names are case-insensitive:
+/// `SET "Role" TO bob` is SET ROLE).
+fn is_identity_setting(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"role") || name.eq_ignore_ascii_case(b"session_authorization")
+}
+
+/// The settings an administrator may always change with ALTER SYSTEM (break-glass): the ones
+/// that lift a broken policy. Not `RESET ALL`, not the others (a command setting followed by a
+/// reload would run a shell command no policy decided).
+///
+/// # Safety
+/// `set` is NULL or a valid VariableSetStmt.
+unsafe fn is_break_glass_setting(set: *mut pg_sys::VariableSetStmt) -> bool {
+    if set.is_null() {
+        return false;
+    }
+    // SAFETY: not NULL, so the valid VariableSetStmt the caller promised.
+    let s = unsafe { &*set };
+    if s.name.is_null() || s.kind == pg_sys::VariableSetKind::VAR_RESET_ALL {
+        return false;
+    }
+    // SAFETY: a parse node's name is a NUL-terminated palloc'd string (checked non-NULL).
+    let name = unsafe { CStr::from_ptr(s.name) }.to_bytes();
+    name.eq_ignore_ascii_case(b"custody.enforce") || name.eq_ignore_ascii_case(b"custody.exempt_roles")
+}
+
 /// The class of a utility statement, and whether it must be recorded whatever
 /// `custody.audit` says (it changes a custody setting).
 ///
@@ -53,7 +79,7 @@ unsafe fn classify(node: *mut pg_sys::Node) -> (Class, bool) {
             T_VariableSetStmt => {
                 let s = node as *mut pg_sys::VariableSetStmt;
                 let name = if (*s).name.is_null() { &b""[..] } else { CStr::from_ptr((*s).name).to_bytes() };
-                let class = if name == b"role" || name == b"session_authorization" {
+                let class = if is_identity_setting(name) {
                     Class::Misc
                 } else {
                     Class::MiscSet
@@ -112,10 +138,9 @@ unsafe fn gate_exempt(node: *mut pg_sys::Node) -> bool {
             T_VariableSetStmt => {
                 let s = &*(node as *mut pg_sys::VariableSetStmt);
                 let name = if s.name.is_null() { &b""[..] } else { CStr::from_ptr(s.name).to_bytes() };
-                let identity = name == b"role" || name == b"session_authorization";
-                !identity || s.kind == pg_sys::VariableSetKind::VAR_RESET
+                !is_identity_setting(name) || s.kind == pg_sys::VariableSetKind::VAR_RESET
             }
-            T_AlterSystemStmt => touches_custody_setting((*(node as *mut pg_sys::AlterSystemStmt)).setstmt),
+            T_AlterSystemStmt => is_break_glass_setting((*(node as *mut pg_sys::AlterSystemStmt)).setstmt),
             _ => false,
         }
     }
@@ -171,9 +196,7 @@ enum Run {
 struct Recheck {
     /// The statement level it runs at (capture::depth before it ran).
     depth: i32,
-    tag: String,
     class: Class,
-    objects_json: String,
 }
 
 /// The COPY FROMs running, innermost last (a COPY in a function called by a COPY's default).
@@ -314,10 +337,6 @@ unsafe fn opened(
                 let tag = objects::cstr(pg_sys::GetCommandTagName(pg_sys::CreateCommandTag(node)));
                 let objects_json = utility_objects(node);
                 verdict = pending.map(|p| p.decide(&tag, &objects_json));
-                if verdict.as_ref().is_some_and(|v| !v.denies()) && is_copy_from(node) {
-                    rechecks().push(Recheck { depth: capture::depth(), tag: tag.clone(), class, objects_json: objects_json.clone() });
-                    recheck = true;
-                }
                 // A refusal is always recorded; an allowed statement as custody.audit says.
                 if record || verdict.as_ref().is_some_and(|v| v.refuses()) {
                     if planned {
@@ -330,6 +349,12 @@ unsafe fn opened(
                     capture::open(key, class, &tag, objects_json, Some(text));
                 }
             }
+        }
+        if capture::active() && !node.is_null() && is_copy_from(node) && !verdict.as_ref().is_some_and(|v| v.denies()) {
+            // Decided again once its rows are in, whether or not anything was in force when
+            // it started (a first suspension may come while it reads).
+            rechecks().push(Recheck { depth: capture::depth(), class: classify(node).0 });
+            recheck = true;
         }
         if planned && key == 0 {
             capture::settle_planned(false);
@@ -377,13 +402,17 @@ unsafe fn after(pstmt: *mut pg_sys::PlannedStmt, key: usize, qc: *mut pg_sys::Qu
             // meanwhile keeps its rows from being committed (the denial aborts them).
             // PostgreSQL calls no hook while COPY reads, so this is at its end.
             policy::statement_starts();
-            if let Some(verdict) = policy::prepare().map(|p| p.decide(&r.tag, &r.objects_json)) {
+            let node = (*pstmt).utilityStmt;
+            if let Some(pending) = policy::prepare() {
+                let tag = objects::cstr(pg_sys::GetCommandTagName(pg_sys::CreateCommandTag(node)));
+                let objects_json = utility_objects(node);
+                let verdict = pending.decide(&tag, &objects_json);
                 if verdict.refuses() {
                     let key = if key != 0 {
                         key
                     } else {
                         let k = capture::utility_token();
-                        capture::open(k, r.class, &r.tag, r.objects_json, None);
+                        capture::open(k, r.class, &tag, objects_json, None);
                         k
                     };
                     capture::set_decision(key, verdict.record_json(), verdict.denies());

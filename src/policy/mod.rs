@@ -463,6 +463,29 @@ pub fn prepare() -> Option<Pending> {
     Some(Pending { enforce, failed, who, subject })
 }
 
+/// When (Unix µs) and under which published generation a statement was decided.
+pub type DecidedAt = (u64, i64);
+
+/// Now, for `still_decided`.
+pub fn decided_now() -> DecidedAt {
+    (published_generation(), clock_unix_us())
+}
+
+/// Whether a decision taken at `then` still stands now: the same generation is published
+/// and the gate's decisions hold over the time in between (no attribute started or ended,
+/// the set reads no clock). Nothing but an atomic load and a clock read when no policy is
+/// in force.
+pub fn still_decided(then: DecidedAt) -> bool {
+    let (generation, at) = then;
+    if published_generation() != generation {
+        return false;
+    }
+    match current_gate() {
+        None => true,
+        Some(g) => g.is_trivial() || g.decisions_hold(at, clock_unix_us()),
+    }
+}
+
 /// A walsender's login commits: who its replication commands are decided for.
 pub fn remember_replication_subject() {
     let who = capture::who();
@@ -489,6 +512,11 @@ pub fn replication_verdict(command: &str) -> Option<Verdict> {
     let l = local();
     let (who, subject) = l.walsender.clone()?;
     if settings::is_exempt(&who.session_user) || settings::is_exempt(&who.current_user) {
+        return None;
+    }
+    // As prepare: a standby has no writer to publish the store (the operations issue's).
+    // SAFETY: a plain check of the server's state.
+    if l.generation == 0 && (unsafe { pg_sys::RecoveryInProgress() } || crate::queue::state() == crate::queue::ChainState::Absent) {
         return None;
     }
     let failed = if l.generation == 0 {

@@ -347,6 +347,22 @@ impl Gate {
         Ok(())
     }
 
+    /// Whether every decision made at `from_us` is still the decision at `to_us` (Unix µs):
+    /// the policy set reads nothing that changes with time or with each statement, and no
+    /// attribute starts or ends in between. An open portal's next chunk is decided again
+    /// only when this is false (or the snapshot changed).
+    pub fn decisions_hold(&self, from_us: i64, to_us: i64) -> bool {
+        if self.engine.is_some() && !self.cacheable {
+            return false;
+        }
+        let moves = |t: i64| from_us < t && t <= to_us;
+        !self
+            .attributes
+            .values()
+            .flatten()
+            .any(|a| moves(a.valid_from) || a.valid_until.is_some_and(moves))
+    }
+
     /// True when there is nothing to check (no enabled policy, no suspension): the statement path then skips everything.
     /// (Enabled policies that declare neither `deny` nor `allow` only serve `row_allow`.)
     pub fn is_trivial(&self) -> bool {

@@ -291,7 +291,8 @@ fn runtime_errors_fail_closed() {
         assert!(!d.allowed, "{src}");
         assert_eq!(d.reasons.len(), 1, "{d:?}");
         assert!(
-            d.reasons[0].starts_with("policy evaluation error: rule deny of policy broken (broken:"),
+            d.reasons[0].starts_with("policy evaluation error: rule ")
+                && d.reasons[0].contains(" of policy broken (broken:"),
             "{d:?}"
         );
     }
@@ -692,4 +693,17 @@ fn sets_that_cannot_be_evaluated_together_are_found_before_they_are_in_force() {
         d.reasons,
         vec!["policy evaluation error: rule allow of policy b (b:3:1): rule conflicts with rule at a:3:1"]
     );
+}
+
+#[test]
+fn decisions_hold_until_an_attribute_starts_or_ends() {
+    let mut snap = snapshot_with_attributes("package custody\n\ndeny contains \"x\" if input.command == \"DROP\"\n");
+    snap.attributes[0].valid_until = Some(NOW + 10);
+    let g = Gate::build(&snap).unwrap();
+    assert!(g.decisions_hold(NOW, NOW + 9));
+    assert!(!g.decisions_hold(NOW, NOW + 10), "an attribute ends in between");
+    assert!(g.decisions_hold(NOW + 10, NOW + 20));
+    // A set that reads the time never holds.
+    let g = gate(vec![policy("clock", 1, "package custody\n\ndeny contains \"late\" if time.now_ns() > 0\n")]);
+    assert!(!g.decisions_hold(NOW, NOW));
 }
