@@ -16,7 +16,7 @@ custody - keys and offline verification for pg_custody audit chains
 
 USAGE:
     custody keygen --out FILE [--name NAME]
-    custody verify --log FILE --public-key KEY [--digest FILE ...] [--json]
+    custody verify --log FILE [--public-key KEY] [--digest FILE ...] [--json]
     custody --help | custody verify --help
 
 COMMANDS:
@@ -35,19 +35,22 @@ const VERIFY_HELP: &str = "\
 custody verify - verify a pg_custody export
 
 USAGE:
-    custody verify --log FILE --public-key KEY [--digest FILE ...] [--json]
+    custody verify --log FILE [--public-key KEY] [--digest FILE ...] [--json]
 
 OPTIONS:
     --log FILE         The export (JSON lines); '-' reads standard input.
     --public-key KEY   The verifier key text (name+hash+base64) or a file
-                       holding it.
+                       holding it. Without it the chain, the checkpoints'
+                       hashes and Merkle roots and the digests are still
+                       verified, but no signature is: the output says so.
     --digest FILE      A digest saved earlier (one JSON object). Proves the
                        chain up to its seq was not rewritten or truncated.
                        May be given several times.
     --json             Print one JSON object instead of a summary.
 
 Recomputes every record hash and link from the genesis hash, checks every
-checkpoint's Merkle root, chain hash and signature, and every digest.
+checkpoint's Merkle root, chain hash and (with a key) signature, and every
+digest.
 
 EXIT STATUS:
     0  everything verified
@@ -167,7 +170,8 @@ fn verify(args: &[String]) -> Result<ExitCode, UsageError> {
         }
     }
     let log = log.ok_or_else(|| UsageError("verify: --log FILE is required".into()))?;
-    let key = load_key(key.ok_or_else(|| UsageError("verify: --public-key KEY is required".into()))?)?;
+    // A site that has not configured a signing key yet still has a chain worth checking.
+    let key = key.map(load_key).transpose()?;
     let digests = digest_files
         .iter()
         .map(|p| {
@@ -186,7 +190,7 @@ fn verify(args: &[String]) -> Result<ExitCode, UsageError> {
     // Parsing the JSON lines is the cost; it is spread over the machine's cores, while the
     // checks themselves run in order (custody_chain::export::verify_export_parallel).
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let report = match verify_export_parallel(reader, Some(&key), &digests, threads) {
+    let report = match verify_export_parallel(reader, key.as_ref(), &digests, threads) {
         Ok(r) => r,
         Err(e) => {
             if as_json {
@@ -198,7 +202,7 @@ fn verify(args: &[String]) -> Result<ExitCode, UsageError> {
     if as_json {
         println!("{}", report_json(&report));
     } else {
-        print!("{}", summary(&report, &key));
+        print!("{}", summary(&report, key.as_ref()));
     }
     Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
@@ -210,6 +214,7 @@ fn report_json(r: &Report) -> serde_json::Value {
         "records": r.records,
         "checkpoints": r.checkpoints,
         "digests": r.digests,
+        "signatures_checked": r.signatures_checked,
         "head_seq": r.head.map(|(s, _)| s),
         "head_hash": r.head.map(|(_, h)| hex::encode(&h)),
         "failure": r.failure.as_ref().map(|f| json!({
@@ -220,7 +225,7 @@ fn report_json(r: &Report) -> serde_json::Value {
     })
 }
 
-fn summary(r: &Report, key: &VerifierKey) -> String {
+fn summary(r: &Report, key: Option<&VerifierKey>) -> String {
     let db = r.header.as_ref().map_or("?", |h| h.database.as_str());
     let mut s = String::new();
     match &r.failure {
@@ -230,14 +235,27 @@ fn summary(r: &Report, key: &VerifierKey) -> String {
             if let Some((_, h)) = r.head {
                 s += &format!("  head hash {}\n", hex::encode(&h));
             }
-            s += &format!(
-                "  {} signed checkpoints verified with key {}+{}; {} digests matched\n",
-                r.checkpoints,
-                key.name(),
-                hex::encode(&key.key_id()),
-                r.digests
-            );
-            if r.checkpoints == 0 && r.digests == 0 {
+            match key {
+                Some(key) => {
+                    s += &format!(
+                        "  {} signed checkpoints verified with key {}+{}; {} digests matched\n",
+                        r.checkpoints,
+                        key.name(),
+                        hex::encode(&key.key_id()),
+                        r.digests
+                    )
+                }
+                None => {
+                    s += &format!(
+                        "  {} checkpoints' hashes and Merkle roots verified; {} digests matched\n",
+                        r.checkpoints, r.digests
+                    );
+                    s += "  no public key given: NO SIGNATURE WAS CHECKED, so nothing proves the chain \
+                          was not rewritten as a whole (give --public-key, or --digest files kept outside \
+                          the database)\n";
+                }
+            }
+            if key.is_some() && r.checkpoints == 0 && r.digests == 0 {
                 s += "  warning: no signed checkpoints or digests: the records are consistent, \
                       but nothing proves the chain was not rewritten as a whole\n";
             }

@@ -228,7 +228,6 @@ fn garbage_and_bad_usage_exit_2() {
     let missing = dir.path("nope.jsonl");
     for args in [
         vec!["verify", "--log", missing.to_str().unwrap(), "--public-key", vkey.as_str()],
-        vec!["verify", "--log", log.to_str().unwrap()],
         vec!["verify", "--log", log.to_str().unwrap(), "--public-key", "not-a-key"],
         vec!["frobnicate"],
     ] {
@@ -238,4 +237,32 @@ fn garbage_and_bad_usage_exit_2() {
     let o = custody(&["verify", "--help"]);
     assert_eq!(o.status.code(), Some(0));
     assert!(stdout(&o).contains("--public-key KEY"));
+}
+
+#[test]
+fn unsigned_verification_without_a_key_says_so() {
+    let dir = TempDir::new("nokey");
+    let (k, _) = keygen(&dir);
+    let log = dir.path("export.jsonl");
+    let d = write_export(&log, 30, 20, &k);
+    let dfile = dir.path("digest.json");
+    std::fs::write(&dfile, d.to_json()).unwrap();
+    let o = custody(&["verify", "--log", log.to_str().unwrap(), "--digest", dfile.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let out = stdout(&o);
+    assert!(out.starts_with("OK: database app: 30 records verified (seq 1..30)"), "{out}");
+    assert!(out.contains("1 checkpoints' hashes and Merkle roots verified; 1 digests matched"), "{out}");
+    assert!(out.contains("NO SIGNATURE WAS CHECKED"), "{out}");
+    let o = custody(&["verify", "--log", log.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["ok"].as_bool(), v["signatures_checked"].as_bool()), (Some(true), Some(false)), "{v}");
+    // Tampering is still found without a key.
+    let mut bytes = std::fs::read(&log).unwrap();
+    let needle = b"amount-0013";
+    let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap() + needle.len() - 1;
+    bytes[at] = b'4';
+    std::fs::write(&log, bytes).unwrap();
+    let o = custody(&["verify", "--log", log.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(stdout(&o).starts_with("TAMPERED: database app: record seq 13: hash mismatch"), "{}", stdout(&o));
 }
