@@ -127,16 +127,32 @@ fn verify_audit_chain(
         return TableIterator::once(verify_with_checkpoints(from_seq, to_seq, trusted_digests, public_key));
     }
     let start_sql = own_sql("SELECT hash FROM {audit_log} WHERE seq OPERATOR(pg_catalog.=) $1");
+    let last_sql = own_sql("SELECT pg_catalog.max(seq) FROM {audit_log}");
     let result = own::pinned(|| {
         Spi::connect(|client| {
             let start: Option<Hash> = if from_seq == 1 {
                 Some(writer::genesis())
             } else {
-                own::select(client, &start_sql, &[(from_seq - 1).into()])?
-                    .first()
-                    .get_one::<Vec<u8>>()?
-                    .and_then(|h| h.try_into().ok())
+                let t = own::select(client, &start_sql, &[(from_seq - 1).into()])?;
+                if t.is_empty() {
+                    None
+                } else {
+                    t.first().get_one::<Vec<u8>>()?.and_then(|h| h.try_into().ok())
+                }
             };
+            if start.is_none() {
+                // The record before from_seq is not there: past the end of the log (the
+                // caller's mistake), or missing from inside it (the chain is broken there).
+                let last = own::select(client, &last_sql, &[])?.first().get_one::<i64>()?.unwrap_or(0);
+                if from_seq - 1 > last {
+                    return Ok(Err(crate::error::CustodyError::PastTheLog { from_seq, last_seq: last }));
+                }
+                let missing = custody_chain::verify::Failure {
+                    seq: from_seq - 1,
+                    kind: custody_chain::verify::FailureKind::MissingSeq { expected: from_seq - 1, found: from_seq },
+                };
+                return Ok(Ok((0, Some(missing))));
+            }
             let mut verifier = ChainVerifier::new(from_seq, start);
             let mut failure = None;
             crate::scan::for_each_record(from_seq, to_seq, |rec, prev, hash| match verifier.push(rec, prev, hash) {
@@ -146,10 +162,13 @@ fn verify_audit_chain(
                     false
                 }
             });
-            Ok::<_, pgrx::spi::Error>((verifier.checked(), failure))
+            Ok::<_, pgrx::spi::Error>(Ok((verifier.checked(), failure)))
         })
     });
-    let (checked, failure) = result.unwrap_or_else(|e| error!("could not read custody.audit_log: {e}"));
+    let (checked, failure) = match result.unwrap_or_else(|e| error!("could not read custody.audit_log: {e}")) {
+        Ok(r) => r,
+        Err(e) => e.report(),
+    };
     let row = match failure {
         None => match crate::scan::log_defect() {
             None => (true, checked, None, None),

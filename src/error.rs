@@ -30,12 +30,25 @@ pub enum CustodyError {
     /// One of pg_custody's tables is not as pg_custody created it (changed while the library
     /// was not loaded); nothing is written to it.
     NotAsCreated { relation: String, what: String },
+    /// verify_audit_chain(from_seq, ...) with from_seq past the end of the log.
+    PastTheLog { from_seq: i64, last_seq: i64 },
 }
 
 impl CustodyError {
     fn into_report(self) -> ErrorReport {
         use CustodyError::*;
         match self {
+            PastTheLog { from_seq, last_seq } => ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("from_seq {from_seq} is past the end of custody.audit_log"),
+                "pg_custody",
+            )
+            .set_detail(if last_seq == 0 {
+                "The log holds no records.".to_string()
+            } else {
+                format!("Its last record is seq {last_seq}.")
+            })
+            .set_hint("Verify from seq 1 (the whole chain), or from a seq the log holds."),
             NotPreloaded => ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 "pg_custody must be loaded via shared_preload_libraries",
