@@ -447,6 +447,28 @@ pub fn db_error<T: std::fmt::Debug>(r: Result<T, postgres::Error>, what: &str) -
     (db.code().code().to_string(), db.message().to_string(), db.hint().unwrap_or_default().to_string())
 }
 
+/// SQLSTATE, message and DETAIL of a failed statement (panics if it succeeded).
+pub fn error_detail<T: std::fmt::Debug>(r: Result<T, postgres::Error>, what: &str) -> (String, String, String) {
+    let e = match r {
+        Ok(v) => panic!("{what}: succeeded ({v:?}) but should have failed"),
+        Err(e) => e,
+    };
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{what}: not a server error: {e}"));
+    (db.code().code().to_string(), db.message().to_string(), db.detail().unwrap_or_default().to_string())
+}
+
+/// Asserts the statement was denied by the policy gate (42501, the documented message);
+/// returns DETAIL (the policies' reasons).
+pub fn assert_denied<T: std::fmt::Debug>(r: Result<T, postgres::Error>, what: &str) -> String {
+    let (code, message, detail) = error_detail(r, what);
+    assert_eq!(code, "42501", "{what}: SQLSTATE {code}, message {message:?}, detail {detail:?}");
+    assert!(
+        message.contains("statement denied by pg_custody policy"),
+        "{what}: 42501 but not a policy denial: {message:?} (detail {detail:?})"
+    );
+    detail
+}
+
 /// One stored record, the columns the attack tests look at.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rec {

@@ -18,27 +18,6 @@ fn authz_cluster(app: &str) -> (StopOnDrop, Client) {
     (cluster, c)
 }
 
-/// SQLSTATE, message and DETAIL of a failed statement (panics if it succeeded).
-fn db_error<T: std::fmt::Debug>(r: Result<T, postgres::Error>, what: &str) -> (String, String, String) {
-    let e = match r {
-        Ok(v) => panic!("{what}: succeeded ({v:?}) but should have failed"),
-        Err(e) => e,
-    };
-    let db = e.as_db_error().unwrap_or_else(|| panic!("{what}: not a server error: {e}"));
-    (db.code().code().to_string(), db.message().to_string(), db.detail().unwrap_or_default().to_string())
-}
-
-/// Asserts the statement was denied by the gate (42501, the documented message); returns DETAIL.
-fn assert_denied<T: std::fmt::Debug>(r: Result<T, postgres::Error>, what: &str) -> String {
-    let (code, message, detail) = db_error(r, what);
-    assert_eq!(code, "42501", "{what}: SQLSTATE {code}, message {message:?}, detail {detail:?}");
-    assert!(
-        message.contains("statement denied by pg_custody policy"),
-        "{what}: 42501 but not a policy denial: {message:?} (detail {detail:?})"
-    );
-    detail
-}
-
 /// `sql` (one int8 column) through the extended protocol, as a pooled client would send it.
 fn read_i64(c: &mut Client, sql: &str) -> Result<i64, postgres::Error> {
     c.query_one(sql, &[]).map(|r| r.get(0))
@@ -506,7 +485,7 @@ deny contains "authz_guarded is closed" if {
     ];
     for (name, src) in malformed {
         let (code, message, detail) =
-            db_error(b.execute("SELECT custody.set_policy($1, $2)", &[&name, &src]), &format!("malformed {name}"));
+            error_detail(b.execute("SELECT custody.set_policy($1, $2)", &[&name, &src]), &format!("malformed {name}"));
         assert_eq!(code, "42601", "malformed {name}: {message:?} {detail:?}");
         let text = format!("{message} {detail}").to_lowercase();
         assert!(text.contains("line") && text.contains("column"), "no line/column in {message:?} / {detail:?}");
@@ -547,7 +526,7 @@ deny contains "authz_guarded is closed" if {
     ];
     for (name, args, want) in invalid {
         let sql = format!("SELECT custody.create_row_policy('{name}', 'public.authz_rt', {args})");
-        let (code, message, _) = db_error(b.simple_query(&sql), &sql);
+        let (code, message, _) = error_detail(b.simple_query(&sql), &sql);
         assert_eq!(code, want, "{sql}: {message}");
         let left = b
             .query_one(
@@ -602,7 +581,7 @@ fn non_admin_cannot_manage() {
         "SET custody.enforce = off",
     ];
     for sql in attempts {
-        let (code, message, _) = db_error(p.simple_query(sql), sql);
+        let (code, message, _) = error_detail(p.simple_query(sql), sql);
         assert_eq!(code, "42501", "{sql}: {message}");
     }
 
@@ -643,7 +622,7 @@ fn non_admin_cannot_manage() {
     let mut m = cluster.connect_as("authz_mgr", "authz_mgr_session");
     m.batch_execute("SELECT custody.set_attribute('authz_plain', 'dept', '\"ops\"')")
         .expect("custody_admin member calls set_attribute");
-    let (code, _, _) = db_error(m.simple_query("SET custody.enforce = off"), "custody_admin SET custody.enforce");
+    let (code, _, _) = error_detail(m.simple_query("SET custody.enforce = off"), "custody_admin SET custody.enforce");
     assert_eq!(code, "42501");
     let r = b
         .query_one("SELECT value::text, set_by, valid_now FROM custody.attributes WHERE role = 'authz_plain' AND key = 'dept'", &[])

@@ -21,24 +21,6 @@ fn gate_cluster() -> (StopOnDrop, Client) {
     (cluster, c)
 }
 
-/// SQLSTATE, message and DETAIL of a failed statement (panics if it succeeded).
-fn error_of<T: std::fmt::Debug>(r: Result<T, postgres::Error>, what: &str) -> (String, String, String) {
-    let e = match r {
-        Ok(v) => panic!("{what}: succeeded ({v:?}) but should have failed"),
-        Err(e) => e,
-    };
-    let db = e.as_db_error().unwrap_or_else(|| panic!("{what}: not a server error: {e}"));
-    (db.code().code().to_string(), db.message().to_string(), db.detail().unwrap_or_default().to_string())
-}
-
-/// Asserts a policy denial (42501, the gate's message); returns DETAIL.
-fn assert_denied<T: std::fmt::Debug>(r: Result<T, postgres::Error>, what: &str) -> String {
-    let (code, message, detail) = error_of(r, what);
-    assert_eq!(code, "42501", "{what}: {code} {message:?} {detail:?}");
-    assert!(message.contains("statement denied by pg_custody policy"), "{what}: {message:?} ({detail:?})");
-    detail
-}
-
 fn one(c: &mut Client, sql: &str) -> Result<i64, postgres::Error> {
     c.query_one(sql, &[]).map(|r| r.get(0))
 }
@@ -302,14 +284,14 @@ fn conflicting_sets_are_refused() {
     let (cluster, mut b) = gate_cluster();
     b.batch_execute("CREATE ROLE gate_a LOGIN").unwrap();
     b.execute("SELECT custody.set_policy('a_set', $1)", &[&"package custody\n\ndeny contains \"x\" if input.command == \"VACUUM\"\n"]).unwrap();
-    let (code, message, _) = error_of(
+    let (code, message, _) = error_detail(
         b.execute("SELECT custody.set_policy('b_string', $1)", &[&"package custody\n\ndeny := \"not a set\"\n"]),
         "deny := string beside deny contains",
     );
     assert_eq!(code, "22023", "{message}");
     assert!(message.contains("rule deny of policy"), "{message}");
     b.execute("SELECT custody.set_policy('c_true', $1)", &[&"package custody\n\nallow := true\n"]).unwrap();
-    let (code, message, _) = error_of(
+    let (code, message, _) = error_detail(
         b.execute("SELECT custody.set_policy('d_false', $1)", &[&"package custody\n\nallow := false\n"]),
         "allow := false beside allow := true",
     );
