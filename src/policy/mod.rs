@@ -466,9 +466,12 @@ pub fn prepare() -> Option<Pending> {
 /// When (Unix µs) and under which published generation a statement was decided.
 pub type DecidedAt = (u64, i64);
 
-/// Now, for `still_decided`.
+/// Now, for `still_decided` (the clock is read only when a gate has something to check:
+/// before that, only a new generation can change a decision).
 pub fn decided_now() -> DecidedAt {
-    (published_generation(), clock_unix_us())
+    let generation = published_generation();
+    let checks = current_gate().is_some_and(|g| !g.is_trivial());
+    (generation, if checks { clock_unix_us() } else { 0 })
 }
 
 /// Whether a decision taken at `then` still stands now: the same generation is published
@@ -482,7 +485,7 @@ pub fn still_decided(then: DecidedAt) -> bool {
     }
     match current_gate() {
         None => true,
-        Some(g) => g.is_trivial() || g.decisions_hold(at, clock_unix_us()),
+        Some(g) => g.is_trivial() || (at != 0 && g.decisions_hold(at, clock_unix_us())),
     }
 }
 

@@ -110,6 +110,8 @@ pub struct Gate {
     split: Option<SplitGate>,
     decision_key_buf: String,
     statement_evaluations: u64,
+    /// Every instant an attribute starts or ends, sorted (see `decisions_hold`).
+    boundaries: Vec<i64>,
 }
 
 /// A policy set cut in two by `split::split`.
@@ -270,6 +272,13 @@ impl Gate {
         for list in attributes.values_mut() {
             list.sort_by_key(|a| a.valid_from);
         }
+        let mut boundaries: Vec<i64> = snapshot
+            .attributes
+            .iter()
+            .flat_map(|a| std::iter::once(a.valid_from).chain(a.valid_until))
+            .collect();
+        boundaries.sort_unstable();
+        boundaries.dedup();
 
         Ok(Gate {
             generation: snapshot.generation,
@@ -293,6 +302,7 @@ impl Gate {
             split,
             decision_key_buf: String::new(),
             statement_evaluations: 0,
+            boundaries,
         })
     }
 
@@ -355,12 +365,9 @@ impl Gate {
         if self.engine.is_some() && !self.cacheable {
             return false;
         }
-        let moves = |t: i64| from_us < t && t <= to_us;
-        !self
-            .attributes
-            .values()
-            .flatten()
-            .any(|a| moves(a.valid_from) || a.valid_until.is_some_and(moves))
+        // The first instant after from_us at which an attribute starts or ends.
+        let next = self.boundaries.partition_point(|&t| t <= from_us);
+        self.boundaries.get(next).is_none_or(|&t| t > to_us)
     }
 
     /// True when there is nothing to check (no enabled policy, no suspension): the statement path then skips everything.
