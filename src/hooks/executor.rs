@@ -303,15 +303,15 @@ unsafe extern "C-unwind" fn break_glass_call(func: pg_sys::Oid, ctx: *mut std::f
     // SAFETY: `ctx` is break_glass's BreakGlass; catalog lookups of a function in the plan.
     unsafe {
         let calls = &mut *(ctx as *mut BreakGlass);
-        let name = objects::cstr(pg_sys::get_func_name(func));
         if u32::from(func) < pg_sys::FirstNormalObjectId {
-            if name == "pg_reload_conf" {
+            if u32::from(func) == pg_sys::F_PG_RELOAD_CONF {
                 calls.management = true;
                 return false;
             }
             // built-ins that change nothing, for the arguments
             return pg_sys::func_volatile(func) as u8 == pg_sys::PROVOLATILE_VOLATILE;
         }
+        let name = objects::cstr(pg_sys::get_func_name(func));
         let custody = protect::ids().map(|i| i.nsp);
         if custody == Some(pg_sys::get_func_namespace(func)) && MANAGEMENT.contains(&name.as_str()) {
             calls.management = true;

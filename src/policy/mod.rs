@@ -220,7 +220,9 @@ pub fn statement_starts() {
     l.epoch += 1;
     // SAFETY: a getter of the transaction state.
     l.statement_start = unsafe { GetCurrentStatementStartTimestamp() };
-    l.now_us = clock_unix_us();
+    // Read when the statement is first judged (its gate decision, as it starts), not here:
+    // most statements are judged by nothing.
+    l.now_us = 0;
 }
 
 /// The time now, Unix µs. Statements are judged when each starts, not when the client's
@@ -246,7 +248,7 @@ fn sync_statement(l: &mut Local) {
     if now != l.statement_start {
         l.statement_start = now;
         l.epoch += 1;
-        l.now_us = clock_unix_us();
+        l.now_us = 0;
     }
 }
 
