@@ -437,23 +437,24 @@ pub fn psql(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The server's error report of a failed statement (panics if it succeeded or failed
+/// without one).
+pub fn server_error<T: std::fmt::Debug>(r: Result<T, postgres::Error>, what: &str) -> postgres::error::DbError {
+    match r {
+        Ok(v) => panic!("{what}: succeeded ({v:?}) but should have failed"),
+        Err(e) => e.as_db_error().cloned().unwrap_or_else(|| panic!("{what}: not a server error: {e}")),
+    }
+}
+
 /// SQLSTATE, message and HINT of a failed statement (panics if it succeeded).
 pub fn db_error<T: std::fmt::Debug>(r: Result<T, postgres::Error>, what: &str) -> (String, String, String) {
-    let e = match r {
-        Ok(v) => panic!("{what}: succeeded ({v:?}) but should have failed"),
-        Err(e) => e,
-    };
-    let db = e.as_db_error().unwrap_or_else(|| panic!("{what}: not a server error: {e}"));
+    let db = server_error(r, what);
     (db.code().code().to_string(), db.message().to_string(), db.hint().unwrap_or_default().to_string())
 }
 
 /// SQLSTATE, message and DETAIL of a failed statement (panics if it succeeded).
 pub fn error_detail<T: std::fmt::Debug>(r: Result<T, postgres::Error>, what: &str) -> (String, String, String) {
-    let e = match r {
-        Ok(v) => panic!("{what}: succeeded ({v:?}) but should have failed"),
-        Err(e) => e,
-    };
-    let db = e.as_db_error().unwrap_or_else(|| panic!("{what}: not a server error: {e}"));
+    let db = server_error(r, what);
     (db.code().code().to_string(), db.message().to_string(), db.detail().unwrap_or_default().to_string())
 }
 
