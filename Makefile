@@ -21,13 +21,15 @@ APT_PKGS    := postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo pg
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CLUSTER     := scripts/cluster.sh
 DEMO_DIR    := target/demo-cluster-$(ONE_PG)
-DEMO_PORT   := 5$(ONE_PG)29
+DEMO_PORT   := 2$(ONE_PG)29
 REGRESS_DIR := target/regress-cluster-$(ONE_PG)
-# Ports per version (5NN30, 5NN31; own clusters of the client tests add up to 99), so a
-# cluster a failed run left behind never serves another version's tests.
-REGRESS_PORT:= 5$(ONE_PG)30
+# Ports per version (2NN30, 2NN31; own clusters of the client tests add up to 99), so a
+# cluster a failed run left behind never serves another version's tests. All below Linux's
+# ephemeral range (32768-60999): a test client's outgoing connection can hold any port in
+# it, and a server started on that port then fails with "Address already in use".
+REGRESS_PORT:= 2$(ONE_PG)30
 CLIENT_DIR  := target/client-cluster-$(ONE_PG)
-CLIENT_PORT := 5$(ONE_PG)31
+CLIENT_PORT := 2$(ONE_PG)31
 BINDIR      ?= /usr/local/bin
 BENCH_SECONDS ?= 20
 BENCH_ROUNDS  ?= 3

@@ -21,7 +21,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd); root=$(dirname "$here")
 secs=${1:-20}; rounds=${2:-3}; parts=${3:-tps,verify,policy,storage}
-dir="$root/target/bench-cluster"; port=54340
+dir="$root/target/bench-cluster"; port=24340
 BIN=/usr/lib/postgresql/15/bin
 out="$root/target/bench-report.md"
 cluster() { "$here/cluster.sh" "$@"; }

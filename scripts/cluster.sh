@@ -34,8 +34,20 @@ start)
     fi
     # RUST_BACKTRACE would append backtraces to error DETAIL lines (shared/CONTEXT.md). A
     # server tree's contrib modules (postgres_fdw, dblink) need its own libpq, not Debian's.
-    as_pg env -u RUST_BACKTRACE LD_LIBRARY_PATH="$(dirname "$BIN")/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-        "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
+    # A port another socket still holds (a connection closing, a server stopping) is retried
+    # for a while; what holds it for longer is named.
+    for try in 1 2 3 4 5 6 7 8 9 10; do
+        lines=0; [ -f "$dir/server.log" ] && lines=$(wc -l < "$dir/server.log")
+        if as_pg env -u RUST_BACKTRACE LD_LIBRARY_PATH="$(dirname "$BIN")/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+            "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null; then
+            exit 0
+        fi
+        tail -n +"$((lines + 1))" "$dir/server.log" | grep -q "Address already in use" || exit 1
+        echo "cluster.sh: port $port is in use (try $try):" >&2
+        ss -Htanp "( sport = :$port )" >&2 || true
+        sleep 2
+    done
+    exit 1
     ;;
 stop)
     dir=$(realpath -m "${1:?DIR}"); mode=${2:-fast}

@@ -21,7 +21,7 @@ case "$major" in
 esac
 bin=$("$here/pgserver.sh" bindir "$major")
 work="$root/target/pgsuite-$major"
-port=5${major}32
+port=2${major}32
 as_pg() { runuser -u postgres -- "$@"; }
 export PGBIN=$bin
 
