@@ -26,4 +26,4 @@ pub use note::{
     parse_verifier_key, sign_note, verify_note, KeyError, NoteError, PrivateKey, VerifierKey,
 };
 pub use record::{canonical_json, genesis_hash, Record};
-pub use verify::{alarm_of, ChainVerifier, Failure, FailureKind, HEAD_MISMATCH};
+pub use verify::{alarm_of, lineage_of, ChainId, ChainVerifier, Failure, FailureKind, Lineage, CHAIN_HANDOVER, HEAD_MISMATCH, WRITER_START};

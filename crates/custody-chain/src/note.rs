@@ -231,6 +231,14 @@ pub fn checkpoint_origin(system_identifier: u64, database_oid: u32) -> String {
     format!("pg_custody/{system_identifier}/{database_oid}")
 }
 
+/// The genesis hash of the chain a checkpoint origin names ("pg_custody/<sysid>/<oid>"),
+/// if it is one of pg_custody's.
+pub fn origin_genesis(origin: &str) -> Option<crate::Hash> {
+    let rest = origin.strip_prefix("pg_custody/")?;
+    let (sys, db) = rest.split_once('/')?;
+    Some(crate::record::genesis_hash(sys.parse().ok()?, db.parse().ok()?))
+}
+
 /// Checkpoint body: "<origin>\n<tree size>\n<base64 root hash>\n".
 pub fn checkpoint_body(origin: &str, size: u64, root: &Hash) -> String {
     format!("{origin}\n{size}\n{}\n", B64.encode(root))

@@ -27,11 +27,110 @@ pub enum FailureKind {
     /// A HEAD MISMATCH record: the writer found the table without records it had stored, or
     /// with another record where one of them was (docs/chain-format.md, "Alarms").
     HeadMismatch { message: String },
+    /// A record that names the chain it belongs to (WRITER START, CHAIN HANDOVER) does not
+    /// fit the chain it is in: a hand-over that does not continue the chain before it, a
+    /// writer of another cluster appending without a hand-over, or a malformed claim
+    /// (docs/chain-format.md, "Hand-over").
+    BadLineage { message: String },
+    /// The chain, verified to its end, is another cluster's: the verifier expected the chain
+    /// of `expected`, its last segment is the chain of `found` (an origin, or the genesis
+    /// hash in hex when no record names one).
+    ForeignChain { expected: String, found: String },
 }
 
 /// The command of the `system` record the writer appends when the table does not hold the
 /// head it remembers storing.
 pub const HEAD_MISMATCH: &str = "HEAD MISMATCH";
+
+/// The command of the `system` record a writer appends when it continues the chain of another
+/// cluster or database (a restore, a `pg_upgrade`): docs/chain-format.md, "Hand-over".
+pub const CHAIN_HANDOVER: &str = "CHAIN HANDOVER";
+/// The command of the `system` record a writer appends each time it starts; from format
+/// revision "lineage" on it names the cluster and database that wrote it.
+pub const WRITER_START: &str = "WRITER START";
+
+/// The identity of one chain: the genesis hash of the cluster and database it was started
+/// for (`genesis_hash`), with the checkpoint origin of that pair when it is known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainId {
+    pub genesis: Hash,
+    /// `pg_custody/<system_identifier>/<database_oid>`; None when only the genesis hash is
+    /// known (a chain restored from a writer that did not name itself).
+    pub origin: Option<String>,
+}
+
+impl ChainId {
+    pub fn of(system_identifier: u64, database_oid: u32) -> ChainId {
+        ChainId {
+            genesis: crate::record::genesis_hash(system_identifier, database_oid),
+            origin: Some(crate::note::checkpoint_origin(system_identifier, database_oid)),
+        }
+    }
+
+    /// How a message names it: its origin, else its genesis hash.
+    pub fn label(&self) -> String {
+        self.origin.clone().unwrap_or_else(|| format!("genesis {}", crate::hex::encode(&self.genesis)))
+    }
+}
+
+/// What a record says about the chain it is in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lineage {
+    /// A WRITER START of a writer that names its cluster and database.
+    Writer(ChainId),
+    /// A CHAIN HANDOVER: the chain `from`, whose head was (`head_seq`, `head_hash`), goes on
+    /// as the chain `to` from this record on.
+    Handover { from: ChainId, head_seq: i64, head_hash: Hash, to: ChainId },
+    /// A WRITER START or CHAIN HANDOVER whose claim cannot be read.
+    Malformed(String),
+}
+
+/// The lineage claim of a record, if it makes one (docs/chain-format.md, "Hand-over"): the
+/// first element of `objects` of a `system` WRITER START (`kind` "writer") naming
+/// `system_identifier` (decimal string) and `database_oid`, or of a CHAIN HANDOVER (`kind`
+/// "chain", `name` "handover") naming those, `from_genesis` (hex), `from_head_seq`,
+/// `from_head_hash` (hex) and, when known, `from_system_identifier` / `from_database_oid`.
+pub fn lineage_of(rec: &Record) -> Option<Lineage> {
+    if rec.class != "system" || (rec.command != WRITER_START && rec.command != CHAIN_HANDOVER) {
+        return None;
+    }
+    let o = rec.objects.get(0);
+    let field = |k: &str| o.and_then(|o| o.get(k));
+    let ident = |sys: &str, db: &str| -> Option<Result<ChainId, String>> {
+        let s = field(sys)?;
+        let parsed = s.as_str().and_then(|t| t.parse::<u64>().ok()).zip(
+            field(db).and_then(|d| d.as_u64()).and_then(|d| u32::try_from(d).ok()),
+        );
+        Some(parsed.map(|(s, d)| ChainId::of(s, d)).ok_or_else(|| format!("{sys}/{db} are not a cluster and database")))
+    };
+    if rec.command == WRITER_START {
+        return match ident("system_identifier", "database_oid")? {
+            Ok(id) => Some(Lineage::Writer(id)),
+            Err(e) => Some(Lineage::Malformed(format!("WRITER START: {e}"))),
+        };
+    }
+    let hash = |k: &str| -> Option<Hash> {
+        crate::hex::decode(field(k)?.as_str()?).ok().and_then(|b| b.try_into().ok())
+    };
+    let claim = (|| {
+        let to = ident("system_identifier", "database_oid").ok_or("it names no cluster")??;
+        let genesis = hash("from_genesis").ok_or("from_genesis is not a hash")?;
+        let from = match ident("from_system_identifier", "from_database_oid") {
+            None => ChainId { genesis, origin: None },
+            Some(id) => {
+                let id = id?;
+                if id.genesis != genesis {
+                    return Err("from_genesis is not the genesis hash of from_system_identifier/from_database_oid".to_string());
+                }
+                id
+            }
+        };
+        let head_seq = field("from_head_seq").and_then(|v| v.as_i64()).ok_or("from_head_seq is not a number")?;
+        let head_hash = hash("from_head_hash").ok_or("from_head_hash is not a hash")?;
+        Ok::<_, String>(Lineage::Handover { from, head_seq, head_hash, to })
+    })();
+    Some(claim.unwrap_or_else(|e| Lineage::Malformed(format!("CHAIN HANDOVER: {e}"))))
+}
 
 /// The alarm a record raises, if it is a HEAD MISMATCH record: its message.
 pub fn alarm_of(rec: &Record) -> Option<String> {
@@ -75,6 +174,11 @@ impl fmt::Display for FailureKind {
                 "bad genesis: the first record's prev_hash is not the genesis hash of this cluster and database",
             ),
             FailureKind::HeadMismatch { message } => write!(f, "head mismatch: {message}"),
+            FailureKind::BadLineage { message } => write!(f, "bad lineage: {message}"),
+            FailureKind::ForeignChain { expected, found } => write!(
+                f,
+                "foreign chain: the log is the chain of {found}, not of {expected} (no hand-over to this cluster and database)"
+            ),
             FailureKind::BelowStart { first } => {
                 write!(f, "before the chain: a record whose seq is below {first}, where the chain starts")
             }
@@ -96,8 +200,17 @@ pub struct ChainVerifier {
     expected: i64,
     /// Stored hash of the previous record (or the given start prev).
     prev: Option<Hash>,
-    /// Whether `prev` is the genesis hash (from_seq == 1 and given).
-    prev_is_genesis: bool,
+    /// Verifying from seq 1: record 1's prev_hash names the chain it starts.
+    from_start: bool,
+    /// The chain the log must end in (from_seq == 1: the `prev` given), None = any.
+    expect: Option<ChainId>,
+    /// Record 1's stored prev_hash: the genesis hash of the first segment.
+    first_prev: Option<Hash>,
+    /// The chain the records seen so far are in, once known (named by a record, or record 1
+    /// started the expected chain).
+    segment: Option<ChainId>,
+    /// Seq of the last hand-over (where a foreign chain shows; 1 without one).
+    named_at: i64,
     checked: i64,
     head: Option<(i64, Hash)>,
     failure: Option<Failure>,
@@ -105,13 +218,32 @@ pub struct ChainVerifier {
 }
 
 impl ChainVerifier {
-    /// Start verifying at `from_seq`; `prev` = the stored hash of record
-    /// from_seq-1 (or the genesis hash when from_seq == 1), None = trust the
-    /// first record's prev_hash.
+    /// Start verifying at `from_seq` > 1; `prev` = the stored hash of record from_seq-1, None
+    /// = trust the first record's prev_hash. From seq 1, use `from_genesis`.
     pub fn new(from_seq: i64, prev: Option<Hash>) -> Self {
+        if from_seq <= 1 {
+            return Self::from_genesis(prev.map(|genesis| ChainId { genesis, origin: None }));
+        }
+        Self::build(from_seq, prev, None)
+    }
+
+    /// Verify the whole chain, which must end as the chain `expect` (the cluster and
+    /// database verifying it), or any chain (None: a copy kept elsewhere). Hand-overs on the
+    /// way are followed (docs/chain-format.md, "Hand-over"); call `finish` at the end.
+    pub fn from_genesis(expect: Option<ChainId>) -> Self {
+        let mut v = Self::build(1, None, expect);
+        v.from_start = true;
+        v
+    }
+
+    fn build(from_seq: i64, prev: Option<Hash>, expect: Option<ChainId>) -> Self {
         ChainVerifier {
             expected: from_seq,
-            prev_is_genesis: from_seq == 1 && prev.is_some(),
+            from_start: false,
+            expect,
+            first_prev: None,
+            segment: None,
+            named_at: 0,
             prev,
             checked: 0,
             head: None,
@@ -133,14 +265,99 @@ impl ChainVerifier {
             return Err(f.clone());
         }
         match self.check(rec, stored_prev_hash, stored_hash) {
-            Ok(hash) => {
-                self.accept(rec.seq, hash);
-                match alarm_of(rec) {
-                    None => Ok(()),
-                    Some(message) => Err(self.fail(rec.seq, FailureKind::HeadMismatch { message })),
-                }
-            }
+            Ok(hash) => self.accepted(rec.seq, stored_prev_hash, hash, alarm_of(rec), lineage_of(rec)),
             Err(kind) => Err(self.fail(rec.seq, kind)),
+        }
+    }
+
+    /// After a record's position, link and hash are right: what it says about the chain.
+    fn accepted(
+        &mut self,
+        seq: i64,
+        stored_prev: &[u8],
+        hash: Hash,
+        alarm: Option<String>,
+        lineage: Option<Lineage>,
+    ) -> Result<(), Failure> {
+        if seq == 1 && self.from_start {
+            let first: Hash = stored_prev.try_into().expect("checked by check_link");
+            self.first_prev = Some(first);
+            if let Some(e) = self.expect.as_ref().filter(|e| e.genesis == first) {
+                self.segment = Some(e.clone());
+            }
+        }
+        self.accept(seq, hash);
+        if let Some(l) = lineage {
+            if let Err(kind) = self.follow(seq, stored_prev, l) {
+                return Err(self.fail(seq, kind));
+            }
+        }
+        match alarm {
+            None => Ok(()),
+            Some(message) => Err(self.fail(seq, FailureKind::HeadMismatch { message })),
+        }
+    }
+
+    /// The chain before `seq`, as far as it is known: named, or started by record 1.
+    fn current(&self) -> Option<ChainId> {
+        self.segment.clone().or_else(|| self.first_prev.map(|genesis| ChainId { genesis, origin: None }))
+    }
+
+    /// The chain a checkpoint after the last record must be signed for: its origin when
+    /// known, and its genesis hash (the origin a note names must have that genesis).
+    pub fn chain(&self) -> Option<ChainId> {
+        self.current().or_else(|| self.expect.clone())
+    }
+
+    fn follow(&mut self, seq: i64, stored_prev: &[u8], l: Lineage) -> Result<(), FailureKind> {
+        let bad = |message: String| Err(FailureKind::BadLineage { message });
+        match l {
+            Lineage::Malformed(m) => return bad(m),
+            Lineage::Writer(id) => match self.current() {
+                // Record 1 started another chain than the one its own writer names.
+                Some(c) if c.genesis != id.genesis && self.segment.is_none() => return Err(FailureKind::BadGenesis),
+                Some(c) if c.genesis != id.genesis => {
+                    return bad(format!(
+                        "a writer of {} appends to the chain of {} without a hand-over",
+                        id.label(),
+                        c.label()
+                    ))
+                }
+                _ => self.segment = Some(id),
+            },
+            Lineage::Handover { from, head_seq, head_hash, to } => {
+                if head_seq != seq - 1 || stored_prev != head_hash {
+                    return bad(format!(
+                        "the hand-over names head seq {head_seq} of the chain before it, but follows record {}",
+                        seq - 1
+                    ));
+                }
+                if let Some(c) = self.current().filter(|c| c.genesis != from.genesis) {
+                    return bad(format!("the hand-over continues the chain of {}, but the records before it are the chain of {}", from.label(), c.label()));
+                }
+                self.segment = Some(to);
+                self.named_at = seq;
+            }
+        }
+        Ok(())
+    }
+
+    /// At the end of the records: whether the chain ends as the chain it had to be (the
+    /// first failure, if any, otherwise). Call once, after the last `push`.
+    pub fn finish(&mut self) -> Result<(), Failure> {
+        if let Some(f) = &self.failure {
+            return Err(f.clone());
+        }
+        let Some(expect) = self.expect.clone() else { return Ok(()) };
+        match self.current() {
+            Some(c) if c.genesis == expect.genesis => Ok(()),
+            // Record 1 named no chain, and no record after it did: record 1 is wrong.
+            Some(_) if self.segment.is_none() => Err(self.fail(1, FailureKind::BadGenesis)),
+            Some(c) => {
+                let at = self.named_at.max(1);
+                Err(self.fail(at, FailureKind::ForeignChain { expected: expect.label(), found: c.label() }))
+            }
+            None => Ok(()),
         }
     }
 
@@ -155,6 +372,7 @@ impl ChainVerifier {
         stored_hash: &[u8],
         computed: Hash,
         alarm: Option<String>,
+        lineage: Option<Lineage>,
     ) -> Result<(), Failure> {
         if let Some(f) = &self.failure {
             return Err(f.clone());
@@ -162,20 +380,13 @@ impl ChainVerifier {
         match self.check_link(seq, stored_prev_hash).and_then(|_| {
             if stored_hash != computed { Err(FailureKind::HashMismatch) } else { Ok(computed) }
         }) {
-            Ok(hash) => {
-                self.accept(seq, hash);
-                match alarm {
-                    None => Ok(()),
-                    Some(message) => Err(self.fail(seq, FailureKind::HeadMismatch { message })),
-                }
-            }
+            Ok(hash) => self.accepted(seq, stored_prev_hash, hash, alarm, lineage),
             Err(kind) => Err(self.fail(seq, kind)),
         }
     }
 
     fn accept(&mut self, seq: i64, hash: Hash) {
         self.prev = Some(hash);
-        self.prev_is_genesis = false;
         self.expected = seq + 1;
         self.checked += 1;
         self.head = Some((seq, hash));
@@ -184,6 +395,7 @@ impl ChainVerifier {
     fn fail(&mut self, seq: i64, kind: FailureKind) -> Failure {
         let seq = match kind {
             FailureKind::MissingSeq { expected, .. } => expected,
+            FailureKind::BadGenesis => 1,
             _ => seq,
         };
         let f = Failure { seq, kind };
@@ -206,7 +418,10 @@ impl ChainVerifier {
         }
         match (self.prev, <&Hash>::try_from(stored_prev)) {
             (Some(p), Ok(sp)) if p == *sp => Ok(p),
-            (Some(_), _) if self.prev_is_genesis => Err(FailureKind::BadGenesis),
+            // Record 1's prev_hash names the chain it starts: checked once the chain is known
+            // (a record naming it, or `finish`).
+            (None, Ok(sp)) if self.from_start && seq == 1 => Ok(*sp),
+            (None, Err(_)) if self.from_start && seq == 1 => Err(FailureKind::BadGenesis),
             (Some(_), _) | (None, Err(_)) => Err(FailureKind::BrokenLink),
             (None, Ok(sp)) => Ok(*sp),
         }
@@ -269,7 +484,124 @@ mod tests {
         for (r, p, h) in rows {
             v.push(r, p, h)?;
         }
+        v.finish()?;
         Ok(v.checked())
+    }
+
+    // ---- lineage (docs/chain-format.md, "Hand-over") ----
+
+    fn writer_start(seq: i64, sysid: u64, oid: u32) -> Record {
+        let mut r = sample(seq);
+        r.class = "system".into();
+        r.command = WRITER_START.into();
+        r.objects = serde_json::json!([{ "kind": "writer", "name": "start", "system_identifier": sysid.to_string(), "database_oid": oid }]);
+        r
+    }
+
+    fn handover(seq: i64, from: (u64, u32), head: (i64, Hash), to: (u64, u32)) -> Record {
+        let mut r = sample(seq);
+        r.class = "system".into();
+        r.command = CHAIN_HANDOVER.into();
+        r.objects = serde_json::json!([{
+            "kind": "chain", "name": "handover",
+            "from_system_identifier": from.0.to_string(), "from_database_oid": from.1,
+            "from_genesis": crate::hex::encode(&genesis_hash(from.0, from.1)),
+            "from_head_seq": head.0, "from_head_hash": crate::hex::encode(&head.1),
+            "system_identifier": to.0.to_string(), "database_oid": to.1,
+        }]);
+        r
+    }
+
+    /// Links `records` (seq 1..) from the genesis of `start`.
+    fn linked(start: (u64, u32), records: Vec<Record>) -> Vec<Row> {
+        let mut prev = genesis_hash(start.0, start.1);
+        records
+            .into_iter()
+            .map(|r| {
+                let h = r.chain_hash(&prev);
+                let row = (r, prev, h);
+                prev = h;
+                row
+            })
+            .collect()
+    }
+
+    /// A chain of cluster A (42/5) for 3 records, handed over to B (43/7) at seq 4.
+    fn handed_over(head_override: Option<(i64, Hash)>, to: (u64, u32)) -> Vec<Row> {
+        let a = linked((42, 5), vec![writer_start(1, 42, 5), sample(2), sample(3)]);
+        let head = head_override.unwrap_or((3, a[2].2));
+        let mut records: Vec<Record> = a.into_iter().map(|r| r.0).collect();
+        records.push(handover(4, (42, 5), head, to));
+        records.push(writer_start(5, to.0, to.1));
+        records.push(sample(6));
+        linked((42, 5), records)
+    }
+
+    #[test]
+    fn a_handed_over_chain_verifies_as_the_new_clusters() {
+        let rows = handed_over(None, (43, 7));
+        assert_eq!(run(genesis_hash(43, 7), &rows), Ok(6));
+        // ... and is not the old cluster's any more.
+        let f = run(genesis_hash(42, 5), &rows).unwrap_err();
+        assert_eq!(f.seq, 4, "{f}");
+        assert!(matches!(f.kind, FailureKind::ForeignChain { .. }), "{f}");
+        // A copy verified without an expected chain follows the hand-over.
+        let mut v = ChainVerifier::from_genesis(None);
+        for (r, p, h) in &rows {
+            v.push(r, p, h).unwrap();
+        }
+        assert_eq!(v.finish(), Ok(()));
+        assert_eq!(v.chain(), Some(ChainId::of(43, 7)));
+    }
+
+    #[test]
+    fn a_hand_over_that_does_not_continue_its_chain_is_bad_lineage() {
+        let rows = handed_over(Some((2, [7; 32])), (43, 7));
+        let f = run(genesis_hash(43, 7), &rows).unwrap_err();
+        assert_eq!(f.seq, 4);
+        assert!(matches!(f.kind, FailureKind::BadLineage { .. }), "{f}");
+        // A hand-over from a chain other than the one before it.
+        let mut records: Vec<Record> = linked((42, 5), vec![writer_start(1, 42, 5), sample(2)]).into_iter().map(|r| r.0).collect();
+        let a = linked((42, 5), records.clone());
+        records.push(handover(3, (99, 1), (2, a[1].2), (43, 7)));
+        let f = run(genesis_hash(43, 7), &linked((42, 5), records)).unwrap_err();
+        assert_eq!((f.seq, matches!(f.kind, FailureKind::BadLineage { .. })), (3, true), "{f}");
+    }
+
+    #[test]
+    fn a_foreign_chain_without_hand_over_is_bad_genesis_or_foreign() {
+        // Another cluster's chain, nothing naming it: record 1 is wrong for this cluster.
+        let rows = linked((42, 5), vec![sample(1), sample(2)]);
+        assert_eq!(run(genesis_hash(43, 7), &rows), fail(1, FailureKind::BadGenesis));
+        // A chain whose writer names itself: record 1 starts the chain of another cluster.
+        let rows = linked((42, 5), vec![writer_start(1, 42, 5), sample(2)]);
+        let f = run(genesis_hash(43, 7), &rows).unwrap_err();
+        assert_eq!((f.seq, matches!(f.kind, FailureKind::ForeignChain { .. })), (1, true), "{f}");
+        // Record 1 started one chain, its writer names another.
+        let rows = linked((42, 5), vec![writer_start(1, 43, 7), sample(2)]);
+        assert_eq!(run(genesis_hash(43, 7), &rows), fail(1, FailureKind::BadGenesis));
+        // A writer of another cluster appends without a hand-over.
+        let rows = linked((42, 5), vec![writer_start(1, 42, 5), sample(2), writer_start(3, 43, 7)]);
+        let f = run(genesis_hash(43, 7), &rows).unwrap_err();
+        assert_eq!((f.seq, matches!(f.kind, FailureKind::BadLineage { .. })), (3, true), "{f}");
+        // Handed over to a third cluster, verified as the second.
+        let rows = handed_over(None, (44, 9));
+        let f = run(genesis_hash(43, 7), &rows).unwrap_err();
+        assert!(matches!(f.kind, FailureKind::ForeignChain { .. }), "{f}");
+    }
+
+    #[test]
+    fn a_malformed_claim_is_bad_lineage() {
+        let mut h = handover(2, (42, 5), (1, [0; 32]), (43, 7));
+        h.objects[0]["from_head_hash"] = serde_json::json!("zz");
+        let mut w = writer_start(1, 42, 5);
+        w.objects[0]["database_oid"] = serde_json::json!("five");
+        for (records, at) in [(vec![writer_start(1, 42, 5), h], 2), (vec![w], 1)] {
+            let f = run(genesis_hash(42, 5), &linked((42, 5), records)).unwrap_err();
+            assert_eq!((f.seq, matches!(f.kind, FailureKind::BadLineage { .. })), (at, true), "{f}");
+        }
+        // A WRITER START of an older writer names nothing: no claim.
+        assert_eq!(lineage_of(&sample(1)), None);
     }
 
     fn fail(seq: i64, kind: FailureKind) -> Result<i64, Failure> {
@@ -313,7 +645,7 @@ mod tests {
         let mut v = ChainVerifier::new(1, Some(g));
         let mut result = Ok(());
         for (r, p, h) in &rows {
-            result = v.push_hashed(r.seq, p, h, r.chain_hash(p), alarm_of(r));
+            result = v.push_hashed(r.seq, p, h, r.chain_hash(p), alarm_of(r), lineage_of(r));
             if result.is_err() {
                 break;
             }
@@ -416,7 +748,7 @@ mod tests {
         let mut v = ChainVerifier::new(1, Some(g));
         assert_eq!(v.push(&rows[0].0, &rows[0].1, &[1, 2]).unwrap_err().kind, FailureKind::HashMismatch);
         let mut v = ChainVerifier::new(1, None);
-        assert_eq!(v.push(&rows[0].0, &[], &rows[0].2).unwrap_err().kind, FailureKind::BrokenLink);
+        assert_eq!(v.push(&rows[0].0, &[], &rows[0].2).unwrap_err().kind, FailureKind::BadGenesis);
     }
 
     #[test]
