@@ -58,9 +58,43 @@ fn to_hash(v: Vec<u8>) -> Hash {
     v.try_into().unwrap_or([0u8; 32])
 }
 
+/// The chain the log here must be: this cluster's and database's where the writer appends to
+/// it; None in a copy (a database that is not custody.database, or a log a subscription
+/// fills), which is verified as the chain its records name (docs/operations.md).
+fn expected_chain() -> Option<custody_chain::ChainId> {
+    (in_custody_database() && !writer::is_copy()).then(writer::this_chain)
+}
+
+/// Whether this backend is connected to custody.database.
+pub fn in_custody_database() -> bool {
+    current_database_name().as_deref() == Some(crate::settings::database())
+}
+
+/// This database's name.
+fn current_database_name() -> Option<String> {
+    // SAFETY: MyDatabaseId is this backend's database; get_database_name returns a palloc'd
+    // copy (or NULL), read before the end of the statement.
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        (!name.is_null()).then(|| std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned())
+    }
+}
+
+/// The export's header names the chain the export must end as: this cluster's and
+/// database's, or in a copy the chain its records name (when they name its origin).
 fn chain_header() -> ExportLine {
     // SAFETY: plain reads of the control file's system identifier and this database's OID.
-    let (sysid, dboid) = unsafe { (pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId)) };
+    let here = unsafe { (pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId)) };
+    let (sysid, dboid) = match expected_chain() {
+        Some(_) => here,
+        None => own::pinned(writer::log_chain)
+            .and_then(|c| c.origin)
+            .and_then(|o| {
+                let (s, d) = o.strip_prefix("pg_custody/")?.split_once('/')?;
+                Some((s.parse().ok()?, d.parse().ok()?))
+            })
+            .unwrap_or(here),
+    };
     ExportLine::Chain(ChainHeader {
         format: custody_chain::FORMAT_VERSION,
         system_identifier: sysid,
@@ -131,7 +165,7 @@ fn verify_audit_chain(
     let result = own::pinned(|| {
         Spi::connect(|client| {
             let start: Option<Hash> = if from_seq == 1 {
-                Some(writer::genesis())
+                Some([0; 32]) // not used: from seq 1 the chain is known by its records
             } else {
                 let t = own::select(client, &start_sql, &[(from_seq - 1).into()])?;
                 if t.is_empty() {
@@ -153,7 +187,11 @@ fn verify_audit_chain(
                 };
                 return Ok(Ok((0, Some(missing))));
             }
-            let mut verifier = ChainVerifier::new(from_seq, start);
+            let mut verifier = if from_seq == 1 {
+                ChainVerifier::from_genesis(expected_chain())
+            } else {
+                ChainVerifier::new(from_seq, start)
+            };
             let mut failure = None;
             crate::scan::for_each_record(from_seq, to_seq, |rec, prev, hash| match verifier.push(rec, prev, hash) {
                 Ok(()) => true,
@@ -162,6 +200,13 @@ fn verify_audit_chain(
                     false
                 }
             });
+            // Whose chain the log is shows at its end (a hand-over may come late).
+            if failure.is_none() {
+                let last = own::select(client, &last_sql, &[])?.first().get_one::<i64>()?.unwrap_or(0);
+                if verifier.head().map_or(0, |(s, _)| s) >= last {
+                    failure = verifier.finish().err();
+                }
+            }
             Ok::<_, pgrx::spi::Error>(Ok((verifier.checked(), failure)))
         })
     });

@@ -36,6 +36,14 @@ pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // A server pg_upgrade runs (-b) restores the schema and copies the data files: nothing
+    // there is a user's statement, and pg_custody's own objects are restored as they were.
+    // The library stays passive (no hooks, no writer); the first normal start after the
+    // upgrade continues the chain with a hand-over (docs/operations.md).
+    // SAFETY: reading a flag the postmaster sets from its command line.
+    if unsafe { pg_sys::IsBinaryUpgrade } {
+        return;
+    }
     // SAFETY: reading a flag the postmaster sets while loading preload libraries.
     if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
         error::CustodyError::NotPreloaded.report();

@@ -358,6 +358,19 @@ pub fn writer_committed(seq: i64, hash: &[u8; 32]) {
     }
 }
 
+/// The chain was dropped (DROP EXTENSION with custody.allow_drop, committed): the next writer
+/// of this server run remembers no head, like one after a restart without a head file.
+pub fn forget_committed_head() {
+    let Some(s) = shared() else { return };
+    let sp = s as *const Shared as *mut Shared;
+    // SAFETY: the head is written under the lock.
+    unsafe {
+        pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        (*sp).head_valid = false;
+        pg_sys::LWLockRelease(s.lock);
+    }
+}
+
 /// Flushes WAL up to the writer's last commit: everything it has stored is then on disk
 /// (it commits asynchronously). Nothing to do on a standby, which writes no WAL of its own.
 pub fn flush_stored() {

@@ -109,6 +109,8 @@ pub fn read() -> Option<Remembered> {
 /// (custody.allow_drop): there is no chain to remember any more.
 pub fn forget() {
     if read().is_some() {
+        // The file is this database's: the chain of custody.database was dropped.
+        crate::queue::forget_committed_head();
         let file = head_file(identity().1);
         if let Err(e) = std::fs::remove_file(&file) {
             pgrx::warning!("pg_custody: could not remove {file}: {e}");

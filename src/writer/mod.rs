@@ -14,7 +14,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 
 use custody_chain::export::CheckpointLine;
-use custody_chain::{checkpoint_origin, genesis_hash, parse_private_key, Hash, MerkleBuilder, PrivateKey, Record};
+use custody_chain::{checkpoint_origin, genesis_hash, parse_private_key, ChainId, Hash, MerkleBuilder, PrivateKey, Record};
 
 use crate::capture::class::Class;
 use crate::capture::wire::{Captured, Outcome};
@@ -168,8 +168,14 @@ fn run() {
                     // The file says a writer runs (not a clean stop) from now on, naming a head
                     // that is on disk already; the first records follow like any others.
                     durable.start(on_disk);
+                    let handed_over = first.iter().any(|r| r.command == custody_chain::CHAIN_HANDOVER);
                     append(&mut c, first);
                     committed(&c, &queue, &mut durable);
+                    if handed_over {
+                        // A signed checkpoint of the hand-over leaves the server at once.
+                        checkpoint(&mut c, &signer, &queue, &mut archiver);
+                        last_checkpoint = std::time::Instant::now();
+                    }
                     // Policies, attributes and suspensions in force for every backend, read
                     // again now that the extension is known to be there (it may have been
                     // dropped and created again meanwhile).
@@ -422,6 +428,76 @@ fn checkpoint(chain: &mut Chain, signer: &Signer, queue: &Consumer, archiver: &m
 pub fn genesis() -> Hash {
     // SAFETY: plain reads of the control file's system identifier and this database's OID.
     unsafe { genesis_hash(pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId)) }
+}
+
+/// Whether the log in this database is a copy another server's records fill by logical
+/// replication (a subscription replicates into it): the writer never appends to one.
+pub fn is_copy() -> bool {
+    let log = crate::protect::ids().map(|i| i.table(Table::AuditLog)).unwrap_or(pg_sys::InvalidOid);
+    log != pg_sys::InvalidOid && start::subscription_feeding(log).is_some()
+}
+
+/// This cluster and database: the chain a writer here starts, or continues after a hand-over.
+pub fn this_chain() -> ChainId {
+    // SAFETY: plain reads of the control file's system identifier and this database's OID.
+    unsafe { ChainId::of(pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId)) }
+}
+
+/// The chain the log in this database is, by what its records say (docs/chain-format.md,
+/// "Hand-over"): the last hand-over's new chain, else the chain its writers name, else the
+/// chain record 1 starts. None: the log is empty. Inside a transaction; the caller pins
+/// search_path (the writer always does; SQL functions through `own::pinned`).
+pub fn log_chain() -> Option<ChainId> {
+    let claims = std::ffi::CString::new(format!(
+        "SELECT command, objects::pg_catalog.text FROM {} WHERE class OPERATOR(pg_catalog.=) 'system' \
+           AND (command OPERATOR(pg_catalog.=) '{}' OR command OPERATOR(pg_catalog.=) '{}') ORDER BY seq DESC",
+        sql_name(Table::AuditLog),
+        custody_chain::WRITER_START,
+        custody_chain::CHAIN_HANDOVER,
+    ))
+    .expect("no NUL");
+    let first = std::ffi::CString::new(format!(
+        "SELECT prev_hash FROM {} ORDER BY seq LIMIT 1",
+        sql_name(Table::AuditLog)
+    ))
+    .expect("no NUL");
+    Spi::connect(|client| {
+        let mut cursor = crate::own::cursor(client, &claims, &[]);
+        loop {
+            let table = cursor.fetch(1000).ok()?;
+            if table.is_empty() {
+                break;
+            }
+            for row in table {
+                let rec = Record {
+                    class: "system".into(),
+                    command: row.get::<String>(1).ok().flatten().unwrap_or_default(),
+                    objects: row
+                        .get::<String>(2)
+                        .ok()
+                        .flatten()
+                        .and_then(|t| serde_json::from_str(&t).ok())
+                        .unwrap_or(serde_json::Value::Null),
+                    ..Default::default()
+                };
+                match custody_chain::lineage_of(&rec) {
+                    Some(custody_chain::Lineage::Writer(id)) => return Some(id),
+                    Some(custody_chain::Lineage::Handover { to, .. }) => return Some(to),
+                    _ => {}
+                }
+            }
+        }
+        drop(cursor);
+        let genesis: Hash = crate::own::select(client, &first, &[])
+            .ok()?
+            .first()
+            .get_one::<Vec<u8>>()
+            .ok()
+            .flatten()?
+            .try_into()
+            .ok()?;
+        Some(ChainId { genesis, origin: None })
+    })
 }
 
 /// Hashes and inserts `records` after the head in one transaction; advances the head only

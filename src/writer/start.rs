@@ -50,6 +50,12 @@ pub fn open(queue: &Consumer) -> Start {
             return Start::Refusing(format!("{} is not as pg_custody created it: {what}", protect::label(t)));
         }
     }
+    if let Some(sub) = subscription_feeding(ids.table(Table::AuditLog)) {
+        return Start::Refusing(format!(
+            "custody.audit_log receives another server's records by logical replication (subscription \"{sub}\"): \
+             it is a copy, and the writer does not append to a copy (docs/operations.md)"
+        ));
+    }
     let (mut chain, last_command) = read_chain();
     let table = Head { seq: chain.seq, hash: chain.hash };
     // The head committed by the writer before this one (same server run), else the one the
@@ -59,6 +65,18 @@ pub fn open(queue: &Consumer) -> Start {
         .map(|(seq, hash)| (Head { seq, hash }, true))
         .or_else(|| head::read().map(|r| (r.head, r.clean)));
     let mut records = Vec::new();
+    // A log that holds another cluster's or database's chain (a restore, a pg_upgrade) and no
+    // head this writer remembers: its history goes on here, with a record that says so. With
+    // a remembered head the check below raises its alarm instead, and the log stays the
+    // foreign chain it is (verification says so).
+    let here = super::this_chain();
+    if remembered.is_none() && chain.seq > 0 {
+        if let Some(from) = super::log_chain().filter(|c| c.genesis != here.genesis) {
+            let h = handover_record(&from, &table, &here);
+            pgrx::log!("pg_custody writer: {}", h.message.as_deref().unwrap_or_default());
+            records.push(h);
+        }
+    }
     // The head the file names while this writer runs, until its own records are flushed:
     // the table's, or — when records are missing or rewritten — the remembered one, so that a
     // crash before the alarm is on disk raises it again.
@@ -81,11 +99,61 @@ pub fn open(queue: &Consumer) -> Start {
         Some("WRITER STOP") => "stopped",
         Some(_) => "ended without WRITER STOP (server crash, or an error in the writer): records queued then may be lost",
     };
+    let (system_identifier, database_oid) = identity();
     records.push(system_record(
-        "WRITER START",
-        Some(serde_json::json!([{ "kind": "writer", "name": "start", "previous": previous }])),
+        custody_chain::WRITER_START,
+        Some(serde_json::json!([{
+            "kind": "writer",
+            "name": "start",
+            "previous": previous,
+            "system_identifier": system_identifier.to_string(),
+            "database_oid": database_oid,
+        }])),
     ));
     Start::Ready(chain, records, keep)
+}
+
+/// This cluster's system identifier and this database's OID.
+fn identity() -> (u64, u32) {
+    // SAFETY: plain reads of the control file's system identifier and this database's OID.
+    unsafe { (pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId)) }
+}
+
+/// The subscription that replicates into `log`, if one does (pg_subscription_rel).
+pub(super) fn subscription_feeding(log: pg_sys::Oid) -> Option<String> {
+    let q = c"SELECT s.subname::pg_catalog.text FROM pg_catalog.pg_subscription_rel r \
+              JOIN pg_catalog.pg_subscription s ON s.oid OPERATOR(pg_catalog.=) r.srsubid \
+              WHERE r.srrelid OPERATOR(pg_catalog.=) $1 LIMIT 1";
+    Spi::connect(|client| crate::own::select(client, q, &[log.into()]).ok()?.first().get_one::<String>().ok().flatten())
+}
+
+/// The CHAIN HANDOVER record: the chain `from`, whose head the table holds, goes on as the
+/// chain of this cluster and database (docs/chain-format.md, "Hand-over").
+fn handover_record(from: &custody_chain::ChainId, head: &Head, here: &custody_chain::ChainId) -> Captured {
+    let (system_identifier, database_oid) = identity();
+    let mut claim = serde_json::json!({
+        "kind": "chain",
+        "name": "handover",
+        "from_genesis": hex::encode(&from.genesis),
+        "from_head_seq": head.seq,
+        "from_head_hash": hex::encode(&head.hash),
+        "system_identifier": system_identifier.to_string(),
+        "database_oid": database_oid,
+    });
+    let from_origin = from.origin.as_deref().and_then(|o| o.strip_prefix("pg_custody/")).and_then(|o| o.split_once('/'));
+    if let Some((sys, db)) = from_origin {
+        claim["from_system_identifier"] = serde_json::Value::String(sys.to_string());
+        claim["from_database_oid"] = db.parse::<u32>().map_or(serde_json::Value::Null, serde_json::Value::from);
+    }
+    let mut r = system_record(custody_chain::CHAIN_HANDOVER, Some(serde_json::json!([claim])));
+    r.message = Some(format!(
+        "{} continues the audit chain of {} after its record {} (a restore or an upgrade: the log holds \
+         another cluster's or database's chain, and this server remembers no head of its own)",
+        here.label(),
+        from.label(),
+        head.seq
+    ));
+    r
 }
 
 /// The chain as the table holds it: head, Merkle tree over every record hash, last
