@@ -34,6 +34,18 @@ pub enum CustodyError {
     PastTheLog { from_seq: i64, last_seq: i64 },
 }
 
+/// For a refused INSERT or COPY FROM (a restore, most often): how a dump is restored.
+fn with_restore_hint(e: ErrorReport, action: &str) -> ErrorReport {
+    if action == "INSERT" || action == "COPY FROM" {
+        e.set_hint(
+            "To restore a dump, restore it in one transaction (pg_restore --single-transaction, psql -1): \
+             pg_custody's tables accept rows in the transaction that creates them (docs/operations.md).",
+        )
+    } else {
+        e
+    }
+}
+
 impl CustodyError {
     fn into_report(self) -> ErrorReport {
         use CustodyError::*;
@@ -81,7 +93,7 @@ impl CustodyError {
                  for the custody writer."
             ))
             .set_hint("Check the server log and custody.status() for the custody writer."),
-            Protected { relation, action, evidence: true } => ErrorReport::new(
+            Protected { relation, action, evidence: true } => with_restore_hint(ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("{action} on {relation} is not allowed: it is append-only"),
                 "pg_custody",
@@ -91,7 +103,9 @@ impl CustodyError {
                  nobody, superusers included, may change them while pg_custody is loaded. This \
                  attempt is recorded.",
             ),
-            Protected { relation, action, evidence: false } => ErrorReport::new(
+                &action,
+            ),
+            Protected { relation, action, evidence: false } => with_restore_hint(ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("{action} on {relation} is not allowed: it is changed only by pg_custody's functions"),
                 "pg_custody",
@@ -100,6 +114,8 @@ impl CustodyError {
                 "Policies, attributes, suspensions and row policies are changed through the \
                  custody.* management functions, which record every change. This attempt is \
                  recorded.",
+            ),
+                &action,
             ),
             Redefinition { message, hint } => {
                 let e = ErrorReport::new(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, message, "pg_custody")

@@ -329,6 +329,28 @@ pub fn label(t: Table) -> String {
     format!("{schema}.{}", t.name().to_string_lossy())
 }
 
+/// A restore of pg_custody's tables in the transaction that creates them (`pg_restore
+/// --single-transaction`, `psql -1`): a superuser may add rows to a table this very
+/// transaction created. Nothing else can have seen it — no writer appended to the log, no
+/// session was gated by the store — and the writer that finds it after the commit continues
+/// the restored chain with a hand-over (docs/operations.md).
+pub fn restoring(relid: pg_sys::Oid) -> bool {
+    // SAFETY: superuser() reads this backend's identity; the relcache entry is opened and
+    // closed here (a missing relation gives NULL), and rd_createSubid is a plain field.
+    unsafe {
+        if relid == pg_sys::InvalidOid || !pg_sys::superuser() {
+            return false;
+        }
+        let rel = pg_sys::RelationIdGetRelation(relid);
+        if rel.is_null() {
+            return false;
+        }
+        let created_here = (*rel).rd_createSubid != 0; // InvalidSubTransactionId
+        pg_sys::RelationClose(rel);
+        created_here
+    }
+}
+
 /// Raises the refusal of `action` on the protected table `t`.
 pub fn refuse(t: Table, action: &str) -> ! {
     CustodyError::Protected { relation: label(t), action: action.into(), evidence: t.is_evidence() }.report()
@@ -354,6 +376,9 @@ pub unsafe fn range_table_violation(rtable: *mut pg_sys::List, perm_infos: crate
         }
         let Some(t) = protected(rte.relid) else { continue };
         if own_statement && !t.is_evidence() {
+            continue;
+        }
+        if rte.perms & modify == pg_sys::ACL_INSERT as u64 && restoring(rte.relid) {
             continue;
         }
         let action = if rte.perms & pg_sys::ACL_DELETE as u64 != 0 {

@@ -159,6 +159,9 @@ pub unsafe fn violation(node: *mut pg_sys::Node) -> Option<CustodyError> {
                     return None;
                 }
                 let r = relid(s.relation);
+                if super::restoring(r) {
+                    return None;
+                }
                 protected_refusal(r, "COPY FROM").or_else(|| {
                     is_catalog(r).then(|| CustodyError::CatalogRow {
                         catalog: cstr(pg_sys::get_rel_name(r)),

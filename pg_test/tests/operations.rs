@@ -1,0 +1,180 @@
+//! Operations a DBA runs (docs/operations.md): a dump restored into another cluster continues
+//! the chain with a recorded hand-over and verifies; a restore split over transactions is
+//! refused with a hint, losing nothing; a log that a subscription fills is never adopted by
+//! the writer. Own clusters (PGDATA-ops_*, shared port + 40..).
+
+use std::time::Duration;
+
+use pg_custody_client_tests::*;
+
+const NO_VACUUM: &str = "package custody\n\ndeny contains \"no vacuum here\" if input.command == \"VACUUM\"\n";
+
+/// A cluster with pg_custody loaded but not created in custody.database (dropped with
+/// custody.allow_drop, so the writer forgets its chain): where a dump is restored.
+fn empty_cluster(suffix: &str, offset: u16) -> StopOnDrop {
+    let cluster = StopOnDrop(Cluster::own(suffix, offset));
+    let mut c = cluster.connect("ops_setup");
+    set_and_reload(&cluster, &mut c, &["custody.allow_drop = on"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = cluster.connect("ops_setup");
+    c.batch_execute("SET custody.durability = async").unwrap();
+    c.batch_execute("DROP EXTENSION pg_custody CASCADE").unwrap();
+    // CREATE EXTENSION made the schema; it is not a member, and a dump creates it again.
+    c.batch_execute("DROP SCHEMA custody CASCADE").unwrap();
+    // Roles are the cluster's (pg_dumpall --globals-only carries them).
+    c.batch_execute("CREATE ROLE ops_reader LOGIN").unwrap();
+    drop(c);
+    cluster
+}
+
+fn pg_dump(cluster: &Cluster, file: &str) {
+    let port = cluster.port.to_string();
+    let bin = pg_program("pg_dump");
+    let (rc, _, err) =
+        as_postgres(bin.to_str().unwrap(), &["-h", "/tmp", "-p", &port, "-U", "postgres", "-Fc", "-f", file, "postgres"]);
+    assert_eq!(rc, 0, "pg_dump: {err}");
+}
+
+fn pg_restore(cluster: &Cluster, file: &str, extra: &[&str]) -> (i32, String) {
+    let port = cluster.port.to_string();
+    let bin = pg_program("pg_restore");
+    let mut args = vec!["-h", "/tmp", "-p", &port, "-U", "postgres", "-d", "postgres"];
+    args.extend_from_slice(extra);
+    args.push(file);
+    let (rc, _, err) = as_postgres(bin.to_str().unwrap(), &args);
+    (rc, err)
+}
+
+/// Restored in one transaction into another cluster (another system identifier), the log,
+/// its policies and row policies come back; the new cluster's writer continues the chain
+/// after the restored head with a CHAIN HANDOVER record, the whole history verifies there and
+/// from an export, and the restored policy is in force. A restore split over transactions is
+/// refused at the log with a hint saying how, and the refused rows are nowhere.
+#[test]
+fn restore_continues_the_chain_with_a_hand_over() {
+    let a = StopOnDrop(Cluster::own("ops_restore_a", 40));
+    let mut ca = a.connect("ops_a");
+    ca.batch_execute(
+        "CREATE ROLE ops_reader LOGIN; \
+         CREATE TABLE public.ops_t (tenant text, v int); \
+         INSERT INTO public.ops_t VALUES ('x', 1), ('y', 2); \
+         GRANT SELECT ON public.ops_t TO ops_reader",
+    )
+    .unwrap();
+    ca.execute("SELECT custody.set_policy('no_vacuum', $1)", &[&NO_VACUUM]).unwrap();
+    ca.batch_execute("SELECT custody.create_row_policy('ops_rows', 'public.ops_t', using_expr => $$ tenant = 'x' $$)")
+        .unwrap();
+    flush(&mut ca);
+    let a_head = query_i64(&mut ca, "SELECT max(seq) FROM custody.audit_log", &[]);
+    let a_hash: Vec<u8> = ca.query_one("SELECT hash FROM custody.audit_log WHERE seq = $1", &[&a_head]).unwrap().get(0);
+    let a_sysid: String = ca.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).unwrap().get(0);
+    let file = "/tmp/pg_custody_ops_restore.dump";
+    pg_dump(&a, file);
+    drop(ca);
+    drop(a);
+
+    // Split over transactions (pg_restore's default): the log refuses the rows, with a hint.
+    let b = empty_cluster("ops_restore_b", 41);
+    let (rc, err) = pg_restore(&b, file, &[]);
+    assert_ne!(rc, 0, "a restore split over transactions was accepted");
+    assert!(err.contains("pg_restore --single-transaction"), "no hint in: {err}");
+    let mut cb = b.connect("ops_b");
+    wait_ready(&mut cb);
+    let restored = query_i64(&mut cb, "SELECT count(*) FROM custody.audit_log WHERE hash = $1", &[&a_hash]);
+    assert_eq!(restored, 0, "refused rows are in the log");
+    drop(cb);
+    drop(b);
+
+    // In one transaction: everything comes back.
+    let b = empty_cluster("ops_restore_b", 41);
+    let (rc, err) = pg_restore(&b, file, &["--single-transaction"]);
+    assert_eq!(rc, 0, "pg_restore --single-transaction: {err}");
+    let mut cb = b.connect("ops_b");
+    wait_ready(&mut cb);
+    flush(&mut cb);
+    let b_sysid: String = cb.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).unwrap().get(0);
+    assert_ne!(a_sysid, b_sysid);
+    let kept: Vec<u8> = cb.query_one("SELECT hash FROM custody.audit_log WHERE seq = $1", &[&a_head]).unwrap().get(0);
+    assert_eq!(kept, a_hash, "the restored record {a_head} is not the one the first cluster stored");
+    let handovers = cb
+        .query(
+            "SELECT seq, objects->0->>'from_system_identifier', (objects->0->>'from_head_seq')::int8, \
+                    objects->0->>'system_identifier' \
+             FROM custody.audit_log WHERE class = 'system' AND command = 'CHAIN HANDOVER'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(handovers.len(), 1, "one hand-over");
+    let (seq, from, head, to): (i64, Option<String>, i64, String) =
+        (handovers[0].get(0), handovers[0].get(1), handovers[0].get(2), handovers[0].get(3));
+    assert_eq!(seq, head + 1, "the hand-over follows the restored head");
+    assert!(head >= a_head, "hand-over names head {head}, the dump held {a_head}");
+    assert_eq!(from.as_deref(), Some(a_sysid.as_str()));
+    assert_eq!(to, b_sysid);
+    assert_chain_ok(&mut cb);
+
+    // From an export, with the command-line verifier.
+    let export = std::env::temp_dir().join("pg_custody_ops_restore.jsonl");
+    export_to_file(&mut cb, &export);
+    let (code, out, err) = run_custody(&["verify", "--log", export.to_str().unwrap()]);
+    assert_eq!(code, 0, "custody verify of the restored chain: {out}{err}");
+
+    // The restored policies are in force, the row policy is pg_custody's again.
+    let mut r = b.connect_as("ops_reader", "ops_reader");
+    let rows: i64 = r.query_one("SELECT count(*) FROM public.ops_t", &[]).unwrap().get(0);
+    assert_eq!(rows, 1, "the restored row policy does not filter");
+    let named = query_i64(&mut cb, "SELECT count(*) FROM custody.policies WHERE name IN ('no_vacuum', 'ops_rows')", &[]);
+    assert_eq!(named, 2);
+    assert_denied(cb.simple_query("VACUUM public.ops_t"), "VACUUM under the restored policy");
+
+    // After the restore the log is evidence again: no more rows by hand.
+    let e = server_error(
+        cb.simple_query("INSERT INTO custody.audit_log SELECT * FROM custody.audit_log WHERE seq = 1"),
+        "INSERT into the restored log",
+    );
+    assert_eq!(e.code().code(), "42501", "{e:?}");
+    let _ = std::fs::remove_file(file);
+    let _ = std::fs::remove_file(&export);
+}
+
+/// A log that a subscription fills (a copy of another server's chain) is never appended to:
+/// after a restart with the library preloaded the writer refuses it, saying why.
+#[test]
+fn a_subscribers_copy_is_not_adopted() {
+    let publisher = StopOnDrop(Cluster::own("ops_pub", 42));
+    let mut p = publisher.connect("ops_pub");
+    p.batch_execute("ALTER SYSTEM SET wal_level = logical").unwrap();
+    drop(p);
+    publisher.start();
+    let mut p = publisher.connect("ops_pub");
+    wait_ready(&mut p);
+    p.batch_execute("CREATE PUBLICATION ops_audit FOR TABLE custody.audit_log").unwrap();
+
+    let sub = StopOnDrop(Cluster::own("ops_sub", 43));
+    let mut s = sub.connect("ops_sub");
+    s.batch_execute(&format!(
+        "CREATE SUBSCRIPTION ops_copy CONNECTION 'host=/tmp port={} user=postgres dbname=postgres' \
+         PUBLICATION ops_audit WITH (copy_data = false)",
+        publisher.port
+    ))
+    .unwrap();
+    drop(s);
+    sub.start();
+    let mut s = sub.connect("ops_sub");
+    wait_until(
+        &mut s,
+        "SELECT custody.status()->>'state' LIKE 'refusing:%subscription \"ops_copy\"%'",
+        &[],
+        "the writer refuses the subscriber's copy",
+    );
+    // Rows still arrive from the publisher; none is the subscriber's own statement.
+    let m = marker("ops_sub_marker");
+    s.batch_execute(&format!("SELECT '{m}'")).unwrap();
+    p.batch_execute(&format!("SELECT '{m}_pub'")).unwrap();
+    flush(&mut p);
+    wait_until(&mut s, "SELECT count(*) > 0 FROM custody.audit_log WHERE strpos(statement, $1) > 0", &[&format!("{m}_pub")], "the publisher's record in the copy");
+    let own = query_i64(&mut s, "SELECT count(*) FROM custody.audit_log WHERE strpos(statement, $1) > 0 AND strpos(statement, '_pub') = 0", &[&m]);
+    assert_eq!(own, 0, "the subscriber's writer appended its own record to the copy");
+    s.batch_execute("ALTER SUBSCRIPTION ops_copy DISABLE; ALTER SUBSCRIPTION ops_copy SET (slot_name = NONE)").ok();
+    s.batch_execute("DROP SUBSCRIPTION ops_copy").ok();
+}
