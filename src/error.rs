@@ -59,6 +59,8 @@ pub enum CustodyError {
     CannotPrepare,
     /// The policy store no longer fits in the shared memory reserved for it.
     StoreTooLarge { limit: usize },
+    /// A statement denied by the policies in force (`reasons`: why; none: nothing allowed it).
+    Denied { reasons: Vec<String> },
     /// create_row_policy on one of pg_custody's own tables.
     RowPolicyOnOwnTable,
     /// A row policy expression of a custody_admin member who does not own the table, using
@@ -148,6 +150,12 @@ impl CustodyError {
                 "pg_custody policies, attributes and suspensions exceed the shared memory reserved for them",
                 Some(format!("The limit is {limit} bytes.")),
                 Some("Remove unused policies or attributes.".into()),
+            ),
+            Denied { reasons } => new_report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "statement denied by pg_custody policy",
+                Some(if reasons.is_empty() { "no policy allowed it".to_string() } else { reasons.join("; ") }),
+                Some("The decision is recorded in custody.audit_log (outcome denied).".into()),
             ),
             RowPolicyOnOwnTable => new_report(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
