@@ -53,6 +53,8 @@ pub enum CustodyError {
     NotManager { what: String },
     /// A change of the policy store outside custody.database.
     PolicyDatabase { database: String },
+    /// One of pg_custody's tables is not in this database (it lives in custody.database).
+    NotInThisDatabase { table: String },
     /// A change of the policy store under a REPEATABLE READ or SERIALIZABLE snapshot.
     ReadCommittedOnly,
     /// PREPARE TRANSACTION of a transaction that changed the policy store.
@@ -68,6 +70,11 @@ pub enum CustodyError {
     UnconfinedExpression { what: String },
     /// custody.check could not evaluate data.custody.row_allow (`error`: why).
     RowCheckFailed { error: String },
+    /// Reading the audit log without SELECT on it.
+    LogNotReadable,
+    /// custody.audit_log's columns are not as pg_custody created them (altered while the
+    /// library was not loaded), found when the log is read or written.
+    LogAltered { what: String },
 }
 
 impl From<CustodyError> for ErrorReport {
@@ -133,6 +140,12 @@ impl CustodyError {
                 None,
                 Some("Connect to the database named by custody.database; policies there govern every database.".into()),
             ),
+            NotInThisDatabase { table } => new_report(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("pg_custody's table {table} does not exist in this database"),
+                None,
+                Some("The audit log and the policy store live in the database named by custody.database.".into()),
+            ),
             ReadCommittedOnly => new_report(
                 ERRCODE_FEATURE_NOT_SUPPORTED,
                 "pg_custody policies, attributes and suspensions are changed in READ COMMITTED transactions",
@@ -180,6 +193,22 @@ impl CustodyError {
                 "custody.check could not evaluate data.custody.row_allow",
                 Some(error),
                 None,
+            ),
+            LogNotReadable => new_report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "permission denied for table audit_log",
+                None,
+                Some("Reading the audit log takes membership in custody_auditor.".into()),
+            ),
+            LogAltered { what } => new_report(
+                ERRCODE_DATA_CORRUPTED,
+                format!("custody.audit_log is not as pg_custody created it: {what}"),
+                None,
+                Some(
+                    "The table was altered while pg_custody was not loaded. Verify the chain from an export, \
+                     and restore the table's definition."
+                        .into(),
+                ),
             ),
             PastTheLog { from_seq, last_seq } => ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
