@@ -335,3 +335,38 @@ impl CustodyError {
         unreachable!("ERROR does not return")
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// The SQLSTATE `sql` fails with (None: it succeeds), caught by PL/pgSQL as a client would
+    /// see it.
+    fn sqlstate_of(sql: &str) -> Option<String> {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$ \
+             BEGIN EXECUTE q; RETURN NULL; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()]).unwrap()
+    }
+
+    /// Mistakes in management calls carry their own SQLSTATE, not XX000.
+    #[pg_test]
+    fn user_errors_have_their_sqlstate() {
+        for (sql, want) in [
+            ("SELECT custody._create_row_policy('p', 4294967295::oid, 'all', 'true')", "42P01"),
+            ("SELECT custody._create_row_policy('p', 'pg_class'::regclass, 'merge', 'true')", "22023"),
+            ("SELECT custody.drop_policy('no_such_policy')", "42704"),
+            ("SELECT custody.drop_row_policy('no_such_row_policy')", "42704"),
+            ("SELECT custody.set_policy('p', 'this is not rego')", "42601"),
+            ("SELECT custody.set_attribute('postgres', 'k', '1', now(), now() - interval '1 day')", "22023"),
+            ("SELECT custody.resume('postgres')", "42704"),
+            ("SELECT * FROM custody.verify_audit_chain(2, NULL, '[]'::jsonb)", "22023"),
+            ("SELECT * FROM custody.verify_audit_chain(1, NULL, '7'::jsonb)", "22023"),
+        ] {
+            assert_eq!(sqlstate_of(sql).as_deref(), Some(want), "{sql}");
+        }
+    }
+}
