@@ -1,12 +1,19 @@
 //! The SQL API: `#[pg_extern]` wrappers only, with explicit volatility, strictness and
 //! parallel safety. The logic they call lives in `custody_chain` (pure) and the modules above.
+//!
+//! A user's mistake is a `CustodyError`. The `error!("could not read custody.…: {e}")` calls
+//! stay XX000 on purpose: a table missing here is refused before (sql_name), and
+//! PostgreSQL's own ERRORs in the reads (a permission, say) are raised as they are, inside
+//! SPI; the `spi::Error` left is pgrx's own about a query of ours (a column of another type
+//! than we asked for): a bug.
 
 use pgrx::prelude::*;
-use pgrx::{pg_sys, JsonB, PgLogLevel, PgSqlErrorCode};
+use pgrx::{pg_sys, JsonB};
 
 use custody_chain::export::{ChainHeader, CheckpointLine, RecordLine};
 use custody_chain::{parse_verifier_key, verify_export, ChainVerifier, Digest, ExportLine, Hash};
 
+use crate::error::CustodyError;
 use crate::protect::{sql_name, Table};
 use crate::{capture, own, queue, writer};
 
@@ -224,13 +231,6 @@ fn verify_audit_chain(
     TableIterator::once(row)
 }
 
-fn bad_argument(message: String, hint: &str) -> ! {
-    pgrx::pg_sys::panic::ErrorReport::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, "pg_custody")
-        .set_hint(hint)
-        .report(PgLogLevel::ERROR);
-    unreachable!()
-}
-
 /// The checkpoint/digest path: the export stream of the chain fed to the same verifier the
 /// command-line program uses (one implementation of the format).
 fn verify_with_checkpoints(
@@ -240,35 +240,40 @@ fn verify_with_checkpoints(
     public_key: Option<String>,
 ) -> (bool, i64, Option<i64>, Option<String>) {
     if from_seq != 1 {
-        bad_argument(
-            "checkpoint and digest verification needs the whole chain".into(),
-            "Call custody.verify_audit_chain(1, ...) with trusted_digests or public_key.",
-        );
+        CustodyError::InvalidArgument {
+            message: "checkpoint and digest verification needs the whole chain".into(),
+            hint: Some("Call custody.verify_audit_chain(1, ...) with trusted_digests or public_key."),
+        }
+        .report();
     }
     let verifier = public_key.map(|k| {
         parse_verifier_key(k.trim()).unwrap_or_else(|e| {
-            bad_argument(
-                format!("invalid public key: {e}"),
-                "Pass the verifier key printed by `custody keygen` (name+keyhash+base64).",
-            )
+            CustodyError::InvalidArgument {
+                message: format!("invalid public key: {e}"),
+                hint: Some("Pass the verifier key printed by `custody keygen` (name+keyhash+base64)."),
+            }
+            .report()
         })
     });
+    const DIGESTS_HINT: Option<&str> = Some("Pass digests as returned by custody.audit_digest().");
     let digests: Vec<Digest> = match trusted_digests.map(|j| j.0) {
         None => Vec::new(),
         Some(serde_json::Value::Array(items)) => items
             .iter()
             .map(|d| {
                 Digest::parse(&d.to_string()).unwrap_or_else(|e| {
-                    bad_argument(format!("invalid digest {d}: {e}"), "Pass digests as returned by custody.audit_digest().")
+                    CustodyError::InvalidArgument { message: format!("invalid digest {d}: {e}"), hint: DIGESTS_HINT }.report()
                 })
             })
             .collect(),
-        Some(one @ serde_json::Value::Object(_)) => vec![Digest::parse(&one.to_string())
-            .unwrap_or_else(|e| bad_argument(format!("invalid digest: {e}"), "Pass digests as returned by custody.audit_digest()."))],
-        Some(other) => bad_argument(
-            format!("trusted_digests must be a JSON array of digests, not {other}"),
-            "Pass an array of objects as returned by custody.audit_digest().",
-        ),
+        Some(one @ serde_json::Value::Object(_)) => vec![Digest::parse(&one.to_string()).unwrap_or_else(|e| {
+            CustodyError::InvalidArgument { message: format!("invalid digest: {e}"), hint: DIGESTS_HINT }.report()
+        })],
+        Some(other) => CustodyError::InvalidArgument {
+            message: format!("trusted_digests must be a JSON array of digests, not {other}"),
+            hint: Some("Pass an array of objects as returned by custody.audit_digest()."),
+        }
+        .report(),
     };
     let report = own::pinned(|| {
         Spi::connect(|client| {

@@ -1,6 +1,9 @@
 //! One error type for everything a user can cause, each mapped to a real SQLSTATE with a
 //! message and a DETAIL/HINT that says what to do. (pgrx's `error!` and panics surface as
-//! XX000: fine for bugs, wrong for a user's mistake.)
+//! XX000: fine for bugs, wrong for a user's mistake.) Every error a user can cause — a bad
+//! argument, a missing object, a refused statement, a table in a state pg_custody does not
+//! write to — is raised as one of these; `error!` remains only for what cannot happen (each
+//! such site says why).
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
@@ -32,6 +35,73 @@ pub enum CustodyError {
     NotAsCreated { relation: String, what: String },
     /// verify_audit_chain(from_seq, ...) with from_seq past the end of the log.
     PastTheLog { from_seq: i64, last_seq: i64 },
+    /// An argument of one of pg_custody's functions that it cannot take (22023).
+    InvalidArgument { message: String, hint: Option<&'static str> },
+    /// An argument of custody.check that is not valid UTF-8 (`what`: which).
+    NotUtf8 { what: &'static str },
+    /// Text spliced into a statement that holds a NUL character (PostgreSQL's text never
+    /// does; refused all the same).
+    NulCharacter { what: &'static str },
+    /// A policy (a Rego module) or row policy expression that does not parse as one.
+    InvalidPolicy { message: String, detail: Option<&'static str>, hint: Option<&'static str> },
+    /// A policy, role, attribute, suspension or row policy named by a management call that
+    /// is not there.
+    UndefinedObject { message: String, hint: &'static str },
+    /// A relation passed by OID that does not exist.
+    NoSuchRelation { relid: u32 },
+    /// A management call by a role that is neither superuser nor a member of custody_admin.
+    NotManager { what: String },
+    /// A change of the policy store outside custody.database.
+    PolicyDatabase { database: String },
+    /// One of pg_custody's tables is not in this database (it lives in custody.database).
+    NotInThisDatabase { table: String },
+    /// A change of the policy store under a REPEATABLE READ or SERIALIZABLE snapshot.
+    ReadCommittedOnly,
+    /// PREPARE TRANSACTION of a transaction that changed the policy store.
+    CannotPrepare,
+    /// The policy store no longer fits in the shared memory reserved for it.
+    StoreTooLarge { limit: usize },
+    /// A statement denied by the policies in force (`reasons`: why; none: nothing allowed it).
+    Denied { reasons: Vec<String> },
+    /// create_row_policy on one of pg_custody's own tables.
+    RowPolicyOnOwnTable,
+    /// A row policy expression of a custody_admin member who does not own the table, using
+    /// `what` (a subquery, a function, a type that is not built in).
+    UnconfinedExpression { what: String },
+    /// custody.check could not evaluate data.custody.row_allow (`error`: why).
+    RowCheckFailed { error: String },
+    /// Reading the audit log without SELECT on it.
+    LogNotReadable,
+    /// custody.audit_log's columns are not as pg_custody created them (altered while the
+    /// library was not loaded), found when the log is read or written.
+    LogAltered { what: String },
+}
+
+impl From<CustodyError> for ErrorReport {
+    /// The report of `e`, located where it is raised (each function from the raising site to
+    /// `ErrorReport::new` is `#[track_caller]`).
+    #[track_caller]
+    fn from(e: CustodyError) -> Self {
+        e.into_report()
+    }
+}
+
+/// `ErrorReport` with pg_custody as the function name and, when given, a detail and a hint.
+#[track_caller]
+fn new_report(
+    code: PgSqlErrorCode,
+    message: impl Into<std::borrow::Cow<'static, str>>,
+    detail: Option<String>,
+    hint: Option<String>,
+) -> ErrorReport {
+    let mut e = ErrorReport::new(code, message, "pg_custody");
+    if let Some(d) = detail {
+        e = e.set_detail(d);
+    }
+    if let Some(h) = hint {
+        e = e.set_hint(h);
+    }
+    e
 }
 
 /// For a refused INSERT or COPY FROM (a restore, most often): how a dump is restored.
@@ -47,9 +117,111 @@ fn with_restore_hint(e: ErrorReport, action: &str) -> ErrorReport {
 }
 
 impl CustodyError {
+    #[track_caller]
     fn into_report(self) -> ErrorReport {
         use CustodyError::*;
+        use PgSqlErrorCode::*;
         match self {
+            InvalidArgument { message, hint } => {
+                new_report(ERRCODE_INVALID_PARAMETER_VALUE, message, None, hint.map(str::to_string))
+            }
+            NotUtf8 { what } => {
+                new_report(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE, format!("custody.check: {what} is not valid UTF-8"), None, None)
+            }
+            NulCharacter { what } => {
+                new_report(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE, format!("{what} cannot contain NUL characters"), None, None)
+            }
+            InvalidPolicy { message, detail, hint } => {
+                new_report(ERRCODE_SYNTAX_ERROR, message, detail.map(str::to_string), hint.map(str::to_string))
+            }
+            UndefinedObject { message, hint } => new_report(ERRCODE_UNDEFINED_OBJECT, message, None, Some(hint.into())),
+            NoSuchRelation { relid } => {
+                new_report(ERRCODE_UNDEFINED_TABLE, format!("relation with OID {relid} does not exist"), None, None)
+            }
+            NotManager { what } => new_report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("permission denied to manage pg_custody {what}"),
+                Some(format!(
+                    "Only superusers and members of custody_admin may manage pg_custody {what}. This attempt is recorded."
+                )),
+                None,
+            ),
+            PolicyDatabase { database } => new_report(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("pg_custody policies are managed in database {database}"),
+                None,
+                Some("Connect to the database named by custody.database; policies there govern every database.".into()),
+            ),
+            NotInThisDatabase { table } => new_report(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("pg_custody's table {table} does not exist in this database"),
+                None,
+                Some("The audit log and the policy store live in the database named by custody.database.".into()),
+            ),
+            ReadCommittedOnly => new_report(
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                "pg_custody policies, attributes and suspensions are changed in READ COMMITTED transactions",
+                Some("A REPEATABLE READ or SERIALIZABLE snapshot could publish the store without another session's change.".into()),
+                None,
+            ),
+            CannotPrepare => new_report(
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                "cannot PREPARE a transaction that changed pg_custody policies",
+                None,
+                None,
+            ),
+            StoreTooLarge { limit } => new_report(
+                ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                "pg_custody policies, attributes and suspensions exceed the shared memory reserved for them",
+                Some(format!("The limit is {limit} bytes.")),
+                Some("Remove unused policies or attributes.".into()),
+            ),
+            Denied { reasons } => new_report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "statement denied by pg_custody policy",
+                Some(if reasons.is_empty() { "no policy allowed it".to_string() } else { reasons.join("; ") }),
+                Some("The decision is recorded in custody.audit_log (outcome denied).".into()),
+            ),
+            RowPolicyOnOwnTable => new_report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "row policies cannot be created on pg_custody's own tables",
+                None,
+                None,
+            ),
+            UnconfinedExpression { what } => new_report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("row policy expressions may not use {what} here"),
+                Some(
+                    "A row policy's expressions run as whoever reads the table. Members of custody_admin \
+                     who do not own the table may use built-in functions that change nothing and run no \
+                     SQL, and pg_custody's row-policy functions; no subqueries, and no types that are not \
+                     built in."
+                        .into(),
+                ),
+                Some("Ask the table's owner or a superuser to create this row policy.".into()),
+            ),
+            RowCheckFailed { error } => new_report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "custody.check could not evaluate data.custody.row_allow",
+                Some(error),
+                None,
+            ),
+            LogNotReadable => new_report(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "permission denied for table audit_log",
+                None,
+                Some("Reading the audit log takes membership in custody_auditor.".into()),
+            ),
+            LogAltered { what } => new_report(
+                ERRCODE_DATA_CORRUPTED,
+                format!("custody.audit_log is not as pg_custody created it: {what}"),
+                None,
+                Some(
+                    "The table was altered while pg_custody was not loaded. Verify the chain from an export, \
+                     and restore the table's definition."
+                        .into(),
+                ),
+            ),
             PastTheLog { from_seq, last_seq } => ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
                 format!("from_seq {from_seq} is past the end of custody.audit_log"),
@@ -173,8 +345,44 @@ impl CustodyError {
     }
 
     /// Raises this error (never returns).
+    #[track_caller]
     pub fn report(self) -> ! {
-        self.into_report().report(PgLogLevel::ERROR);
+        ErrorReport::from(self).report(PgLogLevel::ERROR);
         unreachable!("ERROR does not return")
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// The SQLSTATE `sql` fails with (None: it succeeds), caught by PL/pgSQL as a client would
+    /// see it.
+    fn sqlstate_of(sql: &str) -> Option<String> {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$ \
+             BEGIN EXECUTE q; RETURN NULL; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()]).unwrap()
+    }
+
+    /// Mistakes in management calls carry their own SQLSTATE, not XX000.
+    #[pg_test]
+    fn user_errors_have_their_sqlstate() {
+        for (sql, want) in [
+            ("SELECT custody._create_row_policy('p', 4294967295::oid, 'all', 'true')", "42P01"),
+            ("SELECT custody._create_row_policy('p', 'pg_class'::regclass, 'merge', 'true')", "22023"),
+            ("SELECT custody.drop_policy('no_such_policy')", "42704"),
+            ("SELECT custody.drop_row_policy('no_such_row_policy')", "42704"),
+            ("SELECT custody.set_policy('p', 'this is not rego')", "42601"),
+            ("SELECT custody.set_attribute('postgres', 'k', '1', now(), now() - interval '1 day')", "22023"),
+            ("SELECT custody.resume('postgres')", "42704"),
+            ("SELECT * FROM custody.verify_audit_chain(2, NULL, '[]'::jsonb)", "22023"),
+            ("SELECT * FROM custody.verify_audit_chain(1, NULL, '7'::jsonb)", "22023"),
+        ] {
+            assert_eq!(sqlstate_of(sql).as_deref(), Some(want), "{sql}");
+        }
     }
 }

@@ -5,12 +5,13 @@
 //! jsonb values repeat from record to record, so their JSON form is kept in a small cache
 //! keyed by the stored jsonb bytes (crate::lend); every record is still hashed in full.
 
-use pgrx::{pg_sys, PgLogLevel, PgSqlErrorCode};
+use pgrx::pg_sys;
 
 use custody_chain::columns::{Column, SqlType, COLUMNS, NCOLUMNS};
 use custody_chain::Record;
 
 use crate::capture::PG_EPOCH_OFFSET_US;
+use crate::error::CustodyError;
 use crate::lend::{JsonLender, Lent};
 use crate::varlena::bytes;
 
@@ -27,18 +28,12 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
     unsafe {
         let relid = log_oid();
         if relid == pg_sys::InvalidOid {
-            pgrx::error!("custody.audit_log does not exist in this database (see custody.database)");
+            CustodyError::NotInThisDatabase { table: "audit_log".into() }.report();
         }
         if pg_sys::pg_class_aclcheck(relid, pg_sys::GetUserId(), pg_sys::ACL_SELECT as pg_sys::AclMode)
             != pg_sys::AclResult::ACLCHECK_OK
         {
-            pgrx::pg_sys::panic::ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                "permission denied for table audit_log",
-                "pg_custody",
-            )
-            .set_hint("Reading the audit log takes membership in custody_auditor.")
-            .report(PgLogLevel::ERROR);
+            CustodyError::LogNotReadable.report();
         }
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
         let rel = pg_sys::table_open(relid, lock);
@@ -173,6 +168,9 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
                         for row in table {
                             let Some(mut tid) = row.get::<pg_sys::ItemPointerData>(1)? else { continue };
                             if !pg_sys::table_tuple_fetch_row_version(rel, &mut tid, latest, slot) {
+                                // Cannot happen while the library is loaded: the log is
+                                // append-only, so a row version the cursor saw stays
+                                // visible to a later snapshot. A bug: XX000.
                                 pgrx::error!("custody.audit_log changed while it was being verified");
                             }
                             if !handle(slot) {
@@ -183,6 +181,8 @@ pub fn for_each_record(from_seq: i64, to_seq: Option<i64>, mut f: impl FnMut(&Re
                     Ok::<_, pgrx::spi::Error>(())
                 })
             })
+            // PostgreSQL's ERRORs are raised as they are; a spi::Error is pgrx's own (the
+            // query is ours, its column a tid): a bug, XX000.
             .unwrap_or_else(|e| pgrx::error!("could not read custody.audit_log: {e}"));
         }
 
@@ -330,7 +330,7 @@ pub unsafe fn column_positions(desc: pg_sys::TupleDesc) -> Positions {
     // SAFETY: `desc` is valid (the caller's contract).
     match unsafe { positions(desc) } {
         Ok(pos) => pos,
-        Err(what) => altered(&what),
+        Err(what) => CustodyError::LogAltered { what }.report(),
     }
 }
 
@@ -387,7 +387,7 @@ unsafe fn positions(desc: pg_sys::TupleDesc) -> Result<Positions, String> {
 pub unsafe fn check_other_columns_nullable(desc: pg_sys::TupleDesc, pos: &Positions) {
     // SAFETY: `desc` is valid and `pos` was found in it (the caller's contract).
     if let Some(what) = unsafe { other_columns_defect(desc, pos) } {
-        altered(&what);
+        CustodyError::LogAltered { what }.report();
     }
 }
 
@@ -408,17 +408,6 @@ unsafe fn other_columns_defect(desc: pg_sys::TupleDesc, pos: &Positions) -> Opti
         }
     }
     None
-}
-
-fn altered(what: &str) -> ! {
-    pgrx::pg_sys::panic::ErrorReport::new(
-        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-        format!("custody.audit_log is not as pg_custody created it: {what}"),
-        "pg_custody",
-    )
-    .set_hint("The table was altered while pg_custody was not loaded. Verify the chain from an export, and restore the table's definition.")
-    .report(PgLogLevel::ERROR);
-    unreachable!()
 }
 
 #[cfg(any(test, feature = "pg_test"))]

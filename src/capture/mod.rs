@@ -491,7 +491,7 @@ fn function_record(func: pg_sys::Oid, key: usize, planned: Option<(usize, Box<[u
     if let Some(v) = verdict {
         set_decision(key, v.record_json(), v.denies());
         if v.denies() {
-            crate::policy::raise_denied(&v);
+            crate::error::CustodyError::Denied { reasons: v.decision.reasons.clone() }.report();
         }
     }
 }

@@ -141,7 +141,7 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
     if let Some(v) = verdict {
         capture::set_decision(qd as usize, v.record_json(), v.denies());
         if v.denies() {
-            policy::raise_denied(&v);
+            crate::error::CustodyError::Denied { reasons: v.decision.reasons.clone() }.report();
         }
     }
     true
@@ -226,7 +226,7 @@ unsafe fn recheck(qd: *mut pg_sys::QueryDesc) {
     }
     capture::set_decision(key, verdict.record_json(), verdict.denies());
     if verdict.denies() {
-        policy::raise_denied(&verdict);
+        crate::error::CustodyError::Denied { reasons: verdict.decision.reasons.clone() }.report();
     }
 }
 

@@ -367,7 +367,7 @@ unsafe fn opened(
                 capture::set_decision(key, v.record_json(), v.denies());
             }
             if v.denies() {
-                policy::raise_denied(&v);
+                crate::error::CustodyError::Denied { reasons: v.decision.reasons.clone() }.report();
             }
         }
         let extension = !node.is_null()
@@ -417,7 +417,7 @@ unsafe fn after(pstmt: *mut pg_sys::PlannedStmt, key: usize, qc: *mut pg_sys::Qu
                     };
                     capture::set_decision(key, verdict.record_json(), verdict.denies());
                     if verdict.denies() {
-                        policy::raise_denied(&verdict);
+                        crate::error::CustodyError::Denied { reasons: verdict.decision.reasons.clone() }.report();
                     }
                 }
             }

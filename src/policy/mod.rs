@@ -641,16 +641,3 @@ pub fn gate_for_functions() -> Option<&'static mut Gate> {
     current_gate()
 }
 
-/// Raises the denial of a statement (its record was marked denied by the caller).
-pub fn raise_denied(verdict: &Verdict) -> ! {
-    let detail = verdict.decision.reasons.join("; ");
-    pgrx::pg_sys::panic::ErrorReport::new(
-        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-        "statement denied by pg_custody policy",
-        "pg_custody",
-    )
-    .set_detail(if detail.is_empty() { "no policy allowed it".to_string() } else { detail })
-    .set_hint("The decision is recorded in custody.audit_log (outcome denied).")
-    .report(PgLogLevel::ERROR);
-    unreachable!()
-}

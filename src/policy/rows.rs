@@ -7,6 +7,7 @@ use pgrx::{pg_sys, JsonB};
 use sha2::{Digest as _, Sha256};
 
 use crate::capture::{self, class::Class};
+use crate::error::CustodyError;
 
 /// Superusers and members of custody_admin only; the refused call is recorded.
 fn check_row_manager() {
@@ -18,9 +19,10 @@ fn check_row_manager() {
 /// pinned, and run as a subcommand, so no event trigger fires inside it. `elevated`: with the
 /// extension owner's rights (the caller was checked: superuser or custody_admin, and what
 /// the DDL parses was confined); otherwise with the caller's own. PostgreSQL's own errors
-/// still abort the call.
+/// still abort the call, as they are; a `spi::Error` left is pgrx's own (SPI refusing a
+/// statement it was given), a bug: XX000.
 fn run_as(sql: &str, elevated: bool) {
-    let q = std::ffi::CString::new(sql).unwrap_or_else(|_| error!("row policy statements cannot contain NUL characters"));
+    let q = std::ffi::CString::new(sql).unwrap_or_else(|_| CustodyError::NulCharacter { what: "row policy statements" }.report());
     let ddl = || Spi::connect_mut(|client| crate::own::update(client, &q, &[]).map(|_| ()));
     if elevated { crate::own::as_owner(ddl) } else { ddl() }.unwrap_or_else(|e| error!("{e}"));
 }
@@ -32,11 +34,12 @@ fn run(sql: &str) {
 
 /// `schema.table` of a relation, quoted, whatever the session's search_path.
 fn qualified_name(relid: pg_sys::Oid) -> String {
-    // SAFETY: syscache lookups; a missing relation is refused by the caller's regclass cast.
+    // SAFETY: syscache lookups; a missing relation (an OID passed to _create_row_policy
+    // directly, not through the regclass cast) is refused before its namespace is read.
     unsafe {
         let rel = pg_sys::get_rel_name(relid);
         if rel.is_null() {
-            error!("relation with OID {} does not exist", u32::from(relid));
+            CustodyError::NoSuchRelation { relid: u32::from(relid) }.report();
         }
         let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
         capture::objects::cstr(pg_sys::quote_qualified_identifier(nsp, rel))
@@ -45,9 +48,7 @@ fn qualified_name(relid: pg_sys::Oid) -> String {
 
 /// Refuses `sql` unless it parses as exactly one CREATE POLICY statement.
 fn single_create_policy(sql: &str) {
-    let c = std::ffi::CString::new(sql).unwrap_or_else(|_| {
-        error!("row policy expressions cannot contain NUL characters")
-    });
+    let c = std::ffi::CString::new(sql).unwrap_or_else(|_| CustodyError::NulCharacter { what: "row policy expressions" }.report());
     // SAFETY: raw_parser only parses (a syntax error raises PostgreSQL's own ERROR).
     let ok = unsafe {
         let list = pg_sys::raw_parser(c.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
@@ -57,13 +58,12 @@ fn single_create_policy(sql: &str) {
         }
     };
     if !ok {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
-            "a row policy expression must be a single SQL expression",
-            "pg_custody",
-        )
-        .set_detail("The expressions do not form exactly one CREATE POLICY statement.")
-        .report(PgLogLevel::ERROR);
+        CustodyError::InvalidPolicy {
+            message: "a row policy expression must be a single SQL expression".into(),
+            detail: Some("The expressions do not form exactly one CREATE POLICY statement."),
+            hint: None,
+        }
+        .report();
     }
 }
 
@@ -80,29 +80,17 @@ fn create_row_policy(
     check_row_manager();
     let cmd = command.trim().to_ascii_lowercase();
     if !["all", "select", "insert", "update", "delete"].contains(&cmd.as_str()) {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("invalid command \"{command}\" for a row policy"),
-            "pg_custody",
-        )
-        .set_hint("Use all, select, insert, update or delete.")
-        .report(PgLogLevel::ERROR);
+        CustodyError::InvalidArgument {
+            message: format!("invalid command \"{command}\" for a row policy"),
+            hint: Some("Use all, select, insert, update or delete."),
+        }
+        .report();
     }
     if using_expr.is_none() && check_expr.is_none() {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            "a row policy needs using_expr, check_expr or both",
-            "pg_custody",
-        )
-        .report(PgLogLevel::ERROR);
+        CustodyError::InvalidArgument { message: "a row policy needs using_expr, check_expr or both".into(), hint: None }.report();
     }
     if crate::protect::utility::own_relation(tbl).is_some() {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "row policies cannot be created on pg_custody's own tables",
-            "pg_custody",
-        )
-        .report(PgLogLevel::ERROR);
+        CustodyError::RowPolicyOnOwnTable.report();
     }
     let table = qualified_name(tbl);
     let mut sql = format!(
@@ -145,6 +133,7 @@ fn create_row_policy(
         .first()
         .get_one::<bool>()
     })
+    // A spi::Error is pgrx's own (the catalog query is ours): a bug, XX000.
     .unwrap_or_else(|e| error!("{e}"))
     .unwrap_or(false);
     if !has_permissive && !deny_by_default {
@@ -195,7 +184,7 @@ fn confine_expressions(tbl: pg_sys::Oid, table: &str, exprs: &[Option<&str>]) ->
         "SELECT {} FROM ONLY {table}",
         list.iter().map(|e| format!("({e})")).collect::<Vec<_>>().join(", ")
     );
-    let c = std::ffi::CString::new(select).unwrap_or_else(|_| error!("row policy expressions cannot contain NUL characters"));
+    let c = std::ffi::CString::new(select).unwrap_or_else(|_| CustodyError::NulCharacter { what: "row policy expressions" }.report());
     let own_schema = crate::protect::ids().map(|i| i.nsp).unwrap_or(pg_sys::InvalidOid);
     let offending = crate::own::pinned(|| {
         Spi::connect(|_client| {
@@ -205,6 +194,9 @@ fn confine_expressions(tbl: pg_sys::Oid, table: &str, exprs: &[Option<&str>]) ->
             unsafe {
                 let plan = pg_sys::SPI_prepare(c.as_ptr(), 0, std::ptr::null_mut());
                 if plan.is_null() {
+                    // Cannot happen: an expression that does not parse or analyze raises
+                    // PostgreSQL's own ERROR inside SPI_prepare; NULL is SPI refusing its
+                    // arguments (not connected, a NULL string), a bug: XX000.
                     error!("row policy expressions could not be parsed");
                 }
                 let mut ctx = Confine { own_schema, bad: None };
@@ -220,19 +212,7 @@ fn confine_expressions(tbl: pg_sys::Oid, table: &str, exprs: &[Option<&str>]) ->
         })
     });
     if let Some(what) = offending {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("row policy expressions may not use {what} here"),
-            "pg_custody",
-        )
-        .set_detail(
-            "A row policy's expressions run as whoever reads the table. Members of custody_admin \
-             who do not own the table may use built-in functions that change nothing and run no \
-             SQL, and pg_custody's row-policy functions; no subqueries, and no types that are not \
-             built in.",
-        )
-        .set_hint("Ask the table's owner or a superuser to create this row policy.")
-        .report(PgLogLevel::ERROR);
+        CustodyError::UnconfinedExpression { what }.report();
     }
     false
 }
@@ -374,14 +354,8 @@ fn drop_row_policy(name: &str) {
         &[name.into()],
     );
     let Some((Some(table), _)) = table else {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            format!("row policy \"{name}\" does not exist"),
-            "pg_custody",
-        )
-        .set_hint("See custody.row_policies.")
-        .report(PgLogLevel::ERROR);
-        unreachable!()
+        CustodyError::UndefinedObject { message: format!("row policy \"{name}\" does not exist"), hint: "See custody.row_policies." }
+            .report();
     };
     run(&format!("DROP POLICY IF EXISTS {} ON {table}", pgrx::spi::quote_identifier(name)));
     super::store::event(Class::Policy, "DROP ROW POLICY", serde_json::json!({"kind": "row policy", "name": name, "table": table}));
@@ -473,16 +447,7 @@ fn decide_row(gate: &mut custody_policy::Gate, action: &str, resource: &serde_js
             memo.remember(key, allowed);
             allowed
         }
-        Err(e) => {
-            pgrx::pg_sys::panic::ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                "custody.check could not evaluate data.custody.row_allow",
-                "pg_custody",
-            )
-            .set_detail(e)
-            .report(PgLogLevel::ERROR);
-            false
-        }
+        Err(e) => CustodyError::RowCheckFailed { error: e.to_string() }.report(),
     }
 }
 
@@ -654,10 +619,14 @@ pub unsafe extern "C-unwind" fn custody_check_fields(fcinfo: pg_sys::FunctionCal
             return pgrx::fcinfo::pg_return_null(fcinfo);
         }
         if nargs < 3 || !(nargs - 1).is_multiple_of(2) {
-            raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "custody._check_fields takes an action and key/value pairs".into());
+            CustodyError::InvalidArgument {
+                message: "custody._check_fields takes an action and key/value pairs".into(),
+                hint: None,
+            }
+            .report();
         }
         let action = std::str::from_utf8(crate::varlena::bytes(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0)))
-            .unwrap_or_else(|_| not_utf8("the action"));
+            .unwrap_or_else(|_| CustodyError::NotUtf8 { what: "the action" }.report());
         let Some(gate) = super::gate_for_functions() else {
             return pg_sys::Datum::from(false);
         };
@@ -692,10 +661,10 @@ pub unsafe extern "C-unwind" fn custody_check_fields(fcinfo: pg_sys::FunctionCal
         for i in (1..nargs).step_by(2) {
             if pgrx::fcinfo::pg_arg_is_null(fcinfo, i) {
                 // jsonb_build_object's own error (its argument i is ours i + 1)
-                raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("argument {i}: key must not be null"));
+                CustodyError::InvalidArgument { message: format!("argument {i}: key must not be null"), hint: None }.report();
             }
             let name = std::str::from_utf8(key_bytes(types[i], pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, i)))
-                .unwrap_or_else(|_| not_utf8("a resource key"))
+                .unwrap_or_else(|_| CustodyError::NotUtf8 { what: "a resource key" }.report())
                 .to_string();
             let value = if pgrx::fcinfo::pg_arg_is_null(fcinfo, i + 1) {
                 serde_json::Value::Null
@@ -705,7 +674,7 @@ pub unsafe extern "C-unwind" fn custody_check_fields(fcinfo: pg_sys::FunctionCal
                     pg_sys::BOOLOID => serde_json::Value::Bool(datum.value() != 0),
                     pg_sys::TEXTOID | pg_sys::VARCHAROID => serde_json::Value::String(
                         std::str::from_utf8(crate::varlena::bytes(datum))
-                            .unwrap_or_else(|_| not_utf8("a resource value"))
+                            .unwrap_or_else(|_| CustodyError::NotUtf8 { what: "a resource value" }.report())
                             .to_string(),
                     ),
                     oid => serde_json::Value::from(field_int(oid, datum)),
@@ -741,14 +710,15 @@ unsafe fn arg_types<'a>(flinfo: *mut pg_sys::FmgrInfo, nargs: usize) -> &'a [pg_
                     _ => FIELD_TYPES.contains(&oid),
                 };
                 if !readable {
-                    raise(
-                        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                        format!(
+                    CustodyError::InvalidArgument {
+                        message: format!(
                             "custody._check_fields: argument {} is of type {}, which it does not read",
                             i + 1,
                             std::ffi::CStr::from_ptr(pg_sys::format_type_be(oid)).to_string_lossy()
                         ),
-                    );
+                        hint: None,
+                    }
+                    .report();
                 }
                 types.add(i).write(oid);
             }
@@ -756,16 +726,6 @@ unsafe fn arg_types<'a>(flinfo: *mut pg_sys::FmgrInfo, nargs: usize) -> &'a [pg_
         }
         std::slice::from_raw_parts((*flinfo).fn_extra.cast::<pg_sys::Oid>(), nargs)
     }
-}
-
-/// Raises an ERROR with `code`.
-fn raise(code: PgSqlErrorCode, message: String) -> ! {
-    pgrx::pg_sys::panic::ErrorReport::new(code, message, "pg_custody").report(PgLogLevel::ERROR);
-    unreachable!()
-}
-
-fn not_utf8(what: &str) -> ! {
-    raise(PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE, format!("custody.check: {what} is not valid UTF-8"))
 }
 
 /// An int2/int4/int8/bool datum as i64.

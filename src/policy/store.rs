@@ -11,6 +11,7 @@ use custody_policy::{compile_check, Attribute, Gate, PolicySource, Snapshot, Sus
 use std::ffi::{CStr, CString};
 
 use crate::capture::{self, class::Class};
+use crate::error::CustodyError;
 use crate::protect::{sql_name, Table};
 
 /// Changes made by this transaction: publish at commit, record before it.
@@ -39,15 +40,7 @@ pub(super) fn require_manager(what: &str) {
             || (admin != pg_sys::InvalidOid && pg_sys::is_member_of_role(pg_sys::GetUserId(), admin))
     };
     if !allowed {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied to manage pg_custody {what}"),
-            "pg_custody",
-        )
-        .set_detail(format!(
-            "Only superusers and members of custody_admin may manage pg_custody {what}. This attempt is recorded."
-        ))
-        .report(PgLogLevel::ERROR);
+        CustodyError::NotManager { what: what.into() }.report();
     }
 }
 
@@ -57,13 +50,7 @@ fn check_manager(writes: Table) {
     require_manager("policies");
     let here = capture::who().database_name;
     if here != crate::settings::database() {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("pg_custody policies are managed in database {}", crate::settings::database()),
-            "pg_custody",
-        )
-        .set_hint("Connect to the database named by custody.database; policies there govern every database.")
-        .report(PgLogLevel::ERROR);
+        CustodyError::PolicyDatabase { database: crate::settings::database().into() }.report();
     }
     // Changes are serialized by a lock on policy_store that nobody else can take (an advisory
     // lock any role could hold forever, and nobody could suspend anyone meanwhile): SHARE
@@ -82,13 +69,7 @@ fn check_manager(writes: Table) {
     // committed meanwhile, and publishing it would undo that change for every backend.
     // SAFETY: a plain read of the transaction's isolation level.
     if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "pg_custody policies, attributes and suspensions are changed in READ COMMITTED transactions",
-            "pg_custody",
-        )
-        .set_detail("A REPEATABLE READ or SERIALIZABLE snapshot could publish the store without another session's change.")
-        .report(PgLogLevel::ERROR);
+        CustodyError::ReadCommittedOnly.report();
     }
     // Nothing of anyone else's may run when pg_custody writes its store.
     crate::protect::table::require_oid(writes);
@@ -96,6 +77,9 @@ fn check_manager(writes: Table) {
 
 /// One of the store's own statements, run with the store owner's rights (search_path pinned,
 /// recognised by the hooks as pg_custody's own): the first column of its first row.
+///
+/// An ERROR of PostgreSQL's in the statement (a constraint, say) is raised as it is; the
+/// `spi::Error`s left are pgrx's own (a column of another type than ours), bugs: XX000.
 fn own_sql<T: pgrx::FromDatum + pgrx::IntoDatum>(sql: std::borrow::Cow<'_, CStr>, args: &[pgrx::datum::DatumWithOid]) -> Option<T> {
     crate::own::as_owner(|| {
         Spi::connect_mut(|client| {
@@ -109,7 +93,8 @@ fn own_sql<T: pgrx::FromDatum + pgrx::IntoDatum>(sql: std::borrow::Cow<'_, CStr>
     .unwrap_or_else(|e| error!("{e}"))
 }
 
-/// One of the store's own statements whose result is not needed (see `own_sql`).
+/// One of the store's own statements whose result is not needed (see `own_sql`, also for
+/// why its `error!` is XX000).
 fn own_exec(sql: std::borrow::Cow<'_, CStr>, args: &[pgrx::datum::DatumWithOid]) {
     crate::own::as_owner(|| Spi::connect_mut(|client| crate::own::update(client, &sql, args).map(|_| ())))
         .unwrap_or_else(|e| error!("{e}"))
@@ -145,6 +130,7 @@ pub fn event(_class: Class, command: &str, object: serde_json::Value) {
 }
 
 /// The first row of a store statement that returns at most one (None when it returns none).
+/// A `spi::Error` is a bug, XX000 (see `own_sql`).
 pub(super) fn first_row<A, B>(template: &str, args: &[pgrx::datum::DatumWithOid]) -> Option<(Option<A>, Option<B>)>
 where
     A: pgrx::FromDatum + pgrx::IntoDatum,
@@ -168,26 +154,17 @@ fn sha256_hex(text: &str) -> String {
     custody_chain::hex::encode(&Sha256::digest(text.as_bytes()))
 }
 
-fn bad(code: PgSqlErrorCode, message: String, detail: Option<String>, hint: &str) -> ! {
-    let mut e = pgrx::pg_sys::panic::ErrorReport::new(code, message, "pg_custody").set_hint(hint);
-    if let Some(d) = detail {
-        e = e.set_detail(d);
-    }
-    e.report(PgLogLevel::ERROR);
-    unreachable!()
-}
-
 /// Compiles a Rego module (package custody) and stores it as the next version of `name`.
 #[pg_extern(volatile, parallel_unsafe)]
 fn set_policy(name: &str, source: &str) {
     check_manager(Table::PolicyStore);
     if let Err(e) = compile_check(name, source) {
-        bad(
-            PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
-            format!("policy \"{name}\" does not compile: {e}"),
-            None,
-            "Policies are Rego modules in package custody; the policies in force are unchanged.",
-        );
+        CustodyError::InvalidPolicy {
+            message: format!("policy \"{name}\" does not compile: {e}"),
+            detail: None,
+            hint: Some("Policies are Rego modules in package custody; the policies in force are unchanged."),
+        }
+        .report();
     }
     // The new module must also compile together with the others in force.
     let mut snap = latest_snapshot();
@@ -219,7 +196,7 @@ fn check_together(name: &str, snap: &Snapshot) {
             .map(|e| format!("policy \"{name}\" cannot be evaluated with the policies in force: {e}")),
     };
     if let Some(message) = problem {
-        bad(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, None, "The policies in force are unchanged.");
+        CustodyError::InvalidArgument { message, hint: Some("The policies in force are unchanged.") }.report();
     }
 }
 
@@ -232,7 +209,7 @@ fn drop_policy(name: &str) {
         &[name.into()],
     );
     let Some((Some(sha), _)) = dropped else {
-        bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("policy \"{name}\" does not exist"), None, "See custody.policies.");
+        CustodyError::UndefinedObject { message: format!("policy \"{name}\" does not exist"), hint: "See custody.policies." }.report();
     };
     changed("DROP POLICY", serde_json::json!({"kind": "policy", "name": name, "sha256": sha}));
 }
@@ -247,7 +224,7 @@ fn enable_policy(name: &str, on: bool) {
         &[name.into(), on.into()],
     );
     let Some((Some(version), Some(sha))) = row else {
-        bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("policy \"{name}\" does not exist"), None, "See custody.policies.");
+        CustodyError::UndefinedObject { message: format!("policy \"{name}\" does not exist"), hint: "See custody.policies." }.report();
     };
     if on {
         check_together(name, &latest_snapshot());
@@ -260,7 +237,11 @@ fn check_role(role: &str) {
     let c = std::ffi::CString::new(role).unwrap_or_default();
     // SAFETY: syscache lookup; missing_ok.
     if unsafe { pg_sys::get_role_oid(c.as_ptr(), true) } == pg_sys::InvalidOid {
-        bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("role \"{role}\" does not exist"), None, "Attributes and suspensions name existing roles.");
+        CustodyError::UndefinedObject {
+            message: format!("role \"{role}\" does not exist"),
+            hint: "Attributes and suspensions name existing roles.",
+        }
+        .report();
     }
 }
 
@@ -277,7 +258,11 @@ fn set_attribute(
     check_role(role);
     if let Some(until) = valid_until {
         if until <= valid_from {
-            bad(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "valid_until must be after valid_from".into(), None, "Pass NULL for an attribute that does not expire.");
+            CustodyError::InvalidArgument {
+                message: "valid_until must be after valid_from".into(),
+                hint: Some("Pass NULL for an attribute that does not expire."),
+            }
+            .report();
         }
     }
     own_exec(
@@ -305,7 +290,8 @@ fn clear_attribute(role: &str, key: &str) {
     )
     .unwrap_or(0);
     if n == 0 {
-        bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("role \"{role}\" has no attribute \"{key}\""), None, "See custody.attributes.");
+        CustodyError::UndefinedObject { message: format!("role \"{role}\" has no attribute \"{key}\""), hint: "See custody.attributes." }
+            .report();
     }
     changed("CLEAR ATTRIBUTE", serde_json::json!({"kind": "attribute", "role": role, "name": key}));
 }
@@ -333,7 +319,7 @@ fn resume(role: &str) {
     )
     .unwrap_or(0);
     if n == 0 {
-        bad(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("role \"{role}\" is not suspended"), None, "See custody.suspensions.");
+        CustodyError::UndefinedObject { message: format!("role \"{role}\" is not suspended"), hint: "See custody.suspensions." }.report();
     }
     changed("RESUME", serde_json::json!({"kind": "role", "name": role}));
 }
@@ -428,6 +414,8 @@ pub fn load_snapshot() -> Snapshot {
             Ok::<_, pgrx::spi::Error>(snap)
         })
     })
+    // PostgreSQL's own ERRORs are raised as they are; a spi::Error is pgrx's (a column of
+    // another type than the store's own definition, checked by require_oid): a bug, XX000.
     .unwrap_or_else(|e| error!("could not read the pg_custody policy store: {e}"))
 }
 
@@ -453,12 +441,7 @@ pub fn pre_commit() {
     if !super::fits(&snap) {
         p.dirty = false;
         p.events.clear();
-        bad(
-            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            "pg_custody policies, attributes and suspensions exceed the shared memory reserved for them".into(),
-            Some(format!("The limit is {} bytes.", super::SNAPSHOT_CAPACITY)),
-            "Remove unused policies or attributes.",
-        );
+        CustodyError::StoreTooLarge { limit: super::SNAPSHOT_CAPACITY }.report();
     }
     p.snapshot = Some(snap);
     for (command, object) in p.events.drain(..) {
@@ -472,12 +455,7 @@ pub fn pre_prepare() {
     let p = pending();
     if p.dirty || !p.events.is_empty() {
         abort();
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "cannot PREPARE a transaction that changed pg_custody policies",
-            "pg_custody",
-        )
-        .report(PgLogLevel::ERROR);
+        CustodyError::CannotPrepare.report();
     }
 }
 

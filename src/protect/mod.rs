@@ -430,13 +430,7 @@ pub fn sql_name(t: Table) -> String {
     unsafe {
         let rel = pg_sys::get_rel_name(relid);
         if relid == pg_sys::InvalidOid || rel.is_null() {
-            pgrx::pg_sys::panic::ErrorReport::new(
-                pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!("pg_custody's table {} does not exist in this database", t.name().to_string_lossy()),
-                "pg_custody",
-            )
-            .set_hint("The audit log and the policy store live in the database named by custody.database.")
-            .report(pgrx::PgLogLevel::ERROR);
+            CustodyError::NotInThisDatabase { table: t.name().to_string_lossy().into_owned() }.report();
         }
         let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
         crate::capture::objects::cstr(pg_sys::quote_qualified_identifier(nsp, rel))
