@@ -132,10 +132,16 @@ test-regress:
 test-postgres-suite:
 	scripts/pgsuite.sh $(ONE_PG)
 
-# 5. client-side tests with real connections, crashes and restarts
+# 5. client-side tests with real connections, crashes and restarts; on 17 and 18 also a
+# pg_upgrade from 16 (tests/operations.rs), with pg_custody installed into both. Not from
+# Debian's 15: its 15.20 gives every column a `pg_attver` option that 17.11's and 18.6's
+# pg_restore cannot restore, so pg_upgrade from it fails with or without pg_custody.
+UPGRADE_FROM = $(if $(filter 17 18,$(ONE_PG)),16,)
 test-client:
+	$(if $(UPGRADE_FROM),$(MAKE) setup PGRX_PGS="$(UPGRADE_FROM) $(ONE_PG)" && $(MAKE) install-dev PG=$(UPGRADE_FROM),true)
 	PGBIN=$(PGBIN) $(CLUSTER) stop $(CLIENT_DIR) immediate; rm -rf $(CLIENT_DIR)
 	PGBIN=$(PGBIN) CUSTODY_TEST_PGBIN=$(PGBIN) CUSTODY_TEST_PGDATA=$(CURDIR)/$(CLIENT_DIR) \
+	    CUSTODY_TEST_UPGRADE_FROM=$(if $(UPGRADE_FROM),$(shell $(PGSERVER) bindir $(UPGRADE_FROM))) \
 	    CUSTODY_TEST_PORT=$(CLIENT_PORT) cargo test -p pg_custody_client_tests -- --test-threads=1; \
 	    rc=$$?; PGBIN=$(PGBIN) $(CLUSTER) stop $(CLIENT_DIR); exit $$rc
 

@@ -34,13 +34,16 @@ fn base_port() -> u16 {
 pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
+    /// The server's bin directory when it is not the one under test (CUSTODY_TEST_PGBIN):
+    /// another major, for pg_upgrade.
+    pub pgbin: Option<String>,
 }
 
 impl Cluster {
     /// The shared cluster: reused if it accepts connections, started otherwise; the
     /// extension exists and the writer is appending.
     pub fn shared() -> Cluster {
-        let c = Cluster { dir: base_dir(), port: base_port() };
+        let c = Cluster { dir: base_dir(), port: base_port(), pgbin: None };
         if c.try_connect("postgres", "harness").is_err() {
             c.start();
         }
@@ -51,21 +54,32 @@ impl Cluster {
     /// A cluster of one test only (`suffix` names it, `port_offset` is added to the shared
     /// port), wiped and created afresh, extension created, writer appending.
     pub fn own(suffix: &str, port_offset: u16) -> Cluster {
-        let mut dir = base_dir().into_os_string();
-        dir.push(format!("-{suffix}"));
-        let c = Cluster { dir: PathBuf::from(dir), port: base_port() + port_offset };
-        c.stop("immediate");
-        if c.dir.exists() {
-            std::fs::remove_dir_all(&c.dir).expect("wipe cluster dir");
-        }
+        let c = Cluster::fresh(suffix, port_offset, None);
         c.start();
         c.setup();
         c
     }
 
+    /// A cluster of one test only, wiped and not started, of the server in `pgbin` (None:
+    /// the one under test).
+    pub fn fresh(suffix: &str, port_offset: u16, pgbin: Option<&str>) -> Cluster {
+        let mut dir = base_dir().into_os_string();
+        dir.push(format!("-{suffix}"));
+        let c = Cluster { dir: PathBuf::from(dir), port: base_port() + port_offset, pgbin: pgbin.map(str::to_string) };
+        c.stop("immediate");
+        if c.dir.exists() {
+            std::fs::remove_dir_all(&c.dir).expect("wipe cluster dir");
+        }
+        c
+    }
+
     fn script(&self, args: &[&str]) {
         let script = repo_root().join("scripts").join("cluster.sh");
-        let out = Command::new("bash").arg(&script).args(args).output().expect("run cluster.sh");
+        let mut cmd = Command::new("bash");
+        if let Some(bin) = &self.pgbin {
+            cmd.env("PGBIN", bin);
+        }
+        let out = cmd.arg(&script).args(args).output().expect("run cluster.sh");
         assert!(
             out.status.success(),
             "cluster.sh {args:?} failed: {}\n{}\n--- server.log tail ---\n{}",
@@ -260,7 +274,11 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         let dir = self.0.dir.to_str().unwrap().to_string();
         let script = repo_root().join("scripts").join("cluster.sh");
-        let _ = Command::new("bash").arg(&script).args(["stop", &dir, "fast"]).output();
+        let mut cmd = Command::new("bash");
+        if let Some(bin) = &self.0.pgbin {
+            cmd.env("PGBIN", bin);
+        }
+        let _ = cmd.arg(&script).args(["stop", &dir, "fast"]).output();
     }
 }
 

@@ -178,3 +178,72 @@ fn a_subscribers_copy_is_not_adopted() {
     s.batch_execute("ALTER SUBSCRIPTION ops_copy DISABLE; ALTER SUBSCRIPTION ops_copy SET (slot_name = NONE)").ok();
     s.batch_execute("DROP SUBSCRIPTION ops_copy").ok();
 }
+
+/// `pg_upgrade` from an older major (CUSTODY_TEST_UPGRADE_FROM: its bin directory; the
+/// Makefile sets it on 17 and 18, from 16) with pg_custody installed: the upgrade
+/// succeeds (the library is passive in binary-upgrade mode), the upgraded server's writer
+/// continues the chain with a hand-over, and the whole history verifies there.
+#[test]
+fn pg_upgrade_keeps_the_chain() {
+    let Some(old_bin) = std::env::var("CUSTODY_TEST_UPGRADE_FROM").ok().filter(|b| !b.is_empty()) else {
+        eprintln!("pg_upgrade_keeps_the_chain: CUSTODY_TEST_UPGRADE_FROM not set (make test sets it on 17 and 18)");
+        return;
+    };
+    let new_bin = pg_program("pg_upgrade").parent().unwrap().to_str().unwrap().to_string();
+    let old = StopOnDrop(Cluster::fresh("ops_upgrade_old", 44, Some(&old_bin)));
+    old.start();
+    old.setup();
+    let mut o = old.connect("ops_upgrade");
+    o.batch_execute("CREATE TABLE public.up_t (v int); INSERT INTO public.up_t VALUES (1), (2)").unwrap();
+    flush(&mut o);
+    let head = query_i64(&mut o, "SELECT max(seq) FROM custody.audit_log", &[]);
+    let hash: Vec<u8> = o.query_one("SELECT hash FROM custody.audit_log WHERE seq = $1", &[&head]).unwrap().get(0);
+    let old_version: i32 = o.query_one("SELECT current_setting('server_version_num')::int / 10000", &[]).unwrap().get(0);
+    drop(o);
+    old.stop("fast");
+
+    let new = StopOnDrop(Cluster::fresh("ops_upgrade_new", 45, None));
+    new.start(); // initdb, with the library preloaded
+    new.stop("fast");
+    let work = std::env::temp_dir().join("pg_custody_upgrade_work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    chown_postgres(&work);
+    let (old_dir, new_dir) = (old.dir.to_str().unwrap(), new.dir.to_str().unwrap());
+    let (old_port, new_port) = (old.port.to_string(), new.port.to_string());
+    let lib = format!("{}/lib", std::path::Path::new(&new_bin).parent().unwrap().display());
+    let upgrade = format!("{new_bin}/pg_upgrade");
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--", "env", "-u", "RUST_BACKTRACE", &format!("LD_LIBRARY_PATH={lib}")])
+        .args([&upgrade, "-b", &old_bin, "-B", &new_bin, "-d", old_dir, "-D", new_dir])
+        .args(["-p", &old_port, "-P", &new_port, "-U", "postgres", "-s", "/tmp"])
+        .current_dir(&work)
+        .output()
+        .expect("run pg_upgrade");
+    assert!(
+        out.status.success(),
+        "pg_upgrade from {old_version}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    new.start();
+    let mut n = new.connect("ops_upgraded");
+    wait_ready(&mut n);
+    flush(&mut n);
+    let kept: Vec<u8> = n.query_one("SELECT hash FROM custody.audit_log WHERE seq = $1", &[&head]).unwrap().get(0);
+    assert_eq!(kept, hash, "record {head} changed in the upgrade");
+    let h = n
+        .query_one(
+            "SELECT (objects->0->>'from_head_seq')::int8 FROM custody.audit_log \
+             WHERE class = 'system' AND command = 'CHAIN HANDOVER'",
+            &[],
+        )
+        .expect("one hand-over after the upgrade");
+    let from_head: i64 = h.get(0);
+    assert!(from_head >= head, "the hand-over names head {from_head}, the old server stored {head}");
+    assert_chain_ok(&mut n);
+    let v: i64 = n.query_one("SELECT count(*) FROM public.up_t", &[]).unwrap().get(0);
+    assert_eq!(v, 2);
+    let _ = std::fs::remove_dir_all(&work);
+}
