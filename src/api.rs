@@ -423,6 +423,9 @@ fn audit_head() -> TableIterator<
 /// that read their own records back). False if the writer did not catch up in time.
 #[pg_extern(volatile, parallel_unsafe)]
 fn flush(timeout_ms: default!(i32, 10000)) -> bool {
+    if queue::on_standby() {
+        return false; // nothing is stored on a standby (docs/operations.md, "Replicas")
+    }
     let stored = queue::wait_flushed(capture::session_pos(), timeout_ms.max(0) as i64);
     flush_wal();
     stored
@@ -442,6 +445,7 @@ fn status() -> JsonB {
         return JsonB(serde_json::json!({ "loaded": false }));
     };
     let state = match s.state {
+        _ if queue::on_standby() => "standby: statements run here are not recorded or gated (docs/operations.md)".to_string(),
         queue::ChainState::Unknown => "starting".to_string(),
         queue::ChainState::Absent => "no audit log".to_string(),
         queue::ChainState::Ready if s.writer_pid == 0 => "writer restarting".to_string(),

@@ -192,6 +192,13 @@ pub fn extension_is_there() {
     }
 }
 
+/// Whether this server is a standby (in recovery): no writer runs, so nothing is queued
+/// (docs/operations.md, "Replicas"). Cheap once recovery has ended (a backend-local flag).
+pub fn on_standby() -> bool {
+    // SAFETY: RecoveryInProgress reads a flag in shared memory (and caches its end locally).
+    unsafe { pg_sys::RecoveryInProgress() }
+}
+
 /// Largest payload a single record may have, given the queue size.
 pub fn max_record_len() -> usize {
     shared().map_or(0, |s| (s.capacity / 4) as usize)

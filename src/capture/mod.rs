@@ -142,7 +142,7 @@ pub fn init() {
 
 /// Whether statements are being captured at all in this process right now.
 pub fn active() -> bool {
-    if crate::own::in_writer() || queue::state() == ChainState::Absent {
+    if crate::own::in_writer() || queue::state() == ChainState::Absent || queue::on_standby() {
         return false;
     }
     // Parallel workers run parts of a plan whose statement the leader records.
@@ -722,6 +722,9 @@ pub fn record_settings_change(statement: Option<&str>) {
 /// must not raise; a record that cannot be queued is then counted as lost (the writer
 /// records the gap) and a WARNING is logged.
 fn submit(mut rec: Captured, in_abort: bool) {
+    if queue::on_standby() {
+        return; // no writer on a standby: nothing would ever take it (docs/operations.md)
+    }
     fit(&mut rec);
     let st = state();
     st.buf.clear();
@@ -796,6 +799,9 @@ pub fn truncate_name(s: &str) -> String {
 /// Hands a record to the writer from where nothing may wait or raise (error reporting): a
 /// record that does not fit now is counted as lost, and the writer records the gap.
 fn submit_nowait(mut rec: Captured) {
+    if queue::on_standby() {
+        return;
+    }
     fit(&mut rec);
     let mut buf = Vec::with_capacity(rec.encoded_len_hint());
     rec.encode_into(&mut buf);
