@@ -309,3 +309,71 @@ fn hot_standby_serves_and_a_promoted_one_continues_the_chain() {
     assert_eq!(alarms, 0, "failover is neither an alarm nor a hand-over");
     assert_chain_ok(&mut s);
 }
+
+/// A central copy: the log, checkpoints and keys published by logical replication to a
+/// server that does not run pg_custody, verified there with `custody verify --dsn`; an edit
+/// of the copy is found at its record. The source's own log verifies the same way.
+#[test]
+fn a_central_copy_verifies_with_custody_verify_dsn() {
+    let source = StopOnDrop(Cluster::own("ops_source", 48));
+    let mut p = source.connect("ops_source");
+    p.batch_execute("ALTER SYSTEM SET wal_level = logical").unwrap();
+    drop(p);
+    source.start();
+    let mut p = source.connect("ops_source");
+    wait_ready(&mut p);
+    p.batch_execute("CREATE TABLE public.c_t (v int); INSERT INTO public.c_t VALUES (1)").unwrap();
+    p.batch_execute("CREATE PUBLICATION custody_audit FOR TABLE custody.audit_log, custody.checkpoints, custody.public_keys")
+        .unwrap();
+    // The copy's tables, made from the source's definition (docs/operations.md).
+    let ddl: Vec<String> = p
+        .query(
+            "SELECT 'CREATE TABLE custody.' || c.relname || ' (' || \
+                    string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum) || ')' \
+             FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid \
+             WHERE c.relnamespace = 'custody'::regnamespace AND c.relname IN ('audit_log', 'checkpoints', 'public_keys') \
+               AND a.attnum > 0 AND NOT a.attisdropped GROUP BY c.relname",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ddl.len(), 3);
+
+    let central = StopOnDrop(Cluster::fresh("ops_central", 49, None));
+    central.start();
+    let mut c = central.connect("ops_central");
+    c.batch_execute("ALTER SYSTEM SET shared_preload_libraries = 'plpgsql'").unwrap();
+    drop(c);
+    central.start();
+    let mut c = central.connect("ops_central");
+    c.batch_execute("CREATE SCHEMA custody").unwrap();
+    for d in &ddl {
+        c.batch_execute(d).unwrap();
+    }
+    c.batch_execute(&format!(
+        "CREATE SUBSCRIPTION custody_copy CONNECTION 'host=/tmp port={} user=postgres dbname=postgres' PUBLICATION custody_audit",
+        source.port
+    ))
+    .unwrap();
+    let m = marker("ops_central");
+    p.batch_execute(&format!("SELECT '{m}'")).unwrap();
+    flush(&mut p);
+    wait_until(&mut c, "SELECT count(*) > 0 FROM custody.audit_log WHERE strpos(statement, $1) > 0", &[&m], "the copy caught up");
+    let dsn = format!("host=/tmp port={} user=postgres dbname=postgres", central.port);
+    let (code, out, err) = run_custody(&["verify", "--dsn", &dsn]);
+    assert_eq!(code, 0, "custody verify --dsn of the central copy: {out}{err}");
+    assert!(out.contains("OK"), "{out}");
+    // The source's own log, read in place.
+    let src = format!("host=/tmp port={} user=postgres dbname=postgres", source.port);
+    let (code, out, err) = run_custody(&["verify", "--dsn", &src, "--json"]);
+    assert_eq!(code, 0, "custody verify --dsn of the source: {out}{err}");
+    // An edit of the copy is named.
+    c.batch_execute("UPDATE custody.audit_log SET statement = 'nothing to see' WHERE seq = 3").unwrap();
+    let (code, out, err) = run_custody(&["verify", "--dsn", &dsn, "--json"]);
+    assert_eq!(code, 1, "an edited copy verified: {out}{err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["failure"]["seq"], 3, "{report}");
+    c.batch_execute("ALTER SUBSCRIPTION custody_copy DISABLE; ALTER SUBSCRIPTION custody_copy SET (slot_name = NONE); DROP SUBSCRIPTION custody_copy").ok();
+}

@@ -11,19 +11,23 @@ use custody_chain::hex;
 use custody_chain::note::{generate_key, parse_verifier_key, VerifierKey};
 use serde_json::json;
 
+mod dsn;
+
 const HELP: &str = "\
 custody - keys and offline verification for pg_custody audit chains
 
 USAGE:
     custody keygen --out FILE [--name NAME]
     custody verify --log FILE [--public-key KEY] [--digest FILE ...] [--json]
+    custody verify --dsn CONNINFO [--schema NAME] [--origin ORIGIN] [options above]
     custody --help | custody verify --help
 
 COMMANDS:
     keygen   Create an Ed25519 checkpoint signing key. The private key is
              written to FILE (mode 0600, never overwritten); the verifier
              (public) key is printed on stdout.
-    verify   Verify an export (custody.export output) end to end.
+    verify   Verify an export (custody.export_audit output), or a log read
+             straight from a database, end to end.
 
 EXIT STATUS:
     0  everything verified
@@ -36,9 +40,19 @@ custody verify - verify a pg_custody export
 
 USAGE:
     custody verify --log FILE [--public-key KEY] [--digest FILE ...] [--json]
+    custody verify --dsn CONNINFO [--schema NAME] [--origin ORIGIN] [...]
 
 OPTIONS:
     --log FILE         The export (JSON lines); '-' reads standard input.
+    --dsn CONNINFO     Read the log from a database instead (a libpq
+                       connection string, e.g. 'host=/tmp dbname=audit'):
+                       the source itself, or a copy kept by logical
+                       replication on a server without pg_custody. Reads
+                       NAME.audit_log and NAME.checkpoints in one snapshot.
+    --schema NAME      The schema of the copy (default: custody).
+    --origin ORIGIN    The chain the log must be, as
+                       pg_custody/<system identifier>/<database oid>;
+                       by default the one its records name.
     --public-key KEY   The verifier key text (name+hash+base64) or a file
                        holding it. Without it the chain, the checkpoints'
                        hashes and Merkle roots and the digests are still
@@ -155,10 +169,14 @@ fn load_key(arg: &str) -> Result<VerifierKey, UsageError> {
 
 fn verify(args: &[String]) -> Result<ExitCode, UsageError> {
     let (mut log, mut key, mut digest_files, mut as_json) = (None, None, Vec::new(), false);
+    let (mut conninfo, mut schema, mut origin) = (None, "custody", None);
     let mut o = Opts { args, i: 0 };
     while let Some((k, inline)) = o.next() {
         match k {
             "--log" => log = Some(o.value(k, inline)?),
+            "--dsn" => conninfo = Some(o.value(k, inline)?),
+            "--schema" => schema = o.value(k, inline)?,
+            "--origin" => origin = Some(o.value(k, inline)?),
             "--public-key" => key = Some(o.value(k, inline)?),
             "--digest" => digest_files.push(o.value(k, inline)?),
             "--json" => as_json = true,
@@ -169,7 +187,9 @@ fn verify(args: &[String]) -> Result<ExitCode, UsageError> {
             _ => return Err(UsageError(format!("verify: unknown argument {k:?}; see custody verify --help"))),
         }
     }
-    let log = log.ok_or_else(|| UsageError("verify: --log FILE is required".into()))?;
+    if log.is_some() == conninfo.is_some() {
+        return Err(UsageError("verify: give one of --log FILE and --dsn CONNINFO".into()));
+    }
     // A site that has not configured a signing key yet still has a chain worth checking.
     let key = key.map(load_key).transpose()?;
     let digests = digest_files
@@ -180,13 +200,19 @@ fn verify(args: &[String]) -> Result<ExitCode, UsageError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    let reader: Box<dyn BufRead> = if log == "-" {
-        Box::new(io::stdin().lock())
-    } else {
-        let f = fs::File::open(log).map_err(|e| UsageError(format!("{log}: {e}")))?;
-        Box::new(BufReader::with_capacity(1 << 16, f))
+    let (reader, name): (Box<dyn BufRead>, String) = match (log, conninfo) {
+        (Some("-"), _) => (Box::new(io::stdin().lock()), "<stdin>".into()),
+        (Some(log), _) => {
+            let f = fs::File::open(log).map_err(|e| UsageError(format!("{log}: {e}")))?;
+            (Box::new(BufReader::with_capacity(1 << 16, f)), log.into())
+        }
+        (None, Some(c)) => {
+            let (lines, database) = dsn::open(c, schema, origin).map_err(UsageError)?;
+            (Box::new(BufReader::with_capacity(1 << 16, lines)), format!("database {database}"))
+        }
+        (None, None) => unreachable!("checked above"),
     };
-    let name = if log == "-" { "<stdin>" } else { log };
+    let name = name.as_str();
     // Parsing the JSON lines is the cost; it is spread over the machine's cores, while the
     // checks themselves run in order (custody_chain::export::verify_export_parallel).
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
