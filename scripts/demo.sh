@@ -243,6 +243,30 @@ psql -c "SELECT custody.flush()" -qAt >/dev/null
 psql -c "SELECT seq, current_user_name AS role, command, outcome, sqlstate, left(statement, 45) AS statement
          FROM custody.audit_log WHERE session_user_name = 'demo_alice' ORDER BY seq DESC LIMIT 4"
 
+say "Backup and restore: the chain goes on in another cluster, with a recorded hand-over"
+bin=${PGBIN:-/usr/lib/postgresql/15/bin}
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+rdir="$dir.restored"; rport=$((port - 1))
+"$here/cluster.sh" stop "$rdir" immediate; rm -rf "$rdir" "$dir.dump"
+"$here/cluster.sh" start "$rdir" "$rport"       # another cluster: another system identifier
+psql -c "SELECT custody.flush()" -qAt >/dev/null
+as_pg "$bin/pg_dumpall" -h /tmp -p "$port" -U postgres --globals-only \
+    | "$here/cluster.sh" psql "$rport" -q -o /dev/null postgres 2>/dev/null || true   # roles (postgres exists)
+as_pg "$bin/pg_dump" -h /tmp -p "$port" -U postgres -Fc postgres > "$dir.dump"
+echo "\$ pg_restore --single-transaction -d postgres  (into the other cluster; one transaction: docs/operations.md)"
+as_pg "$bin/pg_restore" -h /tmp -p "$rport" -U postgres -d postgres --single-transaction < "$dir.dump"
+for _ in $(seq 50); do
+    [ "$("$here/cluster.sh" psql "$rport" -qAt -c "SELECT custody.status()->>'state'")" = appending ] && break
+    sleep 0.2
+done
+"$here/cluster.sh" psql "$rport" -c "SELECT custody.flush()" -qAt >/dev/null
+"$here/cluster.sh" psql "$rport" -c "SELECT seq, command, objects->0->>'from_head_seq' AS after_seq, left(message, 60) AS message
+     FROM custody.audit_log WHERE command = 'CHAIN HANDOVER'"
+"$here/cluster.sh" psql "$rport" -c "SELECT * FROM custody.verify_audit_chain()"
+echo "\$ custody verify --dsn 'host=/tmp port=$rport user=postgres dbname=postgres' --public-key '$pub'"
+custody verify --dsn "host=/tmp port=$rport user=postgres dbname=postgres" --public-key "$pub"
+"$here/cluster.sh" stop "$rdir"; rm -f "$dir.dump"
+
 say "An attack with the library unloaded, detected: the newest records are cut off"
 psql -c "SELECT custody.flush()" -qAt >/dev/null
 head=$(psql -qAt -c "SELECT max(seq) FROM custody.audit_log")
