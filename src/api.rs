@@ -445,7 +445,7 @@ fn status() -> JsonB {
         return JsonB(serde_json::json!({ "loaded": false }));
     };
     let state = match s.state {
-        _ if queue::on_standby() => "standby: statements run here are not recorded or gated (docs/operations.md)".to_string(),
+        _ if queue::on_standby() => "standby: statements run here are gated but not recorded (docs/operations.md)".to_string(),
         queue::ChainState::Unknown => "starting".to_string(),
         queue::ChainState::Absent => "no audit log".to_string(),
         queue::ChainState::Ready if s.writer_pid == 0 => "writer restarting".to_string(),

@@ -192,6 +192,13 @@ pub fn extension_is_there() {
     }
 }
 
+/// Sets the chain state from a process that is not the writer (the standby worker).
+pub fn set_chain_state(st: ChainState) {
+    if let Some(s) = shared() {
+        s.state.store(st as u32, Ordering::Release);
+    }
+}
+
 /// Whether this server is a standby (in recovery): no writer runs, so nothing is queued
 /// (docs/operations.md, "Replicas"). Cheap once recovery has ended (a backend-local flag).
 pub fn on_standby() -> bool {

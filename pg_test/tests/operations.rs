@@ -250,13 +250,18 @@ fn pg_upgrade_keeps_the_chain() {
 
 /// A hot standby with the library preloaded serves statements without filling a queue that no
 /// writer drains (today: 53000 after about 16 MB of statement text), says what it is doing in
-/// custody.status(), and custody.flush() does not claim its records are stored. Promoted, it
-/// is the same cluster: its writer continues the primary's chain, which verifies.
+/// custody.status(), and custody.flush() does not claim its records are stored. It is gated
+/// like the primary: a suspension made there applies to the standby's open sessions.
+/// Promoted, it is the same cluster: its writer continues the primary's chain, which verifies.
 #[test]
 fn hot_standby_serves_and_a_promoted_one_continues_the_chain() {
     let primary = StopOnDrop(Cluster::own("ops_primary", 46));
     let mut p = primary.connect("ops_primary");
-    p.batch_execute("CREATE TABLE public.sb_t (v int); INSERT INTO public.sb_t VALUES (1)").unwrap();
+    p.batch_execute(
+        "CREATE TABLE public.sb_t (v int); INSERT INTO public.sb_t VALUES (1); \
+         CREATE ROLE sb_user LOGIN; GRANT SELECT ON public.sb_t TO sb_user",
+    )
+    .unwrap();
     flush(&mut p);
     let standby = StopOnDrop(Cluster::fresh("ops_standby", 47, None));
     let dir = standby.dir.to_str().unwrap().to_string();
@@ -292,6 +297,29 @@ fn hot_standby_serves_and_a_promoted_one_continues_the_chain() {
     let stored: bool = s.query_one("SELECT custody.flush(100)", &[]).unwrap().get(0);
     assert!(!stored, "custody.flush() on a standby claims its records are stored");
     assert_chain_ok(&mut s);
+
+    // Gated like the primary: a suspension made there applies to a session already open on
+    // the standby, at its next statement once replayed; so does the resumption.
+    let mut u = standby.connect_as("sb_user", "ops_standby_user");
+    let one = |u: &mut Client| u.query_one("SELECT count(*) FROM public.sb_t", &[]).map(|r| r.get::<_, i64>(0));
+    assert_eq!(one(&mut u).unwrap(), 1);
+    p.batch_execute("SELECT custody.suspend('sb_user', 'on leave')").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let denied = loop {
+        match one(&mut u) {
+            Err(e) => break Err(e),
+            Ok(_) if std::time::Instant::now() > deadline => break Ok(()),
+            Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert_denied(denied, "a suspended role's statement on the standby");
+    p.batch_execute("SELECT custody.resume('sb_user')").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while one(&mut u).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the resumption never reached the standby");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(u);
 
     // Failover: the primary goes, the standby is promoted and goes on recording.
     drop(p);

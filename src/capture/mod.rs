@@ -142,7 +142,9 @@ pub fn init() {
 
 /// Whether statements are being captured at all in this process right now.
 pub fn active() -> bool {
-    if crate::own::in_writer() || queue::state() == ChainState::Absent || queue::on_standby() {
+    // On a standby statements are gated (the standby worker publishes the store) but their
+    // records go nowhere: `submit` drops them.
+    if crate::own::in_writer() || queue::state() == ChainState::Absent {
         return false;
     }
     // Parallel workers run parts of a plan whose statement the leader records.

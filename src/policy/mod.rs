@@ -426,12 +426,6 @@ pub fn prepare() -> Option<Pending> {
         return None;
     }
     let mut failed = None;
-    // SAFETY: a plain check of the server's state.
-    if unknown && unsafe { pg_sys::RecoveryInProgress() } {
-        // A hot standby has no custody writer to publish the store (its gating and
-        // recording are the operations issue's): not denying everything there.
-        return None;
-    }
     if unknown {
         // Fail closed: until the writer has published the store after the server started,
         // nobody knows which policies and suspensions are in force.
@@ -519,9 +513,7 @@ pub fn replication_verdict(command: &str) -> Option<Verdict> {
     if settings::is_exempt(&who.session_user) || settings::is_exempt(&who.current_user) {
         return None;
     }
-    // As prepare: a standby has no writer to publish the store (the operations issue's).
-    // SAFETY: a plain check of the server's state.
-    if l.generation == 0 && (unsafe { pg_sys::RecoveryInProgress() } || crate::queue::state() == crate::queue::ChainState::Absent) {
+    if l.generation == 0 && crate::queue::state() == crate::queue::ChainState::Absent {
         return None;
     }
     let failed = if l.generation == 0 {

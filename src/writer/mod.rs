@@ -26,6 +26,7 @@ use crate::{own, settings};
 mod archive;
 pub mod head;
 mod rows;
+pub mod standby;
 mod start;
 
 /// Records per batch (one transaction).
@@ -46,6 +47,7 @@ pub fn init() {
         .set_start_time(pgrx::bgworkers::BgWorkerStartTime::RecoveryFinished)
         .set_restart_time(Some(Duration::from_secs(1)))
         .load();
+    standby::init();
 }
 
 pub struct Chain {
