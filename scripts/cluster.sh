@@ -17,7 +17,9 @@ start)
         mkdir -p "$dir"
         [ "$(id -u)" = 0 ] && chown postgres: "$dir"
         chmod 700 "$dir"
-        as_pg "$BIN/initdb" -D "$dir" --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+        # INITDB_OPTS: more initdb options (--data-checksums for a pg_upgrade into 18, say).
+        # shellcheck disable=SC2086
+        as_pg "$BIN/initdb" -D "$dir" --auth=trust --encoding=UTF8 --locale=C.UTF-8 ${INITDB_OPTS:-} >/dev/null
         {
             echo "# written by scripts/cluster.sh"
             echo "port = $port"

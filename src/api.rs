@@ -65,11 +65,11 @@ fn to_hash(v: Vec<u8>) -> Hash {
     v.try_into().unwrap_or([0u8; 32])
 }
 
-/// The chain the log here must be: this cluster's and database's where the writer appends to
-/// it; None in a copy (a database that is not custody.database, or a log a subscription
-/// fills), which is verified as the chain its records name (docs/operations.md).
+/// The chain the log here must be: this cluster's and database's (a copy kept elsewhere is
+/// verified with `custody verify --dsn`, docs/operations.md). Decided by the server, never by
+/// what the table holds.
 fn expected_chain() -> Option<custody_chain::ChainId> {
-    (in_custody_database() && !writer::is_copy()).then(writer::this_chain)
+    Some(writer::this_chain())
 }
 
 /// Whether this backend is connected to custody.database.
@@ -87,21 +87,10 @@ fn current_database_name() -> Option<String> {
     }
 }
 
-/// The export's header names the chain the export must end as: this cluster's and
-/// database's, or in a copy the chain its records name (when they name its origin).
+/// The export's header names the chain the export must end as: this cluster's and database's.
 fn chain_header() -> ExportLine {
     // SAFETY: plain reads of the control file's system identifier and this database's OID.
-    let here = unsafe { (pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId)) };
-    let (sysid, dboid) = match expected_chain() {
-        Some(_) => here,
-        None => own::pinned(writer::log_chain)
-            .and_then(|c| c.origin)
-            .and_then(|o| {
-                let (s, d) = o.strip_prefix("pg_custody/")?.split_once('/')?;
-                Some((s.parse().ok()?, d.parse().ok()?))
-            })
-            .unwrap_or(here),
-    };
+    let (sysid, dboid) = unsafe { (pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId)) };
     ExportLine::Chain(ChainHeader {
         format: custody_chain::FORMAT_VERSION,
         system_identifier: sysid,
@@ -207,10 +196,17 @@ fn verify_audit_chain(
                     false
                 }
             });
-            // Whose chain the log is shows at its end (a hand-over may come late).
+            // Whose chain the log is shows at its end (a hand-over may come late): checked
+            // when the whole log was read, or a range that reached its end.
             if failure.is_none() {
-                let last = own::select(client, &last_sql, &[])?.first().get_one::<i64>()?.unwrap_or(0);
-                if verifier.head().map_or(0, |(s, _)| s) >= last {
+                let whole = match to_seq {
+                    None => true,
+                    Some(_) => {
+                        let last = own::select(client, &last_sql, &[])?.first().get_one::<i64>()?.unwrap_or(0);
+                        verifier.head().map_or(0, |(s, _)| s) >= last
+                    }
+                };
+                if whole {
                     failure = verifier.finish().err();
                 }
             }
@@ -419,13 +415,72 @@ fn audit_head() -> TableIterator<
     TableIterator::once(row)
 }
 
+/// Records of a hot standby's statements, shipped by its standby worker
+/// (src/writer/standby.rs): queued here in the order they come, after a `STANDBY RECORDS`
+/// record naming the standby, and returned once the writer has stored them. `lost`: records
+/// the standby's sessions could not queue since the last call (a `GAP` here). Only for a
+/// superuser or a REPLICATION role (the role a standby connects as).
+#[pg_extern(volatile, parallel_unsafe)]
+fn standby_records(batch: &[u8], lost: i64) -> String {
+    use crate::error::CustodyError;
+    // SAFETY: plain reads of this backend's identity and the server's state.
+    let (allowed, standby) = unsafe {
+        let me = pg_sys::GetUserId();
+        (pg_sys::superuser() || pg_sys::has_rolreplication(me), pg_sys::RecoveryInProgress())
+    };
+    if !allowed {
+        CustodyError::NotAStandby.report();
+    }
+    if standby || queue::state() != queue::ChainState::Ready {
+        CustodyError::NotStoringHere.report();
+    }
+    let mut payloads = Vec::new();
+    let mut rest = batch;
+    while !rest.is_empty() {
+        let len = rest.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
+        let Some(payload) = len.and_then(|n| rest.get(4..4 + n)) else {
+            CustodyError::InvalidArgument { message: "the batch of standby records is cut short".into(), hint: None }.report()
+        };
+        match capture::wire::Captured::decode(payload) {
+            // A standby's sessions make no system records: one here is not theirs.
+            Ok(c) if c.class() != capture::class::Class::System => payloads.push(payload),
+            _ => CustodyError::InvalidArgument { message: "a standby record that is not one".into(), hint: None }.report(),
+        }
+        rest = &rest[4 + payload.len()..];
+    }
+    let who = capture::who();
+    let mut marker = writer::system_record(
+        "STANDBY RECORDS",
+        Some(serde_json::json!([{ "kind": "standby", "name": who.application_name, "role": who.session_user, "count": payloads.len(), "lost": lost }])),
+    );
+    marker.client_addr = who.client_addr.clone();
+    let mut buf = Vec::new();
+    marker.encode_into(&mut buf);
+    let timeout = crate::settings::failure_timeout_ms();
+    let mut pos = 0;
+    for p in std::iter::once(buf.as_slice()).chain(payloads.iter().copied()) {
+        pos = queue::push(p, timeout).unwrap_or_else(|_| CustodyError::QueueUnavailable { timeout_ms: timeout }.report());
+    }
+    if lost > 0 {
+        let gap = writer::system_record(
+            "GAP",
+            Some(serde_json::json!([{ "kind": "gap", "name": "lost records on a standby", "count": lost, "standby": who.application_name }])),
+        );
+        buf.clear();
+        gap.encode_into(&mut buf);
+        pos = queue::push(&buf, timeout).unwrap_or_else(|_| CustodyError::QueueUnavailable { timeout_ms: timeout }.report());
+    }
+    if !queue::wait_flushed(pos, timeout) {
+        CustodyError::NotDurable { timeout_ms: timeout }.report();
+    }
+    flush_wal();
+    "stored".into()
+}
+
 /// Waits until every record this session queued so far is stored (for scripts and tests
 /// that read their own records back). False if the writer did not catch up in time.
 #[pg_extern(volatile, parallel_unsafe)]
 fn flush(timeout_ms: default!(i32, 10000)) -> bool {
-    if queue::on_standby() {
-        return false; // nothing is stored on a standby (docs/operations.md, "Replicas")
-    }
     let stored = queue::wait_flushed(capture::session_pos(), timeout_ms.max(0) as i64);
     flush_wal();
     stored
@@ -445,7 +500,8 @@ fn status() -> JsonB {
         return JsonB(serde_json::json!({ "loaded": false }));
     };
     let state = match s.state {
-        _ if queue::on_standby() => "standby: statements run here are gated but not recorded (docs/operations.md)".to_string(),
+        _ if queue::on_standby() && !s.alarm.is_empty() => s.alarm.clone(),
+        _ if queue::on_standby() => "standby: shipping records to the primary".to_string(),
         queue::ChainState::Unknown => "starting".to_string(),
         queue::ChainState::Absent => "no audit log".to_string(),
         queue::ChainState::Ready if s.writer_pid == 0 => "writer restarting".to_string(),

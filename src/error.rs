@@ -35,6 +35,10 @@ pub enum CustodyError {
     NotAsCreated { relation: String, what: String },
     /// verify_audit_chain(from_seq, ...) with from_seq past the end of the log.
     PastTheLog { from_seq: i64, last_seq: i64 },
+    /// custody.standby_records called by a role that is neither superuser nor REPLICATION.
+    NotAStandby,
+    /// custody.standby_records where no writer appends (a standby, or no chain here).
+    NotStoringHere,
     /// An argument of one of pg_custody's functions that it cannot take (22023).
     InvalidArgument { message: String, hint: Option<&'static str> },
     /// An argument of custody.check that is not valid UTF-8 (`what`: which).
@@ -222,6 +226,18 @@ impl CustodyError {
                         .into(),
                 ),
             ),
+            NotAStandby => ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "permission denied to ship a standby's audit records",
+                "pg_custody",
+            )
+            .set_detail("Only superusers and REPLICATION roles (the role a standby connects as) may. This attempt is recorded."),
+            NotStoringHere => ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "this server does not store audit records: it is a standby, or its custody writer is not appending",
+                "pg_custody",
+            )
+            .set_hint("A standby ships its records to its primary (primary_conninfo); see custody.status()."),
             PastTheLog { from_seq, last_seq } => ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
                 format!("from_seq {from_seq} is past the end of custody.audit_log"),

@@ -548,3 +548,73 @@ pub const STMT_LOCATION_AT_FIRST_TOKEN: bool = cfg!(feature = "pg18");
 
 /// pg_auth_members.roleid's attribute number: 16 gave the catalog an `oid` column first.
 pub const AUTH_MEMBERS_ROLEID: i16 = if cfg!(feature = "pg15") { 1 } else { 2 };
+
+/// A connection from this server to another through libpqwalreceiver (PostgreSQL's own libpq
+/// wrapper, loaded on first use), able to run SQL: a logical replication connection
+/// (`replication=database`) on 15 and 16, a plain one from 17 on. NULL and the error text
+/// when it cannot connect.
+///
+/// # Safety
+/// In a process connected to a database (MyDatabaseId is set), outside a critical section.
+pub unsafe fn walrcv_connect(conninfo: &std::ffi::CStr, appname: &std::ffi::CStr) -> Result<*mut pg_sys::WalReceiverConn, String> {
+    // SAFETY: load_file loads the library once (its _PG_init fills WalReceiverFunctions); the
+    // function pointers are then PostgreSQL's, called with NUL-terminated strings that
+    // outlive the call and an error out-pointer it fills on failure.
+    unsafe {
+        if pg_sys::WalReceiverFunctions.is_null() {
+            pg_sys::load_file(c"libpqwalreceiver".as_ptr(), false);
+        }
+        let f = (*pg_sys::WalReceiverFunctions).walrcv_connect.ok_or("libpqwalreceiver has no walrcv_connect")?;
+        let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
+        #[cfg(feature = "pg15")]
+        let conn = f(conninfo.as_ptr(), true, appname.as_ptr(), &mut err);
+        #[cfg(feature = "pg16")]
+        let conn = f(conninfo.as_ptr(), true, false, appname.as_ptr(), &mut err);
+        #[cfg(any(feature = "pg17", feature = "pg18"))]
+        let conn = f(conninfo.as_ptr(), false, false, false, appname.as_ptr(), &mut err);
+        if conn.is_null() {
+            let why = if err.is_null() { "could not connect".to_string() } else { std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned() };
+            return Err(why);
+        }
+        Ok(conn)
+    }
+}
+
+/// Runs `sql` (returning one text column) on a connection from `walrcv_connect`; its error
+/// text when it failed.
+///
+/// # Safety
+/// `conn` is a live connection from `walrcv_connect`; in a transaction (the result is
+/// allocated in the current memory context).
+pub unsafe fn walrcv_exec(conn: *mut pg_sys::WalReceiverConn, sql: &std::ffi::CStr) -> Result<(), String> {
+    // SAFETY: PostgreSQL's function pointer, called on a live connection with a
+    // NUL-terminated query; the result is read, then freed with walrcv_clear_result.
+    unsafe {
+        let f = (*pg_sys::WalReceiverFunctions).walrcv_exec.ok_or("libpqwalreceiver has no walrcv_exec")?;
+        let types = [pg_sys::TEXTOID];
+        let res = f(conn, sql.as_ptr(), 1, types.as_ptr());
+        if res.is_null() {
+            return Err("no result".into());
+        }
+        let out = match (*res).status {
+            pg_sys::WalRcvExecStatus::WALRCV_OK_TUPLES | pg_sys::WalRcvExecStatus::WALRCV_OK_COMMAND => Ok(()),
+            _ if (*res).err.is_null() => Err("the query failed".into()),
+            _ => Err(std::ffi::CStr::from_ptr((*res).err).to_string_lossy().into_owned()),
+        };
+        pg_sys::walrcv_clear_result(res);
+        out
+    }
+}
+
+/// Closes a connection from `walrcv_connect`.
+///
+/// # Safety
+/// `conn` is a live connection from `walrcv_connect`, not used afterwards.
+pub unsafe fn walrcv_disconnect(conn: *mut pg_sys::WalReceiverConn) {
+    // SAFETY: PostgreSQL's function pointer on a live connection (caller's contract).
+    unsafe {
+        if let Some(f) = (*pg_sys::WalReceiverFunctions).walrcv_disconnect {
+            f(conn);
+        }
+    }
+}

@@ -374,14 +374,17 @@ pub fn writer_committed(seq: i64, hash: &[u8; 32]) {
 
 /// The chain was dropped (DROP EXTENSION with custody.allow_drop, committed): the next writer
 /// of this server run remembers no head, like one after a restart without a head file.
-pub fn forget_committed_head() {
-    let Some(s) = shared() else { return };
+/// Returns the head forgotten (exact: the last the writer committed).
+pub fn forget_committed_head() -> Option<(i64, [u8; 32])> {
+    let s = shared()?;
     let sp = s as *const Shared as *mut Shared;
-    // SAFETY: the head is written under the lock.
+    // SAFETY: the head is read and written under the lock.
     unsafe {
         pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let head = (*sp).head_valid.then(|| (s.head_seq.load(Ordering::Acquire), (*sp).head_hash));
         (*sp).head_valid = false;
         pg_sys::LWLockRelease(s.lock);
+        head
     }
 }
 

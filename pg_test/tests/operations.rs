@@ -1,7 +1,8 @@
 //! Operations a DBA runs (docs/operations.md): a dump restored into another cluster continues
 //! the chain with a recorded hand-over and verifies; a restore split over transactions is
 //! refused with a hint, losing nothing; a log that a subscription fills is never adopted by
-//! the writer. Own clusters (PGDATA-ops_*, shared port + 40..).
+//! the writer; a log dropped and created again is adopted with a record naming the dropped
+//! head. Own clusters (PGDATA-ops_*, shared port + 40..).
 
 use std::time::Duration;
 
@@ -152,14 +153,23 @@ fn a_subscribers_copy_is_not_adopted() {
 
     let sub = StopOnDrop(Cluster::own("ops_sub", 43));
     let mut s = sub.connect("ops_sub");
-    s.batch_execute(&format!(
+    let create = format!(
         "CREATE SUBSCRIPTION ops_copy CONNECTION 'host=/tmp port={} user=postgres dbname=postgres' \
          PUBLICATION ops_audit WITH (copy_data = false)",
         publisher.port
-    ))
-    .unwrap();
+    );
+    // While the library is loaded a subscription into pg_custody's tables is refused (the
+    // slot it made on the publisher goes with the failed statement's cleanup below).
+    let e = server_error(s.simple_query(&create), "CREATE SUBSCRIPTION into the log");
+    assert_eq!(e.code().code(), "42501", "{e:?}");
+    let _ = p.batch_execute("SELECT pg_drop_replication_slot('ops_copy') FROM pg_replication_slots WHERE slot_name = 'ops_copy'");
     drop(s);
-    sub.start();
+    // Made with the library unloaded, the writer refuses it at its next start.
+    sub.restart_unloaded();
+    let mut s = sub.connect("ops_sub");
+    s.batch_execute(&create).unwrap();
+    drop(s);
+    restart_loaded_nowait(&sub);
     let mut s = sub.connect("ops_sub");
     wait_until(
         &mut s,
@@ -190,8 +200,17 @@ fn pg_upgrade_keeps_the_chain() {
         return;
     };
     let new_bin = pg_program("pg_upgrade").parent().unwrap().to_str().unwrap().to_string();
+    // The new cluster first: pg_upgrade needs the old one to match its data checksums (on
+    // by default from 18).
+    let new = StopOnDrop(Cluster::fresh("ops_upgrade_new", 45, None));
+    new.start(); // initdb, with the library preloaded
+    let checksums: String = new.connect("ops_upgrade").query_one("SHOW data_checksums", &[]).unwrap().get(0);
+    new.stop("fast");
     let old = StopOnDrop(Cluster::fresh("ops_upgrade_old", 44, Some(&old_bin)));
+    // The client tests run on one thread (--test-threads=1).
+    std::env::set_var("INITDB_OPTS", if checksums == "on" { "--data-checksums" } else { "" });
     old.start();
+    std::env::remove_var("INITDB_OPTS");
     old.setup();
     let mut o = old.connect("ops_upgrade");
     o.batch_execute("CREATE TABLE public.up_t (v int); INSERT INTO public.up_t VALUES (1), (2)").unwrap();
@@ -202,9 +221,6 @@ fn pg_upgrade_keeps_the_chain() {
     drop(o);
     old.stop("fast");
 
-    let new = StopOnDrop(Cluster::fresh("ops_upgrade_new", 45, None));
-    new.start(); // initdb, with the library preloaded
-    new.stop("fast");
     let work = std::env::temp_dir().join("pg_custody_upgrade_work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
@@ -248,10 +264,11 @@ fn pg_upgrade_keeps_the_chain() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
-/// A hot standby with the library preloaded serves statements without filling a queue that no
-/// writer drains (today: 53000 after about 16 MB of statement text), says what it is doing in
-/// custody.status(), and custody.flush() does not claim its records are stored. It is gated
-/// like the primary: a suspension made there applies to the standby's open sessions.
+/// A hot standby with the library preloaded records its statements in the primary's chain
+/// (shipped by its standby worker; before, they filled a queue nobody drained and every
+/// statement failed with 53000 after about 16 MB of statement text), says what it is doing
+/// in custody.status(), and custody.flush() there waits until the primary stored them. It is
+/// gated like the primary: a suspension made there applies to the standby's open sessions.
 /// Promoted, it is the same cluster: its writer continues the primary's chain, which verifies.
 #[test]
 fn hot_standby_serves_and_a_promoted_one_continues_the_chain() {
@@ -283,7 +300,7 @@ fn hot_standby_serves_and_a_promoted_one_continues_the_chain() {
     let in_recovery: bool = s.query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get(0);
     assert!(in_recovery);
     let state: String = s.query_one("SELECT custody.status()->>'state'", &[]).unwrap().get(0);
-    assert!(state.starts_with("standby"), "custody.status() on a standby: {state}");
+    assert!(state.starts_with("standby: shipping"), "custody.status() on a standby: {state}");
     let text = "y".repeat(100_000);
     let (r, took) = timed(|| {
         for i in 0..250 {
@@ -294,8 +311,16 @@ fn hot_standby_serves_and_a_promoted_one_continues_the_chain() {
         Ok(())
     });
     assert!(r.is_ok(), "25 MB of statements on a standby: {r:?} after {took:?}");
-    let stored: bool = s.query_one("SELECT custody.flush(100)", &[]).unwrap().get(0);
-    assert!(!stored, "custody.flush() on a standby claims its records are stored");
+    // Recorded in the primary's chain: shipped by the standby worker, stored by the writer.
+    let m = marker("ops_on_standby");
+    s.batch_execute(&format!("SELECT '{m}'")).unwrap();
+    let stored: bool = s.query_one("SELECT custody.flush(20000)", &[]).unwrap().get(0);
+    assert!(stored, "custody.flush() on the standby: its records were not stored by the primary");
+    let rec = records_where(&mut p, "custody.audit_log", "strpos(statement, $1) > 0 AND command = 'SELECT'", &[&m.as_str()]);
+    assert_eq!(rec.len(), 1, "the standby's statement in the primary's chain: {rec:?}");
+    let marked = query_i64(&mut p, "SELECT count(*) FROM custody.audit_log WHERE command = 'STANDBY RECORDS'", &[]);
+    assert!(marked > 0, "no STANDBY RECORDS record before the shipped ones");
+    assert_chain_ok(&mut p);
     assert_chain_ok(&mut s);
 
     // Gated like the primary: a suspension made there applies to a session already open on
@@ -404,4 +429,54 @@ fn a_central_copy_verifies_with_custody_verify_dsn() {
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["failure"]["seq"], 3, "{report}");
     c.batch_execute("ALTER SUBSCRIPTION custody_copy DISABLE; ALTER SUBSCRIPTION custody_copy SET (slot_name = NONE); DROP SUBSCRIPTION custody_copy").ok();
+}
+
+/// Attack (superuser, library loaded, custody.allow_drop): save the log, drop the extension,
+/// create it again and fill the new log with an edited history in the creating transaction
+/// (a "restore" of one's own dump, cut short). Defence: a drop and a restore in one
+/// transaction is refused; in two, the writer adopts the log with a CHAIN HANDOVER that
+/// names where the dropped chain ended, and checkpoints it at once.
+#[test]
+fn a_log_dropped_and_filled_again_is_adopted_with_a_record() {
+    let cluster = StopOnDrop(Cluster::own("ops_redrop", 50));
+    let mut c = cluster.connect("ops_redrop");
+    c.batch_execute("CREATE TABLE public.r_t (v int); INSERT INTO public.r_t VALUES (1)").unwrap();
+    flush(&mut c);
+    set_and_reload(&cluster, &mut c, &["custody.allow_drop = on"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = cluster.connect("ops_redrop");
+    flush(&mut c);
+    c.batch_execute("CREATE TABLE public.saved AS SELECT * FROM custody.audit_log").unwrap();
+    flush(&mut c);
+    let head = query_i64(&mut c, "SELECT max(seq) FROM custody.audit_log", &[]);
+    c.batch_execute("SET custody.durability = async").unwrap();
+    // One transaction: refused.
+    let r = c.batch_execute(
+        "BEGIN; DROP EXTENSION pg_custody CASCADE; DROP SCHEMA custody; CREATE EXTENSION pg_custody; \
+         INSERT INTO custody.audit_log SELECT * FROM public.saved WHERE seq <= 3; COMMIT",
+    );
+    let e = r.expect_err("a drop and a restore in one transaction");
+    assert_eq!(e.code().map(|s| s.code()), Some("42501"), "{e:?}");
+    c.batch_execute("ROLLBACK").ok();
+    // Two transactions: adopted, with a record naming the dropped head.
+    c.batch_execute("DROP EXTENSION pg_custody CASCADE").unwrap();
+    c.batch_execute("DROP SCHEMA custody").unwrap();
+    c.batch_execute(
+        "BEGIN; CREATE EXTENSION pg_custody; INSERT INTO custody.audit_log SELECT * FROM public.saved WHERE seq <= 3; COMMIT",
+    )
+    .unwrap();
+    c.batch_execute("RESET custody.durability").unwrap();
+    wait_ready(&mut c);
+    flush(&mut c);
+    let h = c
+        .query_one(
+            "SELECT seq, (objects->0->>'from_head_seq')::int8, (objects->0->>'dropped_head_seq')::int8 \
+             FROM custody.audit_log WHERE command = 'CHAIN HANDOVER'",
+            &[],
+        )
+        .expect("the adopted log says so");
+    let (seq, from, dropped): (i64, i64, Option<i64>) = (h.get(0), h.get(1), h.get(2));
+    assert_eq!((seq, from), (4, 3), "the hand-over follows the 3 records put in");
+    assert!(dropped.is_some_and(|d| d >= head), "the dropped chain ended at {head}, the record says {dropped:?}");
+    assert_chain_ok(&mut c);
 }

@@ -142,8 +142,8 @@ pub fn init() {
 
 /// Whether statements are being captured at all in this process right now.
 pub fn active() -> bool {
-    // On a standby statements are gated (the standby worker publishes the store) but their
-    // records go nowhere: `submit` drops them.
+    // On a standby the standby worker publishes the store and ships the records to the
+    // primary (src/writer/standby.rs).
     if crate::own::in_writer() || queue::state() == ChainState::Absent {
         return false;
     }
@@ -724,9 +724,6 @@ pub fn record_settings_change(statement: Option<&str>) {
 /// must not raise; a record that cannot be queued is then counted as lost (the writer
 /// records the gap) and a WARNING is logged.
 fn submit(mut rec: Captured, in_abort: bool) {
-    if queue::on_standby() {
-        return; // no writer on a standby: nothing would ever take it (docs/operations.md)
-    }
     fit(&mut rec);
     let st = state();
     st.buf.clear();
@@ -801,9 +798,6 @@ pub fn truncate_name(s: &str) -> String {
 /// Hands a record to the writer from where nothing may wait or raise (error reporting): a
 /// record that does not fit now is counted as lost, and the writer records the gap.
 fn submit_nowait(mut rec: Captured) {
-    if queue::on_standby() {
-        return;
-    }
     fit(&mut rec);
     let mut buf = Vec::with_capacity(rec.encoded_len_hint());
     rec.encode_into(&mut buf);

@@ -422,6 +422,13 @@ unsafe fn after(pstmt: *mut pg_sys::PlannedStmt, key: usize, qc: *mut pg_sys::Qu
                 }
             }
         }
+        let node = (*pstmt).utilityStmt;
+        if !node.is_null()
+            && matches!((*node).type_, pg_sys::NodeTag::T_CreateSubscriptionStmt | pg_sys::NodeTag::T_AlterSubscriptionStmt)
+        {
+            // Which tables a subscription fills is known once it has run.
+            protect::refuse_subscription_into_protected();
+        }
         if key != 0 {
             let rows = if qc.is_null() || (*qc).nprocessed == 0 { None } else { Some((*qc).nprocessed as i64) };
             capture::close(key, rows);

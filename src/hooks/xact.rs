@@ -115,8 +115,12 @@ unsafe extern "C-unwind" fn custody_xact_callback(event: pg_sys::XactEvent::Type
         XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => {
             crate::policy::store::commit();
             super::executor::gated_forget_aborted(None);
-            if crate::protect::take_extension_dropped() {
-                crate::writer::head::forget();
+            // Only at COMMIT: a prepared DROP may still be rolled back (COMMIT PREPARED later
+            // leaves the head file, and the next chain there is a HEAD MISMATCH: fail safe).
+            if let Some(in_chain_database) = crate::protect::take_extension_dropped() {
+                if event == XACT_EVENT_COMMIT {
+                    crate::writer::head::forget(in_chain_database);
+                }
             }
             // SAFETY: as above: backend-local and not borrowed elsewhere.
             unsafe { SUB_STATES.clear() };

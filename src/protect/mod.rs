@@ -89,16 +89,17 @@ impl Ids {
 }
 
 static mut IDS: Option<Ids> = None;
-/// This transaction dropped pg_custody's extension (custody.allow_drop): at commit the
-/// writer's head file goes with it.
-static mut EXTENSION_DROPPED: bool = false;
+/// This transaction dropped pg_custody's extension (custody.allow_drop), and whether in
+/// custody.database: at commit the writer's head becomes a tombstone (`head::forget`).
+static mut EXTENSION_DROPPED: Option<bool> = None;
 
-/// Whether this transaction dropped the extension (and forgets it: call at commit or abort).
-pub fn take_extension_dropped() -> bool {
+/// Whether this transaction dropped the extension, and whether in custody.database (and
+/// forgets it: call at commit, prepare or abort).
+pub fn take_extension_dropped() -> Option<bool> {
     // SAFETY: single-threaded backend.
     unsafe {
         let dropped = EXTENSION_DROPPED;
-        EXTENSION_DROPPED = false;
+        EXTENSION_DROPPED = None;
         dropped
     }
 }
@@ -338,7 +339,9 @@ pub fn restoring(relid: pg_sys::Oid) -> bool {
     // SAFETY: superuser() reads this backend's identity; the relcache entry is opened and
     // closed here (a missing relation gives NULL), and rd_createSubid is a plain field.
     unsafe {
-        if relid == pg_sys::InvalidOid || !pg_sys::superuser() {
+        // Not in a transaction that dropped pg_custody: a log dropped and created again in
+        // one transaction is not a restore, it is a rewrite.
+        if relid == pg_sys::InvalidOid || !pg_sys::superuser() || { let d = EXTENSION_DROPPED; d.is_some() } {
             return false;
         }
         let rel = pg_sys::RelationIdGetRelation(relid);
@@ -348,6 +351,26 @@ pub fn restoring(relid: pg_sys::Oid) -> bool {
         let created_here = (*rel).rd_createSubid != 0; // InvalidSubTransactionId
         pg_sys::RelationClose(rel);
         created_here
+    }
+}
+
+/// After CREATE or ALTER SUBSCRIPTION: a subscription that would replicate into one of
+/// pg_custody's tables (their rows come from the writer and pg_custody's functions only; a
+/// log a subscription fills is one the writer refuses to append to) is refused.
+pub fn refuse_subscription_into_protected() {
+    let Some(ids) = ids() else { return };
+    let q = c"SELECT 1 FROM pg_catalog.pg_subscription_rel WHERE srrelid OPERATOR(pg_catalog.=) $1 LIMIT 1";
+    for t in TABLES {
+        let oid = ids.table(t);
+        if oid == pg_sys::InvalidOid {
+            continue;
+        }
+        let subscribed = own::pinned(|| {
+            pgrx::spi::Spi::connect(|client| own::select(client, q, &[oid.into()]).map(|r| !r.is_empty()))
+        });
+        if subscribed.unwrap_or(false) {
+            refuse(t, "logical replication into");
+        }
     }
 }
 
@@ -414,7 +437,7 @@ pub fn check_drop(class_id: pg_sys::Oid, object_id: pg_sys::Oid, sub_id: i32) {
         if class_id == pg_sys::ExtensionRelationId {
             forget();
             // SAFETY: single-threaded backend.
-            unsafe { EXTENSION_DROPPED = true };
+            unsafe { EXTENSION_DROPPED = Some(crate::api::in_custody_database()) };
         }
         return;
     }

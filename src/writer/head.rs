@@ -105,17 +105,35 @@ pub fn read() -> Option<Remembered> {
     r
 }
 
-/// Removes the file after pg_custody's extension was dropped in this database
-/// (custody.allow_drop): there is no chain to remember any more.
-pub fn forget() {
-    if read().is_some() {
-        // The file is this database's: the chain of custody.database was dropped.
-        crate::queue::forget_committed_head();
-        let file = head_file(identity().1);
-        if let Err(e) = std::fs::remove_file(&file) {
-            pgrx::warning!("pg_custody: could not remove {file}: {e}");
-        }
+/// After pg_custody's extension was dropped in this database (custody.allow_drop, committed):
+/// the file becomes a tombstone (`<file>.dropped`) naming the head of the dropped chain, and
+/// — in custody.database — shared memory forgets the head. The next writer of this database
+/// says in its chain that a chain was dropped there, and where it ended (`dropped`).
+pub fn forget(in_chain_database: bool) {
+    // The exact head from shared memory when there is one (the file may lag behind it).
+    let exact = if in_chain_database { crate::queue::forget_committed_head() } else { None };
+    let on_file = read();
+    let head = exact.map(|(seq, hash)| Head { seq, hash }).or(on_file.as_ref().map(|r| r.head));
+    let Some(head) = head else { return };
+    let (sysid, dboid) = identity();
+    let file = head_file(dboid);
+    let tomb = format!("{file}.dropped");
+    let written = std::fs::write(&tomb, encode(sysid, dboid, &Remembered { head, clean: true }));
+    if let Err(e) = written.and_then(|()| if on_file.is_some() { std::fs::remove_file(&file) } else { Ok(()) }) {
+        pgrx::warning!("pg_custody: could not keep the dropped chain's head in {tomb}: {e}");
     }
+}
+
+/// The head of the chain last dropped in this database, if its tombstone is there.
+pub fn dropped() -> Option<Remembered> {
+    let (sysid, dboid) = identity();
+    let text = std::fs::read_to_string(format!("{}.dropped", head_file(dboid))).ok()?;
+    decode(&text, sysid, dboid)
+}
+
+/// Removes the tombstone once a chain says what it held.
+pub fn clear_dropped() {
+    let _ = std::fs::remove_file(format!("{}.dropped", head_file(identity().1)));
 }
 
 fn write(r: &Remembered) -> std::io::Result<()> {

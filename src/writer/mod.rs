@@ -57,6 +57,8 @@ pub struct Chain {
     merkle: MerkleBuilder,
     /// seq of the last checkpoint (0: none).
     checkpointed: i64,
+    /// The table the chain was read from.
+    log: pg_sys::Oid,
 }
 
 /// The signing key, loaded from custody.signing_key_file at start and on reload.
@@ -171,8 +173,13 @@ fn run() {
                     // that is on disk already; the first records follow like any others.
                     durable.start(on_disk);
                     let handed_over = first.iter().any(|r| r.command == custody_chain::CHAIN_HANDOVER);
+                    let says_dropped = handed_over || first.iter().any(|r| r.command == start::CHAIN_DROPPED);
                     append(&mut c, first);
                     committed(&c, &queue, &mut durable);
+                    if says_dropped {
+                        // The chain says where the dropped one ended: the tombstone can go.
+                        head::clear_dropped();
+                    }
                     if handed_over {
                         // A signed checkpoint of the hand-over leaves the server at once.
                         checkpoint(&mut c, &signer, &queue, &mut archiver);
@@ -432,13 +439,6 @@ pub fn genesis() -> Hash {
     unsafe { genesis_hash(pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId)) }
 }
 
-/// Whether the log in this database is a copy another server's records fill by logical
-/// replication (a subscription replicates into it): the writer never appends to one.
-pub fn is_copy() -> bool {
-    let log = crate::protect::ids().map(|i| i.table(Table::AuditLog)).unwrap_or(pg_sys::InvalidOid);
-    log != pg_sys::InvalidOid && start::subscription_feeding(log).is_some()
-}
-
 /// This cluster and database: the chain a writer here starts, or continues after a hand-over.
 pub fn this_chain() -> ChainId {
     // SAFETY: plain reads of the control file's system identifier and this database's OID.
@@ -625,8 +625,18 @@ fn try_append(chain: &mut Chain, records: Vec<Captured>) -> Result<(), String> {
         hashes.push(hash);
         prev = hash;
     }
-    // SAFETY: inside the transaction try_transaction starts; the writer is the only inserter.
-    try_transaction(|| unsafe { rows::insert(&rows, json) })?;
+    let log = chain.log;
+    try_transaction(|| {
+        // The log this chain was read from: one dropped and created again meanwhile (in one
+        // transaction, say) is another table, and is opened afresh by the next writer.
+        let now = crate::protect::ids().map(|i| i.table(Table::AuditLog)).unwrap_or(pg_sys::InvalidOid);
+        if now != log {
+            error!("pg_custody writer: custody.audit_log is not the table this chain was read from any more; starting again");
+        }
+        // SAFETY: inside the transaction try_transaction starts; the writer is the only
+        // inserter.
+        unsafe { rows::insert(&rows, json) }
+    })?;
     chain.seq = seq;
     chain.hash = prev;
     crate::queue::writer_committed(seq, &prev);

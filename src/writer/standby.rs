@@ -1,9 +1,14 @@
-//! The standby worker: on a hot standby, where no custody writer runs, it publishes the policy
-//! store as WAL replay brings it (the store's tables are replicated), so that statements there
-//! pass the same gate as on the primary, and a policy change, a suspension or an expired
-//! attribute applies to a standby's open sessions too. It ends when recovery ends: the writer
-//! of the promoted server takes over. Statements run on a standby are not recorded yet
-//! (docs/operations.md, "Replicas").
+//! The standby worker: on a hot standby, where no custody writer runs, it
+//! - publishes the policy store as WAL replay brings it (the store's tables are replicated),
+//!   so that statements there pass the same gate as on the primary, and a policy change, a
+//!   suspension or an expired attribute applies to a standby's open sessions too;
+//! - takes the records of the standby's statements from its queue and ships them to the
+//!   primary (`primary_conninfo`), whose writer stores them in the one chain; they leave the
+//!   queue only once the primary has stored them. While the primary cannot be reached they
+//!   wait in the queue, and custody.on_failure decides when it is full.
+//!
+//! It ends when recovery ends: the writer of the promoted server takes over the queue and
+//! the store (docs/operations.md, "Replicas").
 
 use std::time::Duration;
 
@@ -17,6 +22,60 @@ use crate::{own, settings};
 
 /// How often the replicated store is read again.
 const POLL: Duration = Duration::from_millis(200);
+/// Records and bytes shipped in one call (the call's text carries them in hex).
+const SHIP_RECORDS: usize = 5000;
+const SHIP_BYTES: usize = 1 << 20;
+/// After a failed call or connection: wait this long before trying again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The connection to the primary, made when there is something to ship.
+struct Shipper {
+    conn: *mut pg_sys::WalReceiverConn,
+    retry_at: Option<std::time::Instant>,
+}
+
+impl Shipper {
+    /// Ships `batch` (queue payloads) and the count of records sessions here could not queue
+    /// since the last call; Ok once the primary has stored them.
+    fn ship(&mut self, batch: &[Vec<u8>], lost: u64) -> Result<(), String> {
+        if self.conn.is_null() {
+            // SAFETY: PrimaryConnInfo is the primary_conninfo GUC's string (NULL or
+            // NUL-terminated), read in this process.
+            let primary = unsafe {
+                if pg_sys::PrimaryConnInfo.is_null() { String::new() } else { std::ffi::CStr::from_ptr(pg_sys::PrimaryConnInfo).to_string_lossy().into_owned() }
+            };
+            if primary.trim().is_empty() {
+                return Err("primary_conninfo is not set".into());
+            }
+            // Later keywords win: the primary's custody.database, whatever primary_conninfo names.
+            let dbname = settings::database().replace('\\', "\\\\").replace('\'', "\\'");
+            let conninfo = std::ffi::CString::new(format!("{primary} dbname='{dbname}'")).map_err(|e| e.to_string())?;
+            // SAFETY: connected to a database (connect_worker_to_spi), not in a critical section.
+            self.conn = unsafe { crate::pgver::walrcv_connect(&conninfo, c"pg_custody standby")? };
+        }
+        let mut bytes = Vec::with_capacity(batch.iter().map(|b| b.len() + 4).sum());
+        for b in batch {
+            bytes.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(b);
+        }
+        let sql = std::ffi::CString::new(format!(
+            "SELECT custody.standby_records(pg_catalog.decode('{}', 'hex'), {lost})::pg_catalog.text",
+            custody_chain::hex::encode(&bytes)
+        ))
+        .map_err(|e| e.to_string())?;
+        let conn = self.conn;
+        // SAFETY: a live connection; the result is freed inside the transaction.
+        BackgroundWorker::transaction(|| unsafe { crate::pgver::walrcv_exec(conn, &sql) })
+    }
+
+    fn close(&mut self) {
+        if !self.conn.is_null() {
+            // SAFETY: the live connection, not used afterwards.
+            unsafe { crate::pgver::walrcv_disconnect(self.conn) };
+            self.conn = std::ptr::null_mut();
+        }
+    }
+}
 
 pub fn init() {
     BackgroundWorkerBuilder::new("pg_custody standby")
@@ -42,6 +101,9 @@ pub extern "C-unwind" fn custody_standby_main(_arg: pg_sys::Datum) {
     }
     own::set_writer();
     BackgroundWorker::connect_worker_to_spi(Some(settings::database()), None);
+    let Some(queue) = crate::queue::Consumer::attach() else { return };
+    let mut shipper = Shipper { conn: std::ptr::null_mut(), retry_at: None };
+    let mut batch: Vec<Vec<u8>> = Vec::new();
     let mut last: Option<custody_policy::Snapshot> = None;
     loop {
         // SAFETY: as above.
@@ -76,10 +138,42 @@ pub extern "C-unwind" fn custody_standby_main(_arg: pg_sys::Datum) {
             }
             Some(_) => {}
         }
+        // Records of this standby's statements, to the primary.
+        loop {
+            if shipper.retry_at.is_some_and(|t| std::time::Instant::now() < t) {
+                break;
+            }
+            batch.clear();
+            let end = queue.peek(SHIP_RECORDS, SHIP_BYTES, &mut batch);
+            let lost = queue.lost().saturating_sub(queue.lost_recorded());
+            if batch.is_empty() && lost == 0 {
+                queue.set_wake_at(0);
+                break;
+            }
+            match shipper.ship(&batch, lost) {
+                Ok(()) => {
+                    queue.advance(end);
+                    queue.set_lost_recorded(queue.lost_recorded() + lost);
+                    queue.set_text(crate::queue::Text::Alarm, "");
+                    shipper.retry_at = None;
+                }
+                Err(e) => {
+                    let why = format!("standby: cannot ship records to the primary: {e}");
+                    if shipper.retry_at.is_none() {
+                        warning!("pg_custody {why}");
+                    }
+                    queue.set_text(crate::queue::Text::Alarm, &why);
+                    shipper.close();
+                    shipper.retry_at = Some(std::time::Instant::now() + RETRY);
+                    break;
+                }
+            }
+        }
         if !BackgroundWorker::wait_latch(Some(POLL)) {
             break;
         }
     }
+    shipper.close();
     // Recovery ended: done (the writer takes over). Otherwise terminated: exit code 1, so the
     // postmaster starts another (at server shutdown it starts none).
     // SAFETY: as above.

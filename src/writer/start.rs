@@ -65,17 +65,30 @@ pub fn open(queue: &Consumer) -> Start {
         .map(|(seq, hash)| (Head { seq, hash }, true))
         .or_else(|| head::read().map(|r| (r.head, r.clean)));
     let mut records = Vec::new();
-    // A log that holds another cluster's or database's chain (a restore, a pg_upgrade) and no
-    // head this writer remembers: its history goes on here, with a record that says so. With
-    // a remembered head the check below raises its alarm instead, and the log stays the
+    // A log that holds records and no head this writer remembers — a restore, a pg_upgrade,
+    // a log created again after DROP EXTENSION, a head file removed — is adopted with a
+    // record that says so, and names the previous chain (another cluster's or database's, or
+    // this one's) and, when one was dropped here, where the dropped chain ended. With a
+    // remembered head the check below raises its alarm instead, and a foreign log stays the
     // foreign chain it is (verification says so).
     let here = super::this_chain();
+    let dropped = head::dropped();
     if remembered.is_none() && chain.seq > 0 {
-        if let Some(from) = super::log_chain().filter(|c| c.genesis != here.genesis) {
-            let h = handover_record(&from, &table, &here);
-            pgrx::log!("pg_custody writer: {}", h.message.as_deref().unwrap_or_default());
-            records.push(h);
-        }
+        let from = super::log_chain().unwrap_or_else(|| here.clone());
+        let h = handover_record(&from, &table, &here, dropped.as_ref());
+        pgrx::log!("pg_custody writer: {}", h.message.as_deref().unwrap_or_default());
+        records.push(h);
+    } else if let Some(d) = dropped.as_ref().filter(|_| remembered.is_none()) {
+        // A new chain where one was dropped: its first record says how the dropped one ended.
+        records.push(system_record(
+            CHAIN_DROPPED,
+            Some(serde_json::json!([{
+                "kind": "chain",
+                "name": "dropped",
+                "head_seq": d.head.seq,
+                "head_hash": hex::encode(&d.head.hash),
+            }])),
+        ));
     }
     // The head the file names while this writer runs, until its own records are flushed:
     // the table's, or — when records are missing or rewritten — the remembered one, so that a
@@ -129,7 +142,15 @@ pub(super) fn subscription_feeding(log: pg_sys::Oid) -> Option<String> {
 
 /// The CHAIN HANDOVER record: the chain `from`, whose head the table holds, goes on as the
 /// chain of this cluster and database (docs/chain-format.md, "Hand-over").
-fn handover_record(from: &custody_chain::ChainId, head: &Head, here: &custody_chain::ChainId) -> Captured {
+/// Command of the record that starts a chain where one was dropped (custody.allow_drop).
+pub const CHAIN_DROPPED: &str = "PREVIOUS CHAIN DROPPED";
+
+fn handover_record(
+    from: &custody_chain::ChainId,
+    head: &Head,
+    here: &custody_chain::ChainId,
+    dropped: Option<&head::Remembered>,
+) -> Captured {
     let (system_identifier, database_oid) = identity();
     let mut claim = serde_json::json!({
         "kind": "chain",
@@ -145,14 +166,23 @@ fn handover_record(from: &custody_chain::ChainId, head: &Head, here: &custody_ch
         claim["from_system_identifier"] = serde_json::Value::String(sys.to_string());
         claim["from_database_oid"] = db.parse::<u32>().map_or(serde_json::Value::Null, serde_json::Value::from);
     }
+    if let Some(d) = dropped {
+        claim["dropped_head_seq"] = d.head.seq.into();
+        claim["dropped_head_hash"] = hex::encode(&d.head.hash).into();
+    }
     let mut r = system_record(custody_chain::CHAIN_HANDOVER, Some(serde_json::json!([claim])));
-    r.message = Some(format!(
-        "{} continues the audit chain of {} after its record {} (a restore or an upgrade: the log holds \
-         another cluster's or database's chain, and this server remembers no head of its own)",
-        here.label(),
-        from.label(),
-        head.seq
-    ));
+    let why = if from.genesis == here.genesis {
+        "the log holds this cluster's own chain, yet this server remembers no head of it: a restore of \
+         its own dump, a log created again after DROP EXTENSION, or a head file removed"
+    } else {
+        "a restore or an upgrade: the log holds another cluster's or database's chain, and this \
+         server remembers no head of its own"
+    };
+    let mut message = format!("{} continues the audit chain of {} after its record {} ({why})", here.label(), from.label(), head.seq);
+    if let Some(d) = dropped {
+        message += &format!("; a chain dropped here before ended at seq {}", d.head.seq);
+    }
+    r.message = Some(message);
     r
 }
 
@@ -167,7 +197,8 @@ fn read_chain() -> (Chain, Option<String>) {
     ))
     .expect("no NUL");
     Spi::connect(|client| {
-        let mut chain = Chain { seq: 0, hash: genesis(), merkle: MerkleBuilder::new(), checkpointed: 0 };
+        let log = protect::ids().map(|i| i.table(Table::AuditLog)).unwrap_or(pg_sys::InvalidOid);
+        let mut chain = Chain { seq: 0, hash: genesis(), merkle: MerkleBuilder::new(), checkpointed: 0, log };
         let mut last = None;
         let mut cursor = client.open_cursor(&*heads, &[]);
         loop {

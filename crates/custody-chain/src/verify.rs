@@ -326,7 +326,7 @@ impl ChainVerifier {
                 _ => self.segment = Some(id),
             },
             Lineage::Handover { from, head_seq, head_hash, to } => {
-                if head_seq != seq - 1 || stored_prev != head_hash {
+                if head_seq < 1 || head_seq != seq - 1 || stored_prev != head_hash {
                     return bad(format!(
                         "the hand-over names head seq {head_seq} of the chain before it, but follows record {}",
                         seq - 1

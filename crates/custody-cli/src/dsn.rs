@@ -38,10 +38,36 @@ fn select_list() -> String {
         .join(", ")
 }
 
+/// The copy's tables must be plain tables of built-in column types: a view, a table with row
+/// security, or a column of a user's type would run its owner's code as the auditor.
+fn check_tables(client: &mut postgres::Client, schema: &str) -> Result<(), String> {
+    for table in ["audit_log", "checkpoints"] {
+        let row = client
+            .query_opt(
+                "SELECT c.relkind::pg_catalog.text, c.relrowsecurity, \
+                        EXISTS (SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid \
+                                AND a.attnum OPERATOR(pg_catalog.>) 0 AND a.atttypid::pg_catalog.int8 OPERATOR(pg_catalog.>=) 16384) \
+                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+                 WHERE n.nspname OPERATOR(pg_catalog.=) $1 AND c.relname OPERATOR(pg_catalog.=) $2",
+                &[&schema, &table],
+            )
+            .map_err(|e| format!("--dsn: {e}"))?
+            .ok_or_else(|| format!("--dsn: there is no table {schema}.{table}"))?;
+        let (kind, rls, user_types): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        if kind != "r" || rls || user_types {
+            return Err(format!(
+                "--dsn: {schema}.{table} is not a plain table of built-in types (kind {kind}, row security {rls}, \
+                 user-defined column types {user_types}): reading it could run its owner's code"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The chain the log names (docs/chain-format.md §1.6): (system identifier, database OID).
 fn named_chain(client: &mut postgres::Client, schema: &str) -> Result<Option<(u64, u32)>, postgres::Error> {
     let q = format!(
-        "SELECT command, objects::pg_catalog.text FROM {}.audit_log WHERE class OPERATOR(pg_catalog.=) 'system' \
+        "SELECT command, objects::pg_catalog.text FROM ONLY {}.audit_log WHERE class OPERATOR(pg_catalog.=) 'system' \
          AND (command OPERATOR(pg_catalog.=) $1 OR command OPERATOR(pg_catalog.=) $2) ORDER BY seq DESC",
         ident(schema)
     );
@@ -104,8 +130,35 @@ pub fn open(dsn: &str, schema: &str, origin: Option<&str>) -> Result<(DsnLines, 
     let mut client = postgres::Client::connect(dsn, postgres::NoTls).map_err(|e| format!("--dsn: {e}"))?;
     // One snapshot for the log and its checkpoints; names resolved in pg_catalog only.
     client
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL search_path = pg_catalog, pg_temp")
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL search_path = pg_catalog, pg_temp; \
+             SET LOCAL row_security = off",
+        )
         .map_err(|e| format!("--dsn: {e}"))?;
+    check_tables(&mut client, schema)?;
+    // On a server where pg_custody writes this log, it must be this server's chain, whatever
+    // its records claim.
+    let writes_here: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_custody') \
+                AND pg_catalog.current_setting('custody.database', true) OPERATOR(pg_catalog.=) pg_catalog.current_database()",
+            &[],
+        )
+        .map_err(|e| format!("--dsn: {e}"))?
+        .get(0);
+    let own_origin = if writes_here && origin.is_none() {
+        let r = client
+            .query_one(
+                "SELECT s.system_identifier::pg_catalog.text, d.oid::pg_catalog.int8 FROM pg_catalog.pg_control_system() s, \
+                        pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()",
+                &[],
+            )
+            .map_err(|e| format!("--dsn: this server writes the log, but its identity cannot be read ({e}): give --origin"))?;
+        Some(format!("pg_custody/{}/{}", r.get::<_, String>(0), r.get::<_, i64>(1)))
+    } else {
+        None
+    };
+    let origin = origin.or(own_origin.as_deref());
     let chain = match origin {
         Some(o) => {
             let parsed = o
@@ -120,7 +173,7 @@ pub fn open(dsn: &str, schema: &str, origin: Option<&str>) -> Result<(DsnLines, 
         Some(c) => c,
         None => {
             let any: i64 = client
-                .query_one(&format!("SELECT pg_catalog.count(*) FROM {}.audit_log", ident(schema)), &[])
+                .query_one(&format!("SELECT pg_catalog.count(*) FROM ONLY {}.audit_log", ident(schema)), &[])
                 .map_err(|e| format!("--dsn: {e}"))?
                 .get(0);
             if any > 0 {
@@ -143,7 +196,7 @@ pub fn open(dsn: &str, schema: &str, origin: Option<&str>) -> Result<(DsnLines, 
             &format!(
                 "SELECT seq, pg_catalog.encode(hash, 'hex'), pg_catalog.encode(merkle_root, 'hex'), key_id, signature, \
                         (EXTRACT(EPOCH FROM signed_at) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8, note \
-                 FROM {}.checkpoints ORDER BY seq",
+                 FROM ONLY {}.checkpoints ORDER BY seq",
                 ident(schema)
             ),
             &[],
@@ -163,7 +216,7 @@ pub fn open(dsn: &str, schema: &str, origin: Option<&str>) -> Result<(DsnLines, 
         .collect::<Vec<_>>()
         .into_iter()
         .peekable();
-    let records = format!("SELECT {} FROM {}.audit_log ORDER BY seq", select_list(), ident(schema));
+    let records = format!("SELECT {} FROM ONLY {}.audit_log ORDER BY seq", select_list(), ident(schema));
     client
         .batch_execute(&format!("DECLARE custody_verify NO SCROLL CURSOR FOR {records}"))
         .map_err(|e| format!("--dsn: reading {schema}.audit_log: {e}"))?;
