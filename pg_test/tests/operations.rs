@@ -363,12 +363,25 @@ fn hot_standby_serves_and_a_promoted_one_continues_the_chain() {
     assert_chain_ok(&mut s);
 }
 
-/// A central copy: the log, checkpoints and keys published by logical replication to a
-/// server that does not run pg_custody, verified there with `custody verify --dsn`; an edit
-/// of the copy is found at its record. The source's own log verifies the same way.
-#[test]
-fn a_central_copy_verifies_with_custody_verify_dsn() {
-    let source = StopOnDrop(Cluster::own("ops_source", 48));
+/// The copy's tables, as the source defines them (docs/operations.md), in `schema`.
+fn copy_ddl(p: &mut Client, schema: &str) -> Vec<String> {
+    p.query(
+        "SELECT 'CREATE TABLE ' || quote_ident($1) || '.' || c.relname || ' (' || \
+                string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum) || ')' \
+         FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid \
+         WHERE c.relnamespace = 'custody'::regnamespace AND c.relname IN ('audit_log', 'checkpoints', 'public_keys') \
+           AND a.attnum > 0 AND NOT a.attisdropped GROUP BY c.relname",
+        &[&schema],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// A source cluster that publishes its log (wal_level = logical).
+fn publishing_source(suffix: &str, offset: u16) -> (StopOnDrop, Client) {
+    let source = StopOnDrop(Cluster::own(suffix, offset));
     let mut p = source.connect("ops_source");
     p.batch_execute("ALTER SYSTEM SET wal_level = logical").unwrap();
     drop(p);
@@ -378,22 +391,18 @@ fn a_central_copy_verifies_with_custody_verify_dsn() {
     p.batch_execute("CREATE TABLE public.c_t (v int); INSERT INTO public.c_t VALUES (1)").unwrap();
     p.batch_execute("CREATE PUBLICATION custody_audit FOR TABLE custody.audit_log, custody.checkpoints, custody.public_keys")
         .unwrap();
-    // The copy's tables, made from the source's definition (docs/operations.md).
-    let ddl: Vec<String> = p
-        .query(
-            "SELECT 'CREATE TABLE custody.' || c.relname || ' (' || \
-                    string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum) || ')' \
-             FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid \
-             WHERE c.relnamespace = 'custody'::regnamespace AND c.relname IN ('audit_log', 'checkpoints', 'public_keys') \
-               AND a.attnum > 0 AND NOT a.attisdropped GROUP BY c.relname",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(ddl.len(), 3);
+    (source, p)
+}
 
+/// A central store: two sources' logs, checkpoints and keys published by logical
+/// replication into one database of a server that does not run pg_custody
+/// (docs/central_store.sql routes each into the schema of its subscription), each verified
+/// there on its own with `custody verify --dsn --schema`; an edit of one copy is found at its
+/// record and leaves the other verified. The source's own log verifies the same way.
+#[test]
+fn a_central_store_keeps_and_verifies_each_source() {
+    let (a, mut pa) = publishing_source("ops_source_a", 48);
+    let (b, mut pb) = publishing_source("ops_source_b", 51);
     let central = StopOnDrop(Cluster::fresh("ops_central", 49, None));
     central.start();
     let mut c = central.connect("ops_central");
@@ -402,33 +411,69 @@ fn a_central_copy_verifies_with_custody_verify_dsn() {
     central.start();
     let mut c = central.connect("ops_central");
     c.batch_execute("CREATE SCHEMA custody").unwrap();
-    for d in &ddl {
-        c.batch_execute(d).unwrap();
+    for d in copy_ddl(&mut pa, "custody") {
+        c.batch_execute(&d).unwrap();
     }
-    c.batch_execute(&format!(
-        "CREATE SUBSCRIPTION custody_copy CONNECTION 'host=/tmp port={} user=postgres dbname=postgres' PUBLICATION custody_audit",
-        source.port
-    ))
-    .unwrap();
+    c.batch_execute(include_str!("../../docs/central_store.sql")).unwrap();
+    for (name, source, p) in [("src_a", &a, &mut pa), ("src_b", &b, &mut pb)] {
+        c.batch_execute(&format!("CREATE SCHEMA {name}")).unwrap();
+        for d in copy_ddl(p, name) {
+            c.batch_execute(&d).unwrap();
+        }
+        c.batch_execute(&format!(
+            "CREATE SUBSCRIPTION {name} CONNECTION 'host=/tmp port={} user=postgres dbname=postgres' PUBLICATION custody_audit",
+            source.port
+        ))
+        .unwrap();
+    }
     let m = marker("ops_central");
-    p.batch_execute(&format!("SELECT '{m}'")).unwrap();
-    flush(&mut p);
-    wait_until(&mut c, "SELECT count(*) > 0 FROM custody.audit_log WHERE strpos(statement, $1) > 0", &[&m], "the copy caught up");
+    for (name, p) in [("src_a", &mut pa), ("src_b", &mut pb)] {
+        p.batch_execute(&format!("SELECT '{m}_{name}'")).unwrap();
+        flush(p);
+        wait_until(
+            &mut c,
+            &format!("SELECT count(*) > 0 FROM {name}.audit_log WHERE strpos(statement, $1) > 0"),
+            &[&format!("{m}_{name}")],
+            "the copy caught up",
+        );
+    }
+    assert_eq!(query_i64(&mut c, "SELECT count(*) FROM custody.audit_log", &[]), 0, "rows left in custody.audit_log");
     let dsn = format!("host=/tmp port={} user=postgres dbname=postgres", central.port);
-    let (code, out, err) = run_custody(&["verify", "--dsn", &dsn]);
-    assert_eq!(code, 0, "custody verify --dsn of the central copy: {out}{err}");
-    assert!(out.contains("OK"), "{out}");
+    let mut origins = Vec::new();
+    for name in ["src_a", "src_b"] {
+        let (code, out, err) = run_custody(&["verify", "--dsn", &dsn, "--schema", name]);
+        assert_eq!(code, 0, "custody verify --dsn --schema {name}: {out}{err}");
+        let sysid: String = c
+            .query_one(
+                &format!("SELECT objects->0->>'system_identifier' FROM {name}.audit_log WHERE command = 'WRITER START' ORDER BY seq DESC LIMIT 1"),
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        origins.push(sysid);
+    }
+    assert_ne!(origins[0], origins[1], "two sources, two chains");
     // The source's own log, read in place.
-    let src = format!("host=/tmp port={} user=postgres dbname=postgres", source.port);
+    let src = format!("host=/tmp port={} user=postgres dbname=postgres", a.port);
     let (code, out, err) = run_custody(&["verify", "--dsn", &src, "--json"]);
     assert_eq!(code, 0, "custody verify --dsn of the source: {out}{err}");
-    // An edit of the copy is named.
-    c.batch_execute("UPDATE custody.audit_log SET statement = 'nothing to see' WHERE seq = 3").unwrap();
-    let (code, out, err) = run_custody(&["verify", "--dsn", &dsn, "--json"]);
+    // An edit of one copy is named; the other still verifies.
+    c.batch_execute("UPDATE src_b.audit_log SET statement = 'nothing to see' WHERE seq = 3").unwrap();
+    let (code, out, err) = run_custody(&["verify", "--dsn", &dsn, "--schema", "src_b", "--json"]);
     assert_eq!(code, 1, "an edited copy verified: {out}{err}");
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["failure"]["seq"], 3, "{report}");
-    c.batch_execute("ALTER SUBSCRIPTION custody_copy DISABLE; ALTER SUBSCRIPTION custody_copy SET (slot_name = NONE); DROP SUBSCRIPTION custody_copy").ok();
+    let (code, out, err) = run_custody(&["verify", "--dsn", &dsn, "--schema", "src_a"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Nothing else may write where the copies arrive.
+    let e = server_error(c.simple_query("INSERT INTO custody.checkpoints DEFAULT VALUES"), "a row by hand");
+    assert_eq!(e.code().code(), "42501", "{e:?}");
+    for name in ["src_a", "src_b"] {
+        c.batch_execute(&format!(
+            "ALTER SUBSCRIPTION {name} DISABLE; ALTER SUBSCRIPTION {name} SET (slot_name = NONE); DROP SUBSCRIPTION {name}"
+        ))
+        .ok();
+    }
 }
 
 /// Attack (superuser, library loaded, custody.allow_drop): save the log, drop the extension,
