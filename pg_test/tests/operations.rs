@@ -346,13 +346,25 @@ fn hot_standby_serves_and_a_promoted_one_continues_the_chain() {
     }
     drop(u);
 
-    // Failover: the primary goes, the standby is promoted and goes on recording.
+    // The primary goes: the standby keeps its records on disk, across its own restart.
     drop(p);
     primary.stop("fast");
+    let kept = marker("ops_primary_down");
+    s.batch_execute(&format!("SELECT '{kept}'")).unwrap();
+    wait_until(&mut s, "SELECT custody.status()->>'state' LIKE '%kept on the standby%'", &[], "the standby says it keeps them");
+    let stored: bool = s.query_one("SELECT custody.flush(20000)", &[]).unwrap().get(0);
+    assert!(stored, "custody.flush() on the standby: not kept on its disk either");
+    drop(s);
+    standby.start();
+    // Failover: the standby is promoted, stores what it kept, and goes on recording.
+    let mut s = standby.connect("ops_standby");
     s.query_one("SELECT pg_promote()", &[]).unwrap();
     drop(s);
     let mut s = standby.connect("ops_promoted");
     wait_ready(&mut s);
+    flush(&mut s);
+    let n = query_i64(&mut s, "SELECT count(*) FROM custody.audit_log WHERE strpos(statement, $1) > 0 AND command = 'SELECT'", &[&kept]);
+    assert_eq!(n, 1, "the statement run while the primary was down is not in the promoted chain");
     let m = marker("ops_promoted");
     s.batch_execute(&format!("INSERT INTO public.sb_t VALUES (2) /* {m} */")).unwrap();
     flush(&mut s);

@@ -26,6 +26,7 @@ use crate::{own, settings};
 mod archive;
 pub mod head;
 mod rows;
+mod spool;
 pub mod standby;
 mod start;
 
@@ -180,6 +181,8 @@ fn run() {
                         // The chain says where the dropped one ended: the tombstone can go.
                         head::clear_dropped();
                     }
+                    // A promoted standby: what it could not ship to its primary is stored here.
+                    store_spool(&mut c, &queue, &mut durable);
                     if handed_over {
                         // A signed checkpoint of the hand-over leaves the server at once.
                         checkpoint(&mut c, &signer, &queue, &mut archiver);
@@ -314,6 +317,36 @@ fn publish_policies() -> bool {
             true
         }
         crate::policy::store::Published::NotNow => false,
+    }
+}
+
+/// Records a standby kept in its spool (src/writer/spool.rs) and never shipped: the server
+/// was promoted since, and they are stored in this chain after a record that says so.
+fn store_spool(c: &mut Chain, queue: &Consumer, durable: &mut head::Durable) {
+    while spool::pending() {
+        let (batch, pos) = match spool::next(BATCH_BYTES) {
+            Ok(b) => b,
+            Err(e) => {
+                warning!("pg_custody writer: cannot read the standby spool: {e}");
+                return;
+            }
+        };
+        if batch.is_empty() {
+            // Only a record cut short by a crash while it was kept is left.
+            let _ = spool::shipped_to(u64::MAX);
+            return;
+        }
+        append(c, vec![system_record(
+            "STANDBY RECORDS",
+            Some(serde_json::json!([{ "kind": "standby", "name": "spool", "count": batch.len(), "lost": 0 }])),
+        )]);
+        append_from_queue(c, &batch);
+        committed(c, queue, durable);
+        crate::queue::flush_stored();
+        if let Err(e) = spool::shipped_to(pos) {
+            warning!("pg_custody writer: cannot note what it stored from the standby spool: {e}");
+            return;
+        }
     }
 }
 

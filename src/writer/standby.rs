@@ -16,6 +16,7 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags
 use pgrx::prelude::*;
 use pgrx::pg_sys;
 
+use super::spool;
 use crate::protect::Table;
 use crate::queue::ChainState;
 use crate::{own, settings};
@@ -88,6 +89,25 @@ pub fn init() {
         .load();
 }
 
+/// Moves what the queue holds into the spool (durable on the standby), as far as it takes it.
+fn spool_queue(queue: &crate::queue::Consumer, batch: &mut Vec<Vec<u8>>) {
+    loop {
+        batch.clear();
+        let end = queue.peek(SHIP_RECORDS, SHIP_BYTES, batch);
+        if batch.is_empty() {
+            queue.set_wake_at(0);
+            return;
+        }
+        match spool::append(batch) {
+            Ok(()) => queue.advance(end),
+            Err(e) => {
+                queue.set_text(crate::queue::Text::Alarm, &format!("standby: cannot ship records to the primary, nor keep more: {e}"));
+                return;
+            }
+        }
+    }
+}
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn custody_standby_main(_arg: pg_sys::Datum) {
@@ -138,33 +158,70 @@ pub extern "C-unwind" fn custody_standby_main(_arg: pg_sys::Datum) {
             }
             Some(_) => {}
         }
-        // Records of this standby's statements, to the primary.
+        // Records of this standby's statements, to the primary: those kept in the spool first
+        // (they are older), then the queue's. What cannot be shipped goes to the spool, so it
+        // survives a standby restart; beyond the spool's size it waits in the queue.
         loop {
-            if shipper.retry_at.is_some_and(|t| std::time::Instant::now() < t) {
+            let retrying = shipper.retry_at.is_some_and(|t| std::time::Instant::now() < t);
+            batch.clear();
+            let from_spool = spool::pending();
+            let (end, lost) = if from_spool {
+                if retrying {
+                    // Behind the spool: the queue's records follow it there, in order.
+                    spool_queue(&queue, &mut batch);
+                    break;
+                }
+                match spool::next(SHIP_BYTES) {
+                    Ok((b, pos)) => {
+                        batch = b;
+                        (pos, 0)
+                    }
+                    Err(e) => {
+                        warning!("pg_custody standby: cannot read its spool: {e}");
+                        break;
+                    }
+                }
+            } else {
+                let end = queue.peek(SHIP_RECORDS, SHIP_BYTES, &mut batch);
+                (end, queue.lost().saturating_sub(queue.lost_recorded()))
+            };
+            if batch.is_empty() && lost == 0 {
+                if from_spool {
+                    // Only a record cut short by a crash while it was kept is left: drop it.
+                    let _ = spool::shipped_to(u64::MAX);
+                    continue;
+                }
+                queue.set_wake_at(0);
                 break;
             }
-            batch.clear();
-            let end = queue.peek(SHIP_RECORDS, SHIP_BYTES, &mut batch);
-            let lost = queue.lost().saturating_sub(queue.lost_recorded());
-            if batch.is_empty() && lost == 0 {
-                queue.set_wake_at(0);
+            if retrying {
+                spool_queue(&queue, &mut batch);
                 break;
             }
             match shipper.ship(&batch, lost) {
                 Ok(()) => {
-                    queue.advance(end);
-                    queue.set_lost_recorded(queue.lost_recorded() + lost);
+                    if from_spool {
+                        if let Err(e) = spool::shipped_to(end) {
+                            warning!("pg_custody standby: cannot note what it shipped from its spool: {e}");
+                        }
+                    } else {
+                        queue.advance(end);
+                        queue.set_lost_recorded(queue.lost_recorded() + lost);
+                    }
                     queue.set_text(crate::queue::Text::Alarm, "");
                     shipper.retry_at = None;
                 }
                 Err(e) => {
-                    let why = format!("standby: cannot ship records to the primary: {e}");
+                    let why = format!("standby: cannot ship records to the primary (kept on the standby): {e}");
                     if shipper.retry_at.is_none() {
                         warning!("pg_custody {why}");
                     }
                     queue.set_text(crate::queue::Text::Alarm, &why);
                     shipper.close();
                     shipper.retry_at = Some(std::time::Instant::now() + RETRY);
+                    if !from_spool {
+                        spool_queue(&queue, &mut batch);
+                    }
                     break;
                 }
             }
