@@ -267,6 +267,29 @@ echo "\$ custody verify --dsn 'host=/tmp port=$rport user=postgres dbname=postgr
 custody verify --dsn "host=/tmp port=$rport user=postgres dbname=postgres" --public-key "$pub"
 "$here/cluster.sh" stop "$rdir"; rm -f "$dir.dump"
 
+say "A hot standby: gated like the primary, its statements recorded in the primary's chain"
+sdir="$dir.standby"; sport=$((port - 2))
+"$here/cluster.sh" stop "$sdir" immediate; rm -rf "$sdir"; mkdir -p "$sdir"; chmod 700 "$sdir"
+[ "$(id -u)" = 0 ] && chown postgres: "$sdir"
+as_pg "$bin/pg_basebackup" -h /tmp -p "$port" -U postgres -D "$sdir" -R -X stream
+echo "port = $sport" >> "$sdir/postgresql.auto.conf"
+"$here/cluster.sh" start "$sdir" "$sport"
+"$here/cluster.sh" psql "$sport" -qAt -c "SELECT 'on the standby: ' || (custody.status()->>'state')"
+"$here/cluster.sh" psql "$sport" -U demo_contractor -qAt -c "SELECT 'demo_contractor reads ' || count(*) || ' rows on the standby' FROM demo_accounts /* on the standby */" \
+    -c "SELECT custody.flush()" >/dev/null
+psql -c "SELECT seq, command, session_user_name AS role, left(statement, 60) AS statement
+     FROM custody.audit_log WHERE command = 'STANDBY RECORDS' OR strpos(statement, '/* on the standby */') > 0
+     ORDER BY seq DESC LIMIT 2"
+psql -qAt -c "SELECT custody.suspend('demo_contractor', 'suspended on the primary')" >/dev/null
+for _ in $(seq 50); do   # replayed on the standby, published there by its standby worker
+    "$here/cluster.sh" psql "$sport" -U demo_contractor -qAt -c "SELECT 1" >/dev/null 2>&1 || break
+    sleep 0.2
+done
+echo "-- suspended on the primary; on the standby:"
+"$here/cluster.sh" psql "$sport" -U demo_contractor -c "SELECT count(*) FROM demo_accounts" 2>&1 | head -2 || true
+psql -qAt -c "SELECT custody.resume('demo_contractor')" >/dev/null
+"$here/cluster.sh" stop "$sdir"
+
 say "An attack with the library unloaded, detected: the newest records are cut off"
 psql -c "SELECT custody.flush()" -qAt >/dev/null
 head=$(psql -qAt -c "SELECT max(seq) FROM custody.audit_log")
