@@ -36,6 +36,9 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'custody_admin') THEN
         CREATE ROLE custody_admin NOLOGIN;
     END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'custody_standby') THEN
+        CREATE ROLE custody_standby NOLOGIN;
+    END IF;
 END
 $roles$;
 
@@ -43,6 +46,8 @@ COMMENT ON ROLE custody_auditor IS
     'pg_custody: may read custody.audit_log and run the verification functions';
 COMMENT ON ROLE custody_admin IS
     'pg_custody: may manage policies, attributes, suspensions and row policies';
+COMMENT ON ROLE custody_standby IS
+    'pg_custody: may ship a hot standby''s audit records to this server (grant it to the role of primary_conninfo)';
 
 -- Everyone may use the schema: custody.check(), custody.attribute() and
 -- custody.current_subject() appear in row policies that apply to every role. The tables

@@ -26,7 +26,7 @@ GRANT EXECUTE ON FUNCTION custody._export_chunk(bigint, bigint, boolean) TO cust
 COMMENT ON FUNCTION custody.flush(integer) IS
     'Waits (up to timeout_ms) until every audit record this session queued so far is stored, then flushes WAL so they are on disk';
 COMMENT ON FUNCTION custody.standby_records(bytea, bigint) IS
-    'Called by a hot standby''s pg_custody standby worker: stores the records of the standby''s statements in this chain (superuser or REPLICATION roles only)';
+    'Called by a hot standby''s pg_custody standby worker: stores the records of the standby''s statements in this chain (superusers and custody_standby members only)';
 COMMENT ON FUNCTION custody.status() IS
     'State of the custody writer: pid, chain head, queue fill, lost records, last checkpoint, signing key';
 

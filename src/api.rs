@@ -417,16 +417,22 @@ fn audit_head() -> TableIterator<
 
 /// Records of a hot standby's statements, shipped by its standby worker
 /// (src/writer/standby.rs): queued here in the order they come, after a `STANDBY RECORDS`
-/// record naming the standby, and returned once the writer has stored them. `lost`: records
-/// the standby's sessions could not queue since the last call (a `GAP` here). Only for a
-/// superuser or a REPLICATION role (the role a standby connects as).
+/// record naming the standby, as one block, and returned once the writer has stored them;
+/// each carries its pid negated (no session here has a negative pid). `lost`: records the
+/// standby's sessions could not queue since the last call (a `GAP` here). Only for
+/// superusers and members of custody_standby (the role a standby connects as).
 #[pg_extern(volatile, parallel_unsafe)]
 fn standby_records(batch: &[u8], lost: i64) -> String {
     use crate::error::CustodyError;
-    // SAFETY: plain reads of this backend's identity and the server's state.
+    // SAFETY: plain reads of this backend's identity and the server's state; the role name is
+    // a NUL-terminated literal and missing_ok returns InvalidOid.
     let (allowed, standby) = unsafe {
         let me = pg_sys::GetUserId();
-        (pg_sys::superuser() || pg_sys::has_rolreplication(me), pg_sys::RecoveryInProgress())
+        let shipper = pg_sys::get_role_oid(c"custody_standby".as_ptr(), true);
+        (
+            pg_sys::superuser() || (shipper != pg_sys::InvalidOid && pg_sys::has_privs_of_role(me, shipper)),
+            pg_sys::RecoveryInProgress(),
+        )
     };
     if !allowed {
         CustodyError::NotAStandby.report();
@@ -434,7 +440,13 @@ fn standby_records(batch: &[u8], lost: i64) -> String {
     if standby || queue::state() != queue::ChainState::Ready {
         CustodyError::NotStoringHere.report();
     }
-    let mut payloads = Vec::new();
+    // A standby worker ships at most SHIP_BYTES/SHIP_RECORDS at a time; a bigger batch is not
+    // one, and would crowd the primary's own sessions out of the queue.
+    if batch.len() > 8 << 20 || lost < 0 {
+        CustodyError::InvalidArgument { message: "not a batch of a standby's records (too large, or lost < 0)".into(), hint: None }
+            .report();
+    }
+    let mut records = Vec::new();
     let mut rest = batch;
     while !rest.is_empty() {
         let len = rest.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
@@ -443,33 +455,56 @@ fn standby_records(batch: &[u8], lost: i64) -> String {
         };
         match capture::wire::Captured::decode(payload) {
             // A standby's sessions make no system records: one here is not theirs.
-            Ok(c) if c.class() != capture::class::Class::System => payloads.push(payload),
+            Ok(mut c) if c.class() != capture::class::Class::System && records.len() < 20_000 => {
+                // Marked as the standby's, in a hashed field no session of this server can
+                // set: PostgreSQL's pids are positive, a standby's records carry theirs negated.
+                c.backend_pid = -c.backend_pid.saturating_abs().max(1);
+                let mut b = Vec::with_capacity(payload.len());
+                c.encode_into(&mut b);
+                records.push(b);
+            }
             _ => CustodyError::InvalidArgument { message: "a standby record that is not one".into(), hint: None }.report(),
         }
         rest = &rest[4 + payload.len()..];
     }
     let who = capture::who();
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(batch);
     let mut marker = writer::system_record(
         "STANDBY RECORDS",
-        Some(serde_json::json!([{ "kind": "standby", "name": who.application_name, "role": who.session_user, "count": payloads.len(), "lost": lost }])),
+        Some(serde_json::json!([{
+            "kind": "standby", "name": who.application_name, "role": who.session_user,
+            "count": records.len(), "lost": lost,
+            // The same batch shipped twice (a reply lost after it was stored) shows as two
+            // markers with the same digest.
+            "batch_sha256": custody_chain::hex::encode(&digest),
+        }])),
     );
     marker.client_addr = who.client_addr.clone();
-    let mut buf = Vec::new();
-    marker.encode_into(&mut buf);
-    let timeout = crate::settings::failure_timeout_ms();
-    let mut pos = 0;
-    for p in std::iter::once(buf.as_slice()).chain(payloads.iter().copied()) {
-        pos = queue::push(p, timeout).unwrap_or_else(|_| CustodyError::QueueUnavailable { timeout_ms: timeout }.report());
-    }
+    let mut block = vec![Vec::new()];
+    marker.encode_into(&mut block[0]);
+    block.extend(records);
     if lost > 0 {
         let gap = writer::system_record(
             "GAP",
             Some(serde_json::json!([{ "kind": "gap", "name": "lost records on a standby", "count": lost, "standby": who.application_name }])),
         );
-        buf.clear();
-        gap.encode_into(&mut buf);
-        pos = queue::push(&buf, timeout).unwrap_or_else(|_| CustodyError::QueueUnavailable { timeout_ms: timeout }.report());
+        let mut b = Vec::new();
+        gap.encode_into(&mut b);
+        block.push(b);
     }
+    let timeout = crate::settings::failure_timeout_ms();
+    // One block: the marker, then exactly its records, nothing of this server's in between.
+    let parts: Vec<&[u8]> = block.iter().map(Vec::as_slice).collect();
+    let pos = match queue::push_all(&parts, timeout) {
+        Ok(p) => p,
+        Err(queue::QueueError::TooLarge) => CustodyError::InvalidArgument {
+            message: "the batch of standby records does not fit in this server's audit queue".into(),
+            hint: Some("Make custody.queue_size on the primary at least that of its standbys."),
+        }
+        .report(),
+        Err(_) => CustodyError::QueueUnavailable { timeout_ms: timeout }.report(),
+    };
     if !queue::wait_flushed(pos, timeout) {
         CustodyError::NotDurable { timeout_ms: timeout }.report();
     }

@@ -35,7 +35,7 @@ pub enum CustodyError {
     NotAsCreated { relation: String, what: String },
     /// verify_audit_chain(from_seq, ...) with from_seq past the end of the log.
     PastTheLog { from_seq: i64, last_seq: i64 },
-    /// custody.standby_records called by a role that is neither superuser nor REPLICATION.
+    /// custody.standby_records called by a role that is neither superuser nor custody_standby.
     NotAStandby,
     /// custody.standby_records where no writer appends (a standby, or no chain here).
     NotStoringHere,
@@ -231,7 +231,7 @@ impl CustodyError {
                 "permission denied to ship a standby's audit records",
                 "pg_custody",
             )
-            .set_detail("Only superusers and REPLICATION roles (the role a standby connects as) may. This attempt is recorded."),
+            .set_detail("Only superusers and members of custody_standby (the role a standby connects as) may. This attempt is recorded."),
             NotStoringHere => ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 "this server does not store audit records: it is a standby, or its custody writer is not appending",

@@ -91,6 +91,12 @@ struct Shared {
     commit_lsn: AtomicU64,
     /// Texts for custody.status() (under `lock`).
     texts: [StatusText; 3],
+    /// The standby worker's pid while it ships this queue (0: none): a promoted server's
+    /// writer waits for it to end before it consumes the queue.
+    shipping_pid: AtomicI32,
+    /// A standby worker ran in this server run: a spool left in the data directory is this
+    /// server's, kept while it was a standby.
+    was_standby: std::sync::atomic::AtomicBool,
     // the ring of `capacity` bytes follows
 }
 
@@ -192,6 +198,26 @@ pub fn extension_is_there() {
     }
 }
 
+/// The standby worker starts (its pid) or ends (0) shipping this queue.
+pub fn set_shipping(pid: i32) {
+    if let Some(s) = shared() {
+        if pid != 0 {
+            s.was_standby.store(true, Ordering::Release);
+        }
+        s.shipping_pid.store(pid, Ordering::Release);
+    }
+}
+
+/// The standby worker shipping this queue, if one is (its pid).
+pub fn shipping_pid() -> Option<i32> {
+    shared().map(|s| s.shipping_pid.load(Ordering::Acquire)).filter(|p| *p != 0)
+}
+
+/// Whether a standby worker ran in this server run.
+pub fn was_standby() -> bool {
+    shared().is_some_and(|s| s.was_standby.load(Ordering::Acquire))
+}
+
 /// Sets the chain state from a process that is not the writer (the standby worker).
 pub fn set_chain_state(st: ChainState) {
     if let Some(s) = shared() {
@@ -216,8 +242,14 @@ pub fn max_record_len() -> usize {
 ///
 /// Safe to call during transaction abort (it raises no error; interrupts are held there).
 pub fn push(payload: &[u8], timeout_ms: i64) -> Result<u64, QueueError> {
+    push_all(&[payload], timeout_ms)
+}
+
+/// `push` of several records as one block: all of them, one after the other with nothing in
+/// between, or none.
+pub fn push_all(payloads: &[&[u8]], timeout_ms: i64) -> Result<u64, QueueError> {
     let s = shared().ok_or(QueueError::NoQueue)?;
-    let need = payload.len() as u64 + 4;
+    let need: u64 = payloads.iter().map(|p| p.len() as u64 + 4).sum();
     if need > s.capacity / 2 {
         return Err(QueueError::TooLarge);
     }
@@ -232,9 +264,13 @@ pub fn push(payload: &[u8], timeout_ms: i64) -> Result<u64, QueueError> {
             let (head, tail) = ((*sp).head, (*sp).tail);
             let ok = s.capacity - (head - tail) >= need;
             if ok {
-                let len = (payload.len() as u32).to_le_bytes();
-                copy_in(sp, head, &len);
-                copy_in(sp, head + 4, payload);
+                let mut at = head;
+                for payload in payloads {
+                    let len = (payload.len() as u32).to_le_bytes();
+                    copy_in(sp, at, &len);
+                    copy_in(sp, at + 4, payload);
+                    at += payload.len() as u64 + 4;
+                }
                 (*sp).head = head + need;
             }
             let pos = (*sp).head;

@@ -318,6 +318,14 @@ fn hot_standby_serves_and_a_promoted_one_continues_the_chain() {
     assert!(stored, "custody.flush() on the standby: its records were not stored by the primary");
     let rec = records_where(&mut p, "custody.audit_log", "strpos(statement, $1) > 0 AND command = 'SELECT'", &[&m.as_str()]);
     assert_eq!(rec.len(), 1, "the standby's statement in the primary's chain: {rec:?}");
+    let pid = query_i64(&mut p, "SELECT backend_pid::int8 FROM custody.audit_log WHERE strpos(statement, $1) > 0 AND command = 'SELECT'", &[&m]);
+    assert!(pid < 0, "a standby's record carries its pid negated, not {pid}");
+    // Nobody but superusers and custody_standby members may hand records to the primary.
+    p.batch_execute("CREATE ROLE sb_forger LOGIN").unwrap();
+    let mut f = primary.connect_as("sb_forger", "ops_forger");
+    let e = server_error(f.simple_query("SELECT custody.standby_records('\\x', 0)"), "standby_records as an ordinary role");
+    assert_eq!(e.code().code(), "42501", "{e:?}");
+    drop(f);
     let marked = query_i64(&mut p, "SELECT count(*) FROM custody.audit_log WHERE command = 'STANDBY RECORDS'", &[]);
     assert!(marked > 0, "no STANDBY RECORDS record before the shipped ones");
     assert_chain_ok(&mut p);

@@ -142,6 +142,19 @@ fn run() {
             pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_SUSET, pg_sys::GucSource::PGC_S_OVERRIDE)
         };
     }
+    // A standby promoted just now: its standby worker may still be shipping; the queue and
+    // the spool are this writer's once it has ended (or after 30 s, if it hangs).
+    for _ in 0..300 {
+        match crate::queue::shipping_pid() {
+            // SAFETY: kill with signal 0 only checks that the process exists.
+            Some(pid) if unsafe { libc_kill(pid, 0) } == 0 => {
+                if !BackgroundWorker::wait_latch(Some(Duration::from_millis(100))) {
+                    return;
+                }
+            }
+            _ => break,
+        }
+    }
     let Some(queue) = Consumer::attach() else { return };
     let mut chain: Option<Chain> = None;
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH_RECORDS);
@@ -320,9 +333,27 @@ fn publish_policies() -> bool {
     }
 }
 
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
 /// Records a standby kept in its spool (src/writer/spool.rs) and never shipped: the server
-/// was promoted since, and they are stored in this chain after a record that says so.
+/// was promoted since, and they are stored in this chain after a record that says so. Only
+/// a spool this server kept while it was a standby in this run, and of this cluster: a file
+/// found otherwise is left where it is, with a warning.
 fn store_spool(c: &mut Chain, queue: &Consumer, durable: &mut head::Durable) {
+    if !spool::pending() {
+        return;
+    }
+    if !crate::queue::was_standby() {
+        warning!("pg_custody writer: ignoring a standby spool this server did not keep while it was a standby in this run");
+        return;
+    }
+    if let Err(e) = spool::recover() {
+        warning!("pg_custody writer: the standby spool: {e}");
+        return;
+    }
     while spool::pending() {
         let (batch, pos) = match spool::next(BATCH_BYTES) {
             Ok(b) => b,

@@ -48,9 +48,22 @@ impl Shipper {
             if primary.trim().is_empty() {
                 return Err("primary_conninfo is not set".into());
             }
-            // Later keywords win: the primary's custody.database, whatever primary_conninfo names.
-            let dbname = settings::database().replace('\\', "\\\\").replace('\'', "\\'");
-            let conninfo = std::ffi::CString::new(format!("{primary} dbname='{dbname}'")).map_err(|e| e.to_string())?;
+            // The primary's custody.database, whatever primary_conninfo names (later keywords
+            // win); timeouts and keepalives that primary_conninfo may override (earlier ones
+            // lose), so that a primary gone silent cannot hold this worker for ever.
+            let db = settings::database();
+            let primary = primary.trim();
+            let conninfo = if primary.starts_with("postgresql://") || primary.starts_with("postgres://") {
+                let enc: String = db.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
+                format!("{primary}{}dbname={enc}", if primary.contains('?') { '&' } else { '?' })
+            } else {
+                let dbname = db.replace('\\', "\\\\").replace('\'', "\\'");
+                format!(
+                    "connect_timeout=10 keepalives=1 keepalives_idle=10 keepalives_interval=5 keepalives_count=3 \
+                     tcp_user_timeout=30000 {primary} dbname='{dbname}'"
+                )
+            };
+            let conninfo = std::ffi::CString::new(conninfo).map_err(|e| e.to_string())?;
             // SAFETY: connected to a database (connect_worker_to_spi), not in a critical section.
             self.conn = unsafe { crate::pgver::walrcv_connect(&conninfo, c"pg_custody standby")? };
         }
@@ -92,6 +105,10 @@ pub fn init() {
 /// Moves what the queue holds into the spool (durable on the standby), as far as it takes it.
 fn spool_queue(queue: &crate::queue::Consumer, batch: &mut Vec<Vec<u8>>) {
     loop {
+        // SAFETY: a plain check of the server's state (promoted: the writer's queue now).
+        if !unsafe { pg_sys::RecoveryInProgress() } {
+            return;
+        }
         batch.clear();
         let end = queue.peek(SHIP_RECORDS, SHIP_BYTES, batch);
         if batch.is_empty() {
@@ -122,6 +139,11 @@ pub extern "C-unwind" fn custody_standby_main(_arg: pg_sys::Datum) {
     own::set_writer();
     BackgroundWorker::connect_worker_to_spi(Some(settings::database()), None);
     let Some(queue) = crate::queue::Consumer::attach() else { return };
+    // SAFETY: a plain read of this process's pid.
+    crate::queue::set_shipping(unsafe { pg_sys::MyProcPid });
+    if let Err(e) = spool::recover() {
+        warning!("pg_custody standby: its spool: {e}");
+    }
     let mut shipper = Shipper { conn: std::ptr::null_mut(), retry_at: None };
     let mut batch: Vec<Vec<u8>> = Vec::new();
     let mut last: Option<custody_policy::Snapshot> = None;
@@ -198,11 +220,21 @@ pub extern "C-unwind" fn custody_standby_main(_arg: pg_sys::Datum) {
                 spool_queue(&queue, &mut batch);
                 break;
             }
-            match shipper.ship(&batch, lost) {
+            let shipped = shipper.ship(&batch, lost);
+            // SAFETY: a plain check of the server's state. Promoted meanwhile: the writer
+            // owns the queue and the spool now (it waits for this worker to end).
+            if !unsafe { pg_sys::RecoveryInProgress() } {
+                break;
+            }
+            match shipped {
                 Ok(()) => {
                     if from_spool {
                         if let Err(e) = spool::shipped_to(end) {
+                            // Not noted: shipping the same records again and again would
+                            // follow; wait, and try again.
                             warning!("pg_custody standby: cannot note what it shipped from its spool: {e}");
+                            shipper.retry_at = Some(std::time::Instant::now() + RETRY);
+                            break;
                         }
                     } else {
                         queue.advance(end);
@@ -231,6 +263,7 @@ pub extern "C-unwind" fn custody_standby_main(_arg: pg_sys::Datum) {
         }
     }
     shipper.close();
+    crate::queue::set_shipping(0);
     // Recovery ended: done (the writer takes over). Otherwise terminated: exit code 1, so the
     // postmaster starts another (at server shutdown it starts none).
     // SAFETY: as above.
