@@ -275,18 +275,18 @@ as_pg "$bin/pg_basebackup" -h /tmp -p "$port" -U postgres -D "$sdir" -R -X strea
 echo "port = $sport" >> "$sdir/postgresql.auto.conf"
 "$here/cluster.sh" start "$sdir" "$sport"
 "$here/cluster.sh" psql "$sport" -qAt -c "SELECT 'on the standby: ' || (custody.status()->>'state')"
-"$here/cluster.sh" psql "$sport" -U demo_contractor -qAt -c "SELECT 'demo_contractor reads ' || count(*) || ' rows on the standby' FROM demo_accounts /* on the standby */" \
+"$here/cluster.sh" psql "$sport" -U demo_contractor -d postgres -qAt -c "SELECT 'demo_contractor reads ' || count(*) || ' rows on the standby' FROM demo_accounts /* on the standby */" \
     -c "SELECT custody.flush()" >/dev/null
-psql -c "SELECT seq, command, session_user_name AS role, left(statement, 60) AS statement
-     FROM custody.audit_log WHERE command = 'STANDBY RECORDS' OR strpos(statement, '/* on the standby */') > 0
-     ORDER BY seq DESC LIMIT 2"
+echo "-- in the primary's chain: each batch after its marker; a standby's records carry its pid negated"
+psql -c "SELECT * FROM (SELECT seq, command, session_user_name AS role, backend_pid, left(statement, 50) AS statement
+     FROM custody.audit_log WHERE command = 'STANDBY RECORDS' OR backend_pid < 0 ORDER BY seq DESC LIMIT 4) r ORDER BY seq"
 psql -qAt -c "SELECT custody.suspend('demo_contractor', 'suspended on the primary')" >/dev/null
 for _ in $(seq 50); do   # replayed on the standby, published there by its standby worker
-    "$here/cluster.sh" psql "$sport" -U demo_contractor -qAt -c "SELECT 1" >/dev/null 2>&1 || break
+    "$here/cluster.sh" psql "$sport" -U demo_contractor -d postgres -qAt -c "SELECT 1" >/dev/null 2>&1 || break
     sleep 0.2
 done
 echo "-- suspended on the primary; on the standby:"
-"$here/cluster.sh" psql "$sport" -U demo_contractor -c "SELECT count(*) FROM demo_accounts" 2>&1 | head -2 || true
+"$here/cluster.sh" psql "$sport" -U demo_contractor -d postgres -c "SELECT count(*) FROM demo_accounts" 2>&1 | head -2 || true
 psql -qAt -c "SELECT custody.resume('demo_contractor')" >/dev/null
 "$here/cluster.sh" stop "$sdir"
 
