@@ -359,19 +359,22 @@ pub fn restoring(relid: pg_sys::Oid) -> bool {
 /// log a subscription fills is one the writer refuses to append to) is refused.
 pub fn refuse_subscription_into_protected() {
     let Some(ids) = ids() else { return };
-    let q = c"SELECT 1 FROM pg_catalog.pg_subscription_rel WHERE srrelid OPERATOR(pg_catalog.=) $1 LIMIT 1";
     for t in TABLES {
         let oid = ids.table(t);
-        if oid == pg_sys::InvalidOid {
-            continue;
-        }
-        let subscribed = own::pinned(|| {
-            pgrx::spi::Spi::connect(|client| own::select(client, q, &[oid.into()]).map(|r| !r.is_empty()))
-        });
-        if subscribed.unwrap_or(false) {
+        if oid != pg_sys::InvalidOid && subscription_feeding(oid).is_some() {
             refuse(t, "logical replication into");
         }
     }
+}
+
+/// The subscription that replicates into `relid`, if one does (pg_subscription_rel).
+pub fn subscription_feeding(relid: pg_sys::Oid) -> Option<String> {
+    let q = c"SELECT s.subname::pg_catalog.text FROM pg_catalog.pg_subscription_rel r \
+              JOIN pg_catalog.pg_subscription s ON s.oid OPERATOR(pg_catalog.=) r.srsubid \
+              WHERE r.srrelid OPERATOR(pg_catalog.=) $1 LIMIT 1";
+    own::pinned(|| {
+        pgrx::spi::Spi::connect(|client| own::select(client, q, &[relid.into()]).ok()?.first().get_one::<String>().ok().flatten())
+    })
 }
 
 /// Raises the refusal of `action` on the protected table `t`.

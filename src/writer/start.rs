@@ -50,7 +50,7 @@ pub fn open(queue: &Consumer) -> Start {
             return Start::Refusing(format!("{} is not as pg_custody created it: {what}", protect::label(t)));
         }
     }
-    if let Some(sub) = subscription_feeding(ids.table(Table::AuditLog)) {
+    if let Some(sub) = protect::subscription_feeding(ids.table(Table::AuditLog)) {
         return Start::Refusing(format!(
             "custody.audit_log receives another server's records by logical replication (subscription \"{sub}\"): \
              it is a copy, and the writer does not append to a copy (docs/operations.md)"
@@ -132,13 +132,6 @@ fn identity() -> (u64, u32) {
     unsafe { (pg_sys::GetSystemIdentifier(), u32::from(pg_sys::MyDatabaseId)) }
 }
 
-/// The subscription that replicates into `log`, if one does (pg_subscription_rel).
-pub(super) fn subscription_feeding(log: pg_sys::Oid) -> Option<String> {
-    let q = c"SELECT s.subname::pg_catalog.text FROM pg_catalog.pg_subscription_rel r \
-              JOIN pg_catalog.pg_subscription s ON s.oid OPERATOR(pg_catalog.=) r.srsubid \
-              WHERE r.srrelid OPERATOR(pg_catalog.=) $1 LIMIT 1";
-    Spi::connect(|client| crate::own::select(client, q, &[log.into()]).ok()?.first().get_one::<String>().ok().flatten())
-}
 
 /// The CHAIN HANDOVER record: the chain `from`, whose head the table holds, goes on as the
 /// chain of this cluster and database (docs/chain-format.md, "Hand-over").
@@ -161,10 +154,9 @@ fn handover_record(
         "system_identifier": system_identifier.to_string(),
         "database_oid": database_oid,
     });
-    let from_origin = from.origin.as_deref().and_then(|o| o.strip_prefix("pg_custody/")).and_then(|o| o.split_once('/'));
-    if let Some((sys, db)) = from_origin {
+    if let Some((sys, db)) = from.origin.as_deref().and_then(custody_chain::note::parse_origin) {
         claim["from_system_identifier"] = serde_json::Value::String(sys.to_string());
-        claim["from_database_oid"] = db.parse::<u32>().map_or(serde_json::Value::Null, serde_json::Value::from);
+        claim["from_database_oid"] = db.into();
     }
     if let Some(d) = dropped {
         claim["dropped_head_seq"] = d.head.seq.into();

@@ -231,12 +231,16 @@ pub fn checkpoint_origin(system_identifier: u64, database_oid: u32) -> String {
     format!("pg_custody/{system_identifier}/{database_oid}")
 }
 
-/// The genesis hash of the chain a checkpoint origin names ("pg_custody/<sysid>/<oid>"),
-/// if it is one of pg_custody's.
+/// The cluster and database a checkpoint origin names (`checkpoint_origin` read back), if
+/// it is one of pg_custody's.
+pub fn parse_origin(origin: &str) -> Option<(u64, u32)> {
+    let (sys, db) = origin.strip_prefix("pg_custody/")?.split_once('/')?;
+    Some((sys.parse().ok()?, db.parse().ok()?))
+}
+
+/// The genesis hash of the chain a checkpoint origin names, if it is one of pg_custody's.
 pub fn origin_genesis(origin: &str) -> Option<crate::Hash> {
-    let rest = origin.strip_prefix("pg_custody/")?;
-    let (sys, db) = rest.split_once('/')?;
-    Some(crate::record::genesis_hash(sys.parse().ok()?, db.parse().ok()?))
+    parse_origin(origin).map(|(sys, db)| crate::record::genesis_hash(sys, db))
 }
 
 /// Checkpoint body: "<origin>\n<tree size>\n<base64 root hash>\n".

@@ -85,11 +85,7 @@ fn named_chain(client: &mut postgres::Client, schema: &str) -> Result<Option<(u6
             Some(Lineage::Handover { to, .. }) => to,
             _ => continue,
         };
-        let origin = id.origin.unwrap_or_default();
-        let parsed = origin
-            .strip_prefix("pg_custody/")
-            .and_then(|o| o.split_once('/'))
-            .and_then(|(s, d)| Some((s.parse().ok()?, d.parse().ok()?)));
+        let parsed = id.origin.as_deref().and_then(custody_chain::note::parse_origin);
         if parsed.is_some() {
             return Ok(parsed);
         }
@@ -161,10 +157,7 @@ pub fn open(dsn: &str, schema: &str, origin: Option<&str>) -> Result<(DsnLines, 
     let origin = origin.or(own_origin.as_deref());
     let chain = match origin {
         Some(o) => {
-            let parsed = o
-                .strip_prefix("pg_custody/")
-                .and_then(|o| o.split_once('/'))
-                .and_then(|(s, d)| Some((s.parse::<u64>().ok()?, d.parse::<u32>().ok()?)));
+            let parsed = custody_chain::note::parse_origin(o);
             Some(parsed.ok_or_else(|| format!("--origin {o:?}: not pg_custody/<system identifier>/<database oid>"))?)
         }
         None => named_chain(&mut client, schema).map_err(|e| format!("--dsn: reading {schema}.audit_log: {e}"))?,
