@@ -84,6 +84,11 @@ struct Shared {
     /// the table with it, so a head that went backwards is noticed.
     head_valid: bool,
     head_hash: [u8; 32],
+    /// The Merkle tree over the records up to that head (size and frontier, under `lock`): the
+    /// writer that follows goes on from it instead of reading the whole log again.
+    merkle_size: u64,
+    merkle_len: u32,
+    merkle: [[u8; 32]; 64],
     /// The seq of the last checkpoint custody.checkpoint_command took.
     archived_seq: AtomicI64,
     /// End of the writer's last commit record in WAL: what must be flushed for everything it
@@ -393,16 +398,20 @@ fn wake_writer() {
 /// The writer committed a batch ending at (seq, hash): for custody.status(), for the next
 /// writer of this server run, and for `flush_stored`. Called right after every commit, so
 /// that what shared memory remembers is never behind the table.
-pub fn writer_committed(seq: i64, hash: &[u8; 32]) {
+pub fn writer_committed(seq: i64, hash: &[u8; 32], merkle: &custody_chain::MerkleBuilder) {
     let Some(s) = shared() else { return };
     let sp = s as *const Shared as *mut Shared;
+    let frontier = merkle.frontier();
     // SAFETY: XactLastCommitEnd was set by the commit this process just made; the head is
-    // written under the lock.
+    // written under the lock. A frontier has one hash per set bit of a u64, at most 64.
     unsafe {
         s.commit_lsn.fetch_max(pg_sys::XactLastCommitEnd, Ordering::AcqRel);
         pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         (*sp).head_hash = *hash;
         (*sp).head_valid = true;
+        (*sp).merkle_size = merkle.size();
+        (*sp).merkle_len = frontier.len() as u32;
+        (&mut (*sp).merkle)[..frontier.len()].copy_from_slice(frontier);
         s.head_seq.store(seq, Ordering::Release);
         pg_sys::LWLockRelease(s.lock);
     }
@@ -530,13 +539,18 @@ impl Consumer {
         }
     }
 
-    /// The head the previous writer of this server run committed, if one did.
-    pub fn committed_head(&self) -> Option<(i64, [u8; 32])> {
+    /// The head the previous writer of this server run committed, if one did, and the Merkle
+    /// tree over the records up to it.
+    pub fn committed_head(&self) -> Option<(i64, [u8; 32], Option<custody_chain::MerkleBuilder>)> {
         let sp = self.s as *const Shared;
-        // SAFETY: read under the lock.
+        // SAFETY: read under the lock; merkle_len was written with the frontier (<= 64).
         unsafe {
             pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_SHARED);
-            let h = (*sp).head_valid.then(|| (self.s.head_seq.load(Ordering::Acquire), (*sp).head_hash));
+            let h = (*sp).head_valid.then(|| {
+                let frontier = (&(*sp).merkle)[..((*sp).merkle_len as usize).min(64)].to_vec();
+                let merkle = custody_chain::MerkleBuilder::from_frontier((*sp).merkle_size, frontier);
+                (self.s.head_seq.load(Ordering::Acquire), (*sp).head_hash, merkle)
+            });
             pg_sys::LWLockRelease(self.s.lock);
             h
         }

@@ -215,3 +215,87 @@ fn every_checkpoint_leaves_the_database() {
         "server.log has neither the root hash line {root_line:?} nor the signature line {sig_line:?} of checkpoint {cp}"
     );
 }
+
+/// The last "N records of custody.audit_log read to resume it" the server log has.
+fn records_read_at_start(cluster: &Cluster) -> i64 {
+    let log = std::fs::read_to_string(cluster.dir.join("server.log")).expect("server.log");
+    let line = log.lines().rev().find(|l| l.contains("records of custody.audit_log read to resume it")).expect("a writer start");
+    let n = line.split('(').nth(1).and_then(|t| t.split_whitespace().next()).expect("a count");
+    n.parse().unwrap_or_else(|_| panic!("count in {line}"))
+}
+
+fn head_file(cluster: &Cluster, c: &mut Client) -> PathBuf {
+    let oid = query_i64(c, "SELECT oid::int8 FROM pg_database WHERE datname = current_database()", &[]);
+    cluster.dir.join(format!("pg_custody.{oid}.head"))
+}
+
+/// Cost that grows with the log (issue 16): a writer that starts reads only the records after
+/// the head it remembers, with the Merkle tree up to there, not the whole log. A frontier that
+/// does not match what the last checkpoint signed, or none (a head file of an earlier
+/// version), makes it read the whole log; either way the chain and every checkpoint verify.
+#[test]
+fn a_start_reads_only_what_came_after_the_remembered_head() {
+    let (cluster, mut c, key) = keyed_cluster("trust_head_resume", 16);
+    activity_and_checkpoint(&mut c, "resume_t", 300);
+    let file = head_file(&cluster, &mut c);
+    drop(c);
+
+    // A clean restart: the head file names the last record and the tree up to it.
+    cluster.start();
+    let mut c = cluster.connect("resume_1");
+    wait_ready(&mut c);
+    let read = records_read_at_start(&cluster);
+    let head = query_i64(&mut c, "SELECT max(seq) FROM custody.audit_log", &[]);
+    assert!(head > 300, "the log holds the activity ({head})");
+    assert!(read <= 2, "a clean restart read {read} records of {head}");
+    let head = activity_and_checkpoint(&mut c, "resume_t2", 20);
+    let v = verify_with(&mut c, None, Some(&key));
+    assert!(v.ok, "after a resumed start: {v:?}");
+    drop(c);
+
+    // The frontier edited by hand: it does not give the root the last checkpoint signed.
+    cluster.stop("fast");
+    let text = std::fs::read_to_string(&file).expect("head file");
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(fields.len(), 8, "head file with a frontier: {text}");
+    let forged: Vec<String> = fields[7].split(',').map(|_| "ab".repeat(32)).collect();
+    let edited = format!("{} {}\n", fields[..7].join(" "), forged.join(","));
+    std::fs::write(&file, edited).expect("edit head file");
+    cluster.start();
+    let mut c = cluster.connect("resume_2");
+    wait_ready(&mut c);
+    let stored = query_i64(&mut c, "SELECT count(*) FROM custody.audit_log", &[]);
+    let read = records_read_at_start(&cluster);
+    assert!(read >= head && read <= stored, "a forged frontier must make the writer read the whole log: {read} of {stored}");
+    activity_and_checkpoint(&mut c, "resume_t3", 5);
+    let v = verify_with(&mut c, None, Some(&key));
+    assert!(v.ok, "after a forged frontier: {v:?}");
+    assert_eq!(head_mismatches(&mut c), vec![], "the head itself was right");
+    drop(c);
+
+    // A head file without a frontier (an earlier version's): the whole log, and on from there.
+    cluster.stop("fast");
+    let text = std::fs::read_to_string(&file).expect("head file");
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    std::fs::write(&file, format!("{}\n", fields[..6].join(" "))).expect("old head file");
+    cluster.start();
+    let mut c = cluster.connect("resume_3");
+    wait_ready(&mut c);
+    let stored = query_i64(&mut c, "SELECT count(*) FROM custody.audit_log", &[]);
+    let read = records_read_at_start(&cluster);
+    assert!(read + 2 >= stored, "no frontier: the whole log ({read} of {stored})");
+    activity_and_checkpoint(&mut c, "resume_t4", 5);
+    let v = verify_with(&mut c, None, Some(&key));
+    assert!(v.ok, "after an old head file: {v:?}");
+
+    // A writer terminated and started again goes on from shared memory.
+    let pid = writer_pid(&mut c).expect("a writer runs");
+    c.query_one("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+    wait_new_writer(&mut c, pid, Duration::from_secs(10));
+    flush(&mut c);
+    let read = records_read_at_start(&cluster);
+    assert!(read <= 2, "a writer restart read {read} records");
+    activity_and_checkpoint(&mut c, "resume_t5", 5);
+    assert!(verify_with(&mut c, None, Some(&key)).ok, "after a writer restart");
+    assert_eq!(alarm(&mut c), None);
+}

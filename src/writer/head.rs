@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 
 use std::time::{Duration, Instant};
 
-use custody_chain::{hex, Hash};
+use custody_chain::{hex, Hash, MerkleBuilder};
 use pgrx::pg_sys;
 
 use crate::queue::head_file;
@@ -26,18 +26,28 @@ pub struct Head {
     pub hash: Hash,
 }
 
-/// What the file says: the head, and whether the writer that wrote it stopped cleanly.
+/// What the file says: the head, whether the writer that wrote it stopped cleanly, and the
+/// Merkle frontier over the records up to the head (absent in files of earlier versions), so
+/// that the next writer reads only the records after it instead of the whole log.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Remembered {
     pub head: Head,
     pub clean: bool,
+    pub merkle: Option<MerkleBuilder>,
 }
 
 const MAGIC: &str = "pg_custody-head-1";
 
-/// The file's one line: magic, system identifier, database OID, seq, hash, clean flag.
+/// The file's one line: magic, system identifier, database OID, seq, hash, clean flag, and
+/// the Merkle tree's size and frontier (comma-separated hashes, `-` for none).
 pub fn encode(sysid: u64, dboid: u32, r: &Remembered) -> String {
-    format!("{MAGIC} {sysid} {dboid} {} {} {}\n", r.head.seq, hex::encode(&r.head.hash), u8::from(r.clean))
+    let mut line = format!("{MAGIC} {sysid} {dboid} {} {} {}", r.head.seq, hex::encode(&r.head.hash), u8::from(r.clean));
+    if let Some(m) = &r.merkle {
+        let frontier: Vec<String> = m.frontier().iter().map(|h| hex::encode(h)).collect();
+        let frontier = if frontier.is_empty() { "-".to_string() } else { frontier.join(",") };
+        line += &format!(" {} {frontier}", m.size());
+    }
+    line + "\n"
 }
 
 /// Parses the file's line; None when it is not one, or names another cluster or database
@@ -50,7 +60,16 @@ pub fn decode(text: &str, sysid: u64, dboid: u32) -> Option<Remembered> {
     let seq = w.next()?.parse().ok()?;
     let hash = hex::decode_hash(w.next()?).ok()?;
     let clean = w.next()? == "1";
-    Some(Remembered { head: Head { seq, hash }, clean })
+    // A frontier that does not parse is as good as none: the writer reads the whole log.
+    let merkle = (|| {
+        let size = w.next()?.parse::<u64>().ok()?;
+        let frontier = match w.next()? {
+            "-" => Vec::new(),
+            list => list.split(',').map(|h| hex::decode_hash(h).ok()).collect::<Option<Vec<Hash>>>()?,
+        };
+        MerkleBuilder::from_frontier(size, frontier)
+    })();
+    Some(Remembered { head: Head { seq, hash }, clean, merkle })
 }
 
 /// What the table holds compared with what the writer stored.
@@ -118,7 +137,7 @@ pub fn forget(in_chain_database: bool) {
     let (sysid, dboid) = identity();
     let file = head_file(dboid);
     let tomb = format!("{file}.dropped");
-    let written = std::fs::write(&tomb, encode(sysid, dboid, &Remembered { head, clean: true }));
+    let written = std::fs::write(&tomb, encode(sysid, dboid, &Remembered { head, clean: true, merkle: None }));
     if let Err(e) = written.and_then(|()| if on_file.is_some() { std::fs::remove_file(&file) } else { Ok(()) }) {
         pgrx::warning!("pg_custody: could not keep the dropped chain's head in {tomb}: {e}");
     }
@@ -144,10 +163,11 @@ fn write(r: &Remembered) -> std::io::Result<()> {
     std::fs::rename(&tmp, &file)
 }
 
-/// Heads committed but maybe not flushed yet, and the last one written to the file.
+/// Heads committed but maybe not flushed yet (with the Merkle frontier at each), and the
+/// last one written to the file.
 pub struct Durable {
-    pending: VecDeque<(u64, Head)>,
-    written: Option<Head>,
+    pending: VecDeque<(u64, Head, Option<MerkleBuilder>)>,
+    written: Option<(Head, Option<MerkleBuilder>)>,
     last_write: Option<Instant>,
 }
 
@@ -159,11 +179,12 @@ impl Durable {
         Durable { pending: VecDeque::new(), written: None, last_write: None }
     }
 
-    /// A batch ending at `head` committed; its commit record ends at this LSN.
-    pub fn committed(&mut self, head: Head) {
+    /// A batch ending at `head` committed; its commit record ends at this LSN. `merkle`: the
+    /// tree over the records up to it.
+    pub fn committed(&mut self, head: Head, merkle: &MerkleBuilder) {
         // SAFETY: set by CommitTransaction in this process, read right after.
         let lsn = unsafe { pg_sys::XactLastCommitEnd };
-        self.pending.push_back((lsn, head));
+        self.pending.push_back((lsn, head, Some(merkle.clone())));
     }
 
     /// Writes the newest head whose commit is flushed, at most every WRITE_EVERY unless
@@ -172,28 +193,30 @@ impl Durable {
         // SAFETY: reads the WAL flush position.
         let flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
         let mut newest = None;
-        while self.pending.front().is_some_and(|(lsn, _)| *lsn <= flushed) {
-            newest = self.pending.pop_front().map(|(_, h)| h);
+        while self.pending.front().is_some_and(|(lsn, _, _)| *lsn <= flushed) {
+            newest = self.pending.pop_front().map(|(_, h, m)| (h, m));
         }
-        let Some(head) = newest.or(if clean { self.written } else { None }) else { return };
+        let Some((head, merkle)) = newest.or(if clean { self.written.take() } else { None }) else { return };
         if !now && self.last_write.is_some_and(|t| t.elapsed() < WRITE_EVERY) {
             // Keep it for the next call.
-            self.pending.push_front((0, head));
+            self.pending.push_front((0, head, merkle));
             return;
         }
-        match write(&Remembered { head, clean }) {
+        let r = Remembered { head, clean, merkle };
+        match write(&r) {
             Ok(()) => {
-                self.written = Some(head);
+                self.written = Some((r.head, r.merkle));
                 self.last_write = Some(Instant::now());
             }
             Err(e) => pgrx::warning!("pg_custody writer: could not write {}: {e}", head_file(identity().1)),
         }
     }
 
-    /// Marks the chain head as known at start (the table's, after any alarm was recorded).
-    pub fn start(&mut self, head: Head) {
+    /// Marks the chain head as known at start (the table's, after any alarm was recorded),
+    /// with the tree over the records up to it when the writer has it.
+    pub fn start(&mut self, head: Head, merkle: Option<MerkleBuilder>) {
         self.pending.clear();
-        self.pending.push_back((0, head));
+        self.pending.push_back((0, head, merkle));
         self.sync(true, false);
     }
 }
@@ -208,9 +231,22 @@ mod tests {
 
     #[test]
     fn file_round_trip_and_identity() {
-        let r = Remembered { head: Head { seq: 42, hash: h(7) }, clean: true };
+        let r = Remembered { head: Head { seq: 42, hash: h(7) }, clean: true, merkle: None };
         let line = encode(99, 5, &r);
         assert_eq!(decode(&line, 99, 5), Some(r));
+        let mut m = MerkleBuilder::new();
+        for i in 0..42u8 {
+            m.push(&[i; 32]);
+        }
+        let with = Remembered { head: Head { seq: 42, hash: h(7) }, clean: false, merkle: Some(m.clone()) };
+        let line = encode(99, 5, &with);
+        assert_eq!(decode(&line, 99, 5), Some(with), "{line}");
+        let empty = Remembered { head: Head { seq: 0, hash: h(0) }, clean: true, merkle: Some(MerkleBuilder::new()) };
+        assert_eq!(decode(&encode(99, 5, &empty), 99, 5), Some(empty));
+        // A damaged frontier is no frontier, the head still counts.
+        let damaged = line.replacen(&format!(" 42 {}", hex::encode(&m.frontier()[0])), " 42 zz", 1);
+        assert_ne!(damaged, line);
+        assert_eq!(decode(&damaged, 99, 5).map(|r| (r.head, r.merkle)), Some((Head { seq: 42, hash: h(7) }, None)));
         assert_eq!(decode(&line, 98, 5), None, "another cluster");
         assert_eq!(decode(&line, 99, 6), None, "another database");
         assert_eq!(decode("garbage", 99, 5), None);

@@ -185,7 +185,7 @@ fn run() {
                     log!("pg_custody writer: appending to custody.audit_log after seq {}", c.seq);
                     // The file says a writer runs (not a clean stop) from now on, naming a head
                     // that is on disk already; the first records follow like any others.
-                    durable.start(on_disk);
+                    durable.start(on_disk.0, on_disk.1);
                     let handed_over = first.iter().any(|r| r.command == custody_chain::CHAIN_HANDOVER);
                     let says_dropped = handed_over || first.iter().any(|r| r.command == start::CHAIN_DROPPED);
                     append(&mut c, first);
@@ -387,7 +387,7 @@ fn queue_state_refusing(_queue: &Consumer) -> bool {
 
 /// After a batch committed: the head for the file (shared memory has it already).
 fn committed(c: &Chain, _queue: &Consumer, durable: &mut head::Durable) {
-    durable.committed(head::Head { seq: c.seq, hash: c.hash });
+    durable.committed(head::Head { seq: c.seq, hash: c.hash }, &c.merkle);
 }
 
 /// Records that sessions could not queue — while this writer ran or before it started (the
@@ -483,7 +483,7 @@ fn checkpoint(chain: &mut Chain, signer: &Signer, queue: &Consumer, archiver: &m
     // The writer commits asynchronously; a checkpoint is what auditors copy out, so it is on
     // disk before anyone can read it as the latest (and the records it covers with it).
     // SAFETY: set by the commit of the checkpoint's transaction just above.
-    crate::queue::writer_committed(chain.seq, &chain.hash);
+    crate::queue::writer_committed(chain.seq, &chain.hash, &chain.merkle);
     crate::queue::flush_stored();
     chain.checkpointed = chain.seq;
     queue.set_last_checkpoint(chain.seq);
@@ -703,10 +703,10 @@ fn try_append(chain: &mut Chain, records: Vec<Captured>) -> Result<(), String> {
     })?;
     chain.seq = seq;
     chain.hash = prev;
-    crate::queue::writer_committed(seq, &prev);
     for h in &hashes {
         chain.merkle.push(h);
     }
+    crate::queue::writer_committed(seq, &prev, &chain.merkle);
     Ok(())
 }
 

@@ -18,8 +18,9 @@ pub enum Start {
     /// The log, its checkpoints or keys are not as pg_custody made them: nothing is written.
     Refusing(String),
     /// Append after this head; these records first (an alarm, then WRITER START). The third
-    /// field is the head to remember until those are on disk.
-    Ready(Chain, Vec<Captured>, Head),
+    /// field is the head to remember until those are on disk (with the Merkle tree up to it,
+    /// when the writer has that).
+    Ready(Chain, Vec<Captured>, (Head, Option<MerkleBuilder>)),
 }
 
 /// Inside a transaction of the writer.
@@ -56,14 +57,21 @@ pub fn open(queue: &Consumer) -> Start {
              it is a copy, and the writer does not append to a copy (docs/operations.md)"
         ));
     }
-    let (mut chain, last_command) = read_chain();
-    let table = Head { seq: chain.seq, hash: chain.hash };
     // The head committed by the writer before this one (same server run), else the one the
-    // file says was flushed; the former is never behind the latter.
+    // file says was flushed; the former is never behind the latter. With it comes the Merkle
+    // tree up to that head, so only the records after it are read.
     let remembered = queue
         .committed_head()
-        .map(|(seq, hash)| (Head { seq, hash }, true))
-        .or_else(|| head::read().map(|r| (r.head, r.clean)));
+        .map(|(seq, hash, merkle)| (Head { seq, hash }, true, merkle))
+        .or_else(|| head::read().map(|r| (r.head, r.clean, r.merkle)));
+    let resume = remembered.as_ref().and_then(|(h, _, m)| Some((*h, m.clone()?)));
+    let (mut chain, last_command, read) = read_chain(resume);
+    pgrx::log!(
+        "pg_custody writer: the chain head is seq {} ({read} records of custody.audit_log read to resume it)",
+        chain.seq
+    );
+    let remembered = remembered.map(|(h, exact, m)| ((h, m), exact));
+    let table = Head { seq: chain.seq, hash: chain.hash };
     let mut records = Vec::new();
     // A log that holds records and no head this writer remembers — a restore, a pg_upgrade,
     // a log created again after DROP EXTENSION, a head file removed — is adopted with a
@@ -93,11 +101,11 @@ pub fn open(queue: &Consumer) -> Start {
     // The head the file names while this writer runs, until its own records are flushed:
     // the table's, or — when records are missing or rewritten — the remembered one, so that a
     // crash before the alarm is on disk raises it again.
-    let mut keep = table;
-    if let Some((r, exact)) = remembered {
+    let mut keep = (table, Some(chain.merkle.clone()));
+    if let Some(((r, merkle), exact)) = remembered {
         let check = head::compare(&r, &table, exact, hash_at);
         if matches!(check, Check::Missing { .. } | Check::Rewritten { .. }) {
-            keep = r;
+            keep = (r, merkle);
         }
         if let Some(alarm) = alarm_record(&check, &table) {
             pgrx::warning!("pg_custody writer: {}", alarm.message.as_deref().unwrap_or_default());
@@ -179,25 +187,82 @@ fn handover_record(
 }
 
 /// The chain as the table holds it: head, Merkle tree over every record hash, last
-/// checkpoint, and the command of the last record.
-fn read_chain() -> (Chain, Option<String>) {
-    let heads = std::ffi::CString::new(format!("SELECT seq, hash, command FROM {} ORDER BY seq", sql_name(Table::AuditLog)))
+/// checkpoint, the command of the last record, and how many records were read for it.
+///
+/// `resume`: a head the writer remembers and the tree up to it. When the table still holds
+/// that head (and the last checkpoint, if it is at that head, signed the same root), only the
+/// records after it are read: a start costs what was stored since, not the whole log. Else the
+/// whole log is read. A frontier that does not match the records (a file edited by hand) can
+/// only make later checkpoints' roots wrong, which verification reports; it hides nothing.
+fn read_chain(resume: Option<(Head, MerkleBuilder)>) -> (Chain, Option<String>, u64) {
+    // In slices of seq with both bounds: the planner takes the primary key for those whatever
+    // the statistics say (a log never analyzed yet estimates a third of it for `seq > $1`).
+    let after = std::ffi::CString::new(format!(
+        "SELECT seq, hash FROM {} WHERE seq OPERATOR(pg_catalog.>) $1 AND seq OPERATOR(pg_catalog.<=) $2 ORDER BY seq",
+        sql_name(Table::AuditLog)
+    ))
+    .expect("no NUL");
+    let max = std::ffi::CString::new(format!("SELECT pg_catalog.max(seq) FROM {}", sql_name(Table::AuditLog))).expect("no NUL");
+    let next = std::ffi::CString::new(format!(
+        "SELECT pg_catalog.min(seq) FROM {} WHERE seq OPERATOR(pg_catalog.>) $1",
+        sql_name(Table::AuditLog)
+    ))
+    .expect("no NUL");
+    let last = std::ffi::CString::new(format!("SELECT command FROM {} ORDER BY seq DESC LIMIT 1", sql_name(Table::AuditLog)))
         .expect("no NUL");
     let checkpointed = std::ffi::CString::new(format!(
-        "SELECT coalesce(pg_catalog.max(seq), 0)::pg_catalog.int8 FROM {}",
+        "SELECT seq, merkle_root FROM {} ORDER BY seq DESC LIMIT 1",
         sql_name(Table::Checkpoints)
     ))
     .expect("no NUL");
+    let held = resume.as_ref().is_some_and(|(h, _)| h.seq == 0 || hash_at(h.seq) == Some(h.hash));
     Spi::connect(|client| {
         let log = protect::ids().map(|i| i.table(Table::AuditLog)).unwrap_or(pg_sys::InvalidOid);
-        let mut chain = Chain { seq: 0, hash: genesis(), merkle: MerkleBuilder::new(), checkpointed: 0, log };
-        let mut last = None;
-        let mut cursor = client.open_cursor(&*heads, &[]);
-        loop {
-            let table = cursor.fetch(10_000).expect("read custody.audit_log");
-            if table.is_empty() {
-                break;
+        let (checkpoint_seq, checkpoint_root) = client
+            .select(&*checkpointed, None, &[])
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                let row = t.first();
+                let seq = row.get::<i64>(1).ok().flatten().unwrap_or(0);
+                let root = row.get::<Vec<u8>>(2).ok().flatten().unwrap_or_default();
+                (seq, root)
+            })
+            .unwrap_or((0, Vec::new()));
+        let resume = resume.filter(|(h, m)| {
+            let signed_other = checkpoint_seq == h.seq && h.seq > 0 && checkpoint_root != m.root();
+            if held && signed_other {
+                pgrx::warning!(
+                    "pg_custody writer: the Merkle tree remembered at seq {} is not the one checkpoint {} signed; reading the whole log",
+                    h.seq, checkpoint_seq
+                );
             }
+            held && !signed_other
+        });
+        let (from, mut chain) = match resume {
+            Some((h, merkle)) => (h.seq, Chain { seq: h.seq, hash: h.hash, merkle, checkpointed: 0, log }),
+            None => (i64::MIN, Chain { seq: 0, hash: genesis(), merkle: MerkleBuilder::new(), checkpointed: 0, log }),
+        };
+        let mut read = 0u64;
+        let last_seq = crate::own::select(client, &max, &[])
+            .ok()
+            .and_then(|t| t.first().get_one::<i64>().ok().flatten())
+            .unwrap_or(0);
+        const SLICE: i64 = 50_000;
+        let mut lo = from;
+        while lo < last_seq {
+            let hi = lo.saturating_add(SLICE).min(last_seq);
+            let table = crate::own::select(client, &after, &[lo.into(), hi.into()]).expect("read custody.audit_log");
+            if table.is_empty() {
+                // A stretch without records (seqs far apart, from a log edited by hand): on to
+                // the next record there is, not slice by slice.
+                let at = crate::own::select(client, &next, &[hi.into()])
+                    .ok()
+                    .and_then(|t| t.first().get_one::<i64>().ok().flatten());
+                lo = at.map_or(last_seq, |s| s - 1);
+                continue;
+            }
+            lo = hi;
             for row in table {
                 let seq = row.get::<i64>(1).ok().flatten().unwrap_or_default();
                 let h = row.get::<Vec<u8>>(2).ok().flatten().unwrap_or_default();
@@ -205,15 +270,15 @@ fn read_chain() -> (Chain, Option<String>) {
                 chain.merkle.push(&hash);
                 chain.seq = seq;
                 chain.hash = hash;
-                last = row.get::<String>(3).ok().flatten();
+                read += 1;
             }
         }
-        chain.checkpointed = client
-            .select(&*checkpointed, None, &[])
+        let last = crate::own::select(client, &last, &[])
             .ok()
-            .and_then(|t| t.first().get_one::<i64>().ok().flatten())
-            .unwrap_or(0);
-        (chain, last)
+            .filter(|t| !t.is_empty())
+            .and_then(|t| t.first().get_one::<String>().ok().flatten());
+        chain.checkpointed = checkpoint_seq;
+        (chain, last, read)
     })
 }
 

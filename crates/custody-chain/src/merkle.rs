@@ -43,7 +43,7 @@ pub fn merkle_root<T: AsRef<[u8]>>(leaves: &[T]) -> Hash {
 /// Incremental MTH. `stack` holds the roots of the perfect subtrees that
 /// make up the tree so far, largest (leftmost) first: one per set bit of
 /// `size`, so at most 64 entries.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MerkleBuilder {
     stack: Vec<Hash>,
     size: u64,
@@ -76,6 +76,19 @@ impl MerkleBuilder {
     /// Number of leaves.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The frontier: the roots of the perfect subtrees so far, largest first (one per set
+    /// bit of `size`). With `size` it is all the builder keeps, so a writer that saves it can
+    /// go on from there without reading the leaves again.
+    pub fn frontier(&self) -> &[Hash] {
+        &self.stack
+    }
+
+    /// A builder going on from a saved frontier; None unless it has one hash per set bit of
+    /// `size`.
+    pub fn from_frontier(size: u64, frontier: Vec<Hash>) -> Option<Self> {
+        (frontier.len() == size.count_ones() as usize).then_some(Self { stack: frontier, size })
     }
 
     /// MTH of the leaves so far. Folding right to left gives exactly the
@@ -129,6 +142,24 @@ mod tests {
             assert_eq!(hex::encode(&merkle_root(&CT_LEAVES[..n])), CT_ROOTS[n - 1], "reference n={n}");
             assert_eq!(hex::encode(&b.root()), CT_ROOTS[n - 1], "builder n={n}");
         }
+    }
+
+    #[test]
+    fn a_saved_frontier_goes_on_as_the_whole_builder() {
+        let leaves: Vec<[u8; 32]> = (0..40u8).map(|i| [i; 32]).collect();
+        for cut in 0..leaves.len() {
+            let mut whole = MerkleBuilder::new();
+            leaves[..cut].iter().for_each(|l| whole.push(l));
+            let mut resumed = MerkleBuilder::from_frontier(whole.size(), whole.frontier().to_vec()).expect("valid");
+            for l in &leaves[cut..] {
+                whole.push(l);
+                resumed.push(l);
+            }
+            assert_eq!(resumed.root(), whole.root(), "resumed after {cut}");
+            assert_eq!(resumed.root(), merkle_root(&leaves));
+        }
+        assert!(MerkleBuilder::from_frontier(3, vec![[0; 32]]).is_none(), "3 leaves need two subtree roots");
+        assert!(MerkleBuilder::from_frontier(0, vec![]).is_some());
     }
 
     #[test]
