@@ -33,6 +33,8 @@ CLIENT_PORT := 2$(ONE_PG)31
 BINDIR      ?= /usr/local/bin
 BENCH_SECONDS ?= 20
 BENCH_ROUNDS  ?= 3
+# records the log grows to for scripts/bench_growth.sh (writer start, verification, digest, export)
+BENCH_GROWTH_RECORDS ?= 10000000
 # An earlier revision to measure as configuration (d0) in the same rounds, e.g. BENCH_BEFORE=v0.1.0
 BENCH_BEFORE  ?=
 
@@ -154,6 +156,7 @@ bench: setup
 	BEFORE=$(BENCH_BEFORE) scripts/bench.sh $(BENCH_SECONDS) $(BENCH_ROUNDS)
 	scripts/bench_rowcheck.sh
 	scripts/bench_policy_cpu.sh
+	scripts/bench_growth.sh $(BENCH_GROWTH_RECORDS)
 
 ## stop / clean: the throwaway clusters
 stop:

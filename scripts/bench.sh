@@ -116,11 +116,25 @@ configure() {  # $1 = a|b|c|d|e|d0
     case "$1" in c|d|e|d0) wait_ready ;; esac
 }
 
-pgbench_tps() {  # $1 = extra pgbench args
-    as_pg "$BIN/pgbench" -h /tmp -p "$port" -U postgres -M prepared -c 4 -j 2 -T "$secs" $1 postgres 2>/dev/null \
-        | awk '/^tps = / { print $3; exit }'
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }   # user nice system irq softirq
+proc_ticks() { if [ -r "/proc/$1/stat" ]; then awk '{ print $14 + $15 }' "/proc/$1/stat"; else echo 0; fi; }
+# "TPS CPU-µs-per-transaction writer-µs-per-record": throughput, the busy CPU time of the whole
+# machine (steal and idle excluded: what the work costs, less moved by neighbours than TPS),
+# and the custody writer's own CPU time over the records it stored meanwhile (- without one).
+pgbench_tps() {  # $1 = extra pgbench args, $2 = configuration
+    local hz wpid=0 w0 s0=0 b0 out w1 s1=0 b1
+    hz=$(getconf CLK_TCK)
+    case "$2" in a|b) ;; *) wpid=$(q "SELECT coalesce(custody.status()->>'writer_pid', '0')") ;; esac
+    w0=$(proc_ticks "$wpid"); [ "$wpid" = 0 ] || s0=$(q "SELECT custody.status()->>'head_seq'"); b0=$(busy_ticks)
+    out=$(as_pg "$BIN/pgbench" -h /tmp -p "$port" -U postgres -M prepared -c 4 -j 2 -T "$secs" $1 postgres 2>/dev/null)
+    b1=$(busy_ticks)
+    if [ "$wpid" != 0 ]; then q "SELECT custody.flush()" >/dev/null; s1=$(q "SELECT custody.status()->>'head_seq'"); fi
+    w1=$(proc_ticks "$wpid")
+    echo "$out" | awk -v hz="$hz" -v b=$((b1 - b0)) -v w=$((w1 - w0)) -v n=$(( ${s1:-0} - ${s0:-0} )) '
+        /^tps = / { tps = $3 } /^number of transactions actually processed/ { tx = $NF }
+        END { printf "%s %.2f %s\n", tps, b * 1e6 / hz / tx, (n > 0 ? sprintf("%.2f", w * 1e6 / hz / n) : "-") }'
 }
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 label() { case "$1" in a) echo "(a) no extension";; b) echo "(b) pgAudit log=all";;
                        c) echo "(c) pg_custody async";; d) echo "(d) pg_custody commit";;
                        e) echo "(e) (d) + 20-rule Rego policy";;
@@ -134,15 +148,15 @@ echo
 } > "$out"
 
 if has tps; then
-    declare -A tps
+    declare -A tps cpu wrec
     configs="a b c d e"
     [ -n "$before" ] && configs="a b c d e d0"
     for r in $(seq "$rounds"); do
         for cfg in $configs; do
             configure "$cfg"
-            tps[$cfg,S,$r]=$(pgbench_tps "-S")
-            tps[$cfg,B,$r]=$(pgbench_tps "")
-            echo "round $r config $cfg: select-only ${tps[$cfg,S,$r]} tps, tpc-b ${tps[$cfg,B,$r]} tps" >&2
+            read -r tps[$cfg,S,$r] cpu[$cfg,S,$r] wrec[$cfg,S,$r] < <(pgbench_tps "-S" "$cfg")
+            read -r tps[$cfg,B,$r] cpu[$cfg,B,$r] wrec[$cfg,B,$r] < <(pgbench_tps "" "$cfg")
+            echo "round $r config $cfg: select-only ${tps[$cfg,S,$r]} tps ${cpu[$cfg,S,$r]} µs/tx writer ${wrec[$cfg,S,$r]} µs/record, tpc-b ${tps[$cfg,B,$r]} tps ${cpu[$cfg,B,$r]} µs/tx writer ${wrec[$cfg,B,$r]} µs/record" >&2
         done
     done
     {
@@ -162,6 +176,26 @@ if has tps; then
             line+="| $(printf '%.0f' "$med") | $(awk -v x="$ratio" 'BEGIN { printf "%.0f %%", x * 100 }') "
         done
         echo "$line|"
+    done
+    echo
+    echo "CPU: busy CPU time of the whole machine (pgbench included) per transaction, median of the"
+    echo "rounds, and its ratio to (a) in the same round (median); writer: the custody writer's own"
+    echo "CPU time per record it stored during the runs (median)."
+    echo
+    echo "| configuration | select-only CPU µs/tx | ratio to (a) | TPC-B CPU µs/tx | ratio to (a) | writer µs/record (select-only / TPC-B) |"
+    echo "|---|---|---|---|---|---|"
+    for cfg in $configs; do
+        line="| $(label "$cfg") "
+        for w in S B; do
+            med=$(for r in $(seq "$rounds"); do echo "${cpu[$cfg,$w,$r]}"; done | median)
+            ratio=$(for r in $(seq "$rounds"); do
+                        awk -v x="${cpu[$cfg,$w,$r]}" -v y="${cpu[a,$w,$r]}" 'BEGIN { printf "%.3f\n", x / y }'
+                    done | median)
+            line+="| $(printf '%.1f' "$med") | $(awk -v x="$ratio" 'BEGIN { printf "%.2f", x }') "
+        done
+        ws=$(for r in $(seq "$rounds"); do echo "${wrec[$cfg,S,$r]}"; done | { grep -v -- - || true; } | median)
+        wb=$(for r in $(seq "$rounds"); do echo "${wrec[$cfg,B,$r]}"; done | { grep -v -- - || true; } | median)
+        echo "$line| ${ws:--} / ${wb:--} |"
     done
     echo
     echo "Per round, ratio to (a) of the same round (select-only / TPC-B): the spread shows how far"

@@ -177,3 +177,61 @@ $rego$)"
         "a read of the catalogs was recorded with custody.audit_catalog = off"
     );
 }
+
+/// The objects of a record are what the catalogs say when the statement runs (issue 16's
+/// per-backend memo of range-table descriptions must not keep a name): a table, a column and
+/// a schema renamed — by another session and by this one — are named anew in the next
+/// record of the same relation and columns.
+#[test]
+fn objects_follow_renames() {
+    let cluster = Cluster::shared();
+    let m = marker("rr_rename");
+    let mut c = cluster.connect(&m);
+    let mut other = cluster.connect(&format!("{m}_other"));
+    let mut cleanup = CleanupOnDrop::new(&cluster);
+    for s in ["", "_s2", "_s3"] {
+        cleanup.add(format!("DROP SCHEMA IF EXISTS {m}{s} CASCADE"));
+    }
+    c.batch_execute(&format!("CREATE SCHEMA {m}; CREATE TABLE {m}.t (a int, b int); INSERT INTO {m}.t VALUES (1, 2)")).unwrap();
+    let objects_of = |c: &mut Client, sql: &str| -> serde_json::Value {
+        c.simple_query(sql).unwrap();
+        flush(c);
+        let recs = records_of_statement(c, sql);
+        assert_eq!(recs.len(), 1, "one record of {sql}");
+        serde_json::from_str(&recs[0].objects).unwrap()
+    };
+    let names = |v: &serde_json::Value| -> (String, String, Vec<String>) {
+        let o = &v[0];
+        let mut cols: Vec<String> = o["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect();
+        cols.sort();
+        (o["schema"].as_str().unwrap().to_string(), o["name"].as_str().unwrap().to_string(), cols)
+    };
+    let q1 = format!("SELECT b FROM {m}.t WHERE a = 1 /* 1 */");
+    assert_eq!(names(&objects_of(&mut c, &q1)), (m.clone(), "t".into(), vec!["a".into(), "b".into()]));
+    // Run twice: the second is described from the memo, and must say the same.
+    let q1b = format!("SELECT b FROM {m}.t WHERE a = 1 /* 1b */");
+    assert_eq!(names(&objects_of(&mut c, &q1b)), (m.clone(), "t".into(), vec!["a".into(), "b".into()]));
+
+    // Another session renames the table and a column: the same relation and column numbers.
+    other.batch_execute(&format!("ALTER TABLE {m}.t RENAME TO u; ALTER TABLE {m}.u RENAME COLUMN b TO c")).unwrap();
+    let q2 = format!("SELECT c FROM {m}.u WHERE a = 1 /* 2 */");
+    assert_eq!(names(&objects_of(&mut c, &q2)), (m.clone(), "u".into(), vec!["a".into(), "c".into()]));
+
+    // ... and the schema.
+    other.batch_execute(&format!("ALTER SCHEMA {m} RENAME TO {m}_s2")).unwrap();
+    let q3 = format!("SELECT c FROM {m}_s2.u WHERE a = 1 /* 3 */");
+    assert_eq!(names(&objects_of(&mut c, &q3)), (format!("{m}_s2"), "u".into(), vec!["a".into(), "c".into()]));
+
+    // This session renames them itself, inside one transaction with the statement.
+    let q4 = format!("SELECT d FROM {m}_s3.v WHERE a = 1 /* 4 */");
+    c.batch_execute(&format!(
+        "BEGIN; ALTER SCHEMA {m}_s2 RENAME TO {m}_s3; ALTER TABLE {m}_s3.u RENAME TO v; \
+         ALTER TABLE {m}_s3.v RENAME COLUMN c TO d; {q4}; COMMIT"
+    ))
+    .unwrap();
+    flush(&mut c);
+    let recs = records_where(&mut c, "custody.audit_log", "statement = $1", &[&q4]);
+    assert_eq!(recs.len(), 1, "one record of {q4}: {recs:?}");
+    let v: serde_json::Value = serde_json::from_str(&recs[0].objects).unwrap();
+    assert_eq!(names(&v), (format!("{m}_s3"), "v".into(), vec!["a".into(), "d".into()]));
+}

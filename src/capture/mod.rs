@@ -136,6 +136,7 @@ pub fn settings_baseline() {
 /// mistaken for a change made in the session.
 pub fn init() {
     state().settings_seen = settings::generation();
+    objects::init();
 }
 
 // ---- should this statement be recorded? -------------------------------------------------

@@ -30,6 +30,114 @@ pub fn to_json(objects: &[ObjectRef]) -> String {
     serde_json::to_string(objects).unwrap_or_else(|_| "[]".into())
 }
 
+/// What `describe` returns: the objects' JSON and the two flags of `RangeInfo`.
+#[derive(Clone)]
+pub struct Described {
+    pub json: String,
+    pub catalog_only: bool,
+    pub writes: bool,
+}
+
+/// Range tables already described in this backend, by what the description depends on: the
+/// relations' OIDs and kinds, the privileges and the column numbers. The names come from the
+/// catalogs, so any relcache invalidation (a relation or column renamed, dropped or created;
+/// PostgreSQL sends one for every change of pg_class or pg_attribute) and any change of a
+/// schema forgets them all: what is returned is what the catalog caches say at that moment.
+/// A statement run again (a prepared statement, a loop in a function) is described once.
+type MemoMap = std::collections::HashMap<Vec<u64>, Described, foldhash::fast::RandomState>;
+static mut MEMO: Option<MemoMap> = None;
+/// Bumped by every `forget`: a description read while an invalidation arrived (catalog
+/// lookups accept them) is returned but not kept.
+static mut FORGOTTEN: u64 = 0;
+const MEMO_ENTRIES: usize = 512;
+
+pub fn init() {
+    // SAFETY: _PG_init; the callbacks live for the process.
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0));
+        pg_sys::CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+            Some(namespace_changed),
+            pg_sys::Datum::from(0),
+        );
+    }
+}
+
+/// Forgets every description (names may have changed).
+pub fn forget() {
+    // SAFETY: single-threaded backend; no reference into the memo outlives a call of `describe`.
+    #[allow(static_mut_refs)]
+    unsafe {
+        FORGOTTEN += 1;
+        if let Some(m) = MEMO.as_mut() {
+            m.clear();
+        }
+    }
+}
+
+/// The relcache invalidation callback.
+///
+/// # Safety
+/// Called only by PostgreSQL, as a registered relcache callback.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
+    forget();
+}
+
+/// The pg_namespace syscache callback.
+///
+/// # Safety
+/// Called only by PostgreSQL, as a registered syscache callback.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn namespace_changed(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+    forget();
+}
+
+/// `from_range_table` as JSON, from the memo when this range table was described before.
+///
+/// # Safety
+/// As `from_range_table`.
+pub unsafe fn describe(rtable: *mut pg_sys::List, perm_infos: crate::pgver::PermInfos) -> Described {
+    let mut key: Vec<u64> = Vec::with_capacity(16);
+    // SAFETY: the caller's contract is range_table's.
+    for rte in unsafe { crate::pgver::range_table(rtable, perm_infos) } {
+        key.push(u64::from(u32::from(rte.relid)) | (u64::from(rte.relkind) << 32));
+        key.push(rte.perms);
+        for set in [rte.selected, rte.inserted, rte.updated] {
+            let mut m = -1;
+            loop {
+                // SAFETY: `set` is NULL (empty) or a Bitmapset of the statement's range table entry.
+                m = unsafe { pg_sys::bms_next_member(set, m) };
+                if m < 0 {
+                    break;
+                }
+                key.push(m as u64);
+            }
+            key.push(u64::MAX); // end of the set
+        }
+    }
+    #[allow(static_mut_refs)]
+    // SAFETY: single-threaded backend. The catalog lookups of from_range_table run before the
+    // memo is touched: an invalidation they accept (clearing the memo) finds no borrow of it.
+    unsafe {
+        if let Some(d) = MEMO.as_ref().and_then(|m| m.get(&key)) {
+            return d.clone();
+        }
+        let before = FORGOTTEN;
+        let info = from_range_table(rtable, perm_infos);
+        let d = Described { json: to_json(&info.objects), catalog_only: info.catalog_only, writes: info.writes };
+        if FORGOTTEN != before {
+            return d;
+        }
+        let memo = MEMO.get_or_insert_with(MemoMap::default);
+        if memo.len() >= MEMO_ENTRIES {
+            memo.clear();
+        }
+        memo.insert(key, d.clone());
+        d
+    }
+}
+
 const PRIVILEGES: [(u64, &str); 7] = [
     (pg_sys::ACL_SELECT as u64, "SELECT"),
     (pg_sys::ACL_INSERT as u64, "INSERT"),

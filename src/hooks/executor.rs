@@ -102,8 +102,8 @@ unsafe fn open_record_as(qd: *mut pg_sys::QueryDesc, planned: bool) -> bool {
         return false;
     }
     // SAFETY: the plan's range table and permission list, alive as long as the plan.
-    let info = unsafe { objects::from_range_table(pstmt.rtable, perm_infos) };
-    let objects_json = objects::to_json(&info.objects);
+    let info = unsafe { objects::describe(pstmt.rtable, perm_infos) };
+    let objects_json = info.json;
     let verdict = pending.map(|p| p.decide(tag, &objects_json));
     // A refusal is always recorded; an allowed statement as custody.audit says.
     let refused = verdict.as_ref().is_some_and(|v| v.refuses());
@@ -213,9 +213,9 @@ unsafe fn recheck(qd: *mut pg_sys::QueryDesc) {
     let (objects_json, text) = unsafe {
         let pstmt = &*(*qd).plannedstmt;
         let perm_infos = crate::pgver::plan_perm_infos(pstmt);
-        let info = objects::from_range_table(pstmt.rtable, perm_infos);
+        let info = objects::describe(pstmt.rtable, perm_infos);
         let source = objects::cstr((*qd).sourceText);
-        (objects::to_json(&info.objects), capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len).to_owned())
+        (info.json, capture::statement_slice(&source, pstmt.stmt_location, pstmt.stmt_len).to_owned())
     };
     let verdict = pending.decide(tag, &objects_json);
     if !verdict.refuses() {
