@@ -288,6 +288,46 @@ fn a_start_reads_only_what_came_after_the_remembered_head() {
     let v = verify_with(&mut c, None, Some(&key));
     assert!(v.ok, "after an old head file: {v:?}");
 
+    // A head file that lags behind the table (as after a crash: taken while records still
+    // came, and not clean): the writer resumes from it and reads what followed; with its
+    // frontier forged, the first checkpoint after that head does not match and the whole
+    // log is read.
+    let lagging = std::fs::read_to_string(&file).expect("head file");
+    let lag_seq: i64 = lagging.split_whitespace().nth(3).unwrap().parse().unwrap();
+    activity_and_checkpoint(&mut c, "resume_t5", 30);
+    drop(c);
+    let not_clean = |text: &str, forge: bool| -> String {
+        let mut f: Vec<String> = text.split_whitespace().map(str::to_string).collect();
+        f[5] = "0".into();
+        if forge {
+            f[7] = f[7].split(',').map(|_| "cd".repeat(32)).collect::<Vec<_>>().join(",");
+        }
+        f.join(" ") + "\n"
+    };
+    for forge in [false, true] {
+        cluster.stop("fast");
+        std::fs::write(&file, not_clean(&lagging, forge)).expect("lagging head file");
+        cluster.start();
+        let mut c = cluster.connect("resume_4");
+        wait_ready(&mut c);
+        // What the table held when this writer started: everything before its WRITER START.
+        let started = query_i64(&mut c, "SELECT max(seq) FROM custody.audit_log WHERE command = 'WRITER START'", &[]);
+        let stored = query_i64(&mut c, "SELECT count(*) FROM custody.audit_log WHERE seq < $1", &[&started]);
+        let after =
+            query_i64(&mut c, "SELECT count(*) FROM custody.audit_log WHERE seq > $1 AND seq < $2", &[&lag_seq, &started]);
+        let read = records_read_at_start(&cluster);
+        if forge {
+            assert_eq!(read, stored, "a forged lagging frontier: the whole log");
+        } else {
+            assert_eq!(read, after, "a lagging head: only what followed seq {lag_seq}");
+        }
+        activity_and_checkpoint(&mut c, &format!("resume_t6_{forge}"), 5);
+        let v = verify_with(&mut c, None, Some(&key));
+        assert!(v.ok, "after a lagging head file (forged: {forge}): {v:?}");
+        assert_eq!(head_mismatches(&mut c), vec![], "a lagging head is no alarm");
+    }
+    let mut c = cluster.connect("resume_5");
+
     // A writer terminated and started again goes on from shared memory.
     let pid = writer_pid(&mut c).expect("a writer runs");
     c.query_one("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
@@ -295,7 +335,7 @@ fn a_start_reads_only_what_came_after_the_remembered_head() {
     flush(&mut c);
     let read = records_read_at_start(&cluster);
     assert!(read <= 2, "a writer restart read {read} records");
-    activity_and_checkpoint(&mut c, "resume_t5", 5);
+    activity_and_checkpoint(&mut c, "resume_t7", 5);
     assert!(verify_with(&mut c, None, Some(&key)).ok, "after a writer restart");
     assert_eq!(alarm(&mut c), None);
 }

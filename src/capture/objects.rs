@@ -50,6 +50,11 @@ static mut MEMO: Option<MemoMap> = None;
 /// lookups accept them) is returned but not kept.
 static mut FORGOTTEN: u64 = 0;
 const MEMO_ENTRIES: usize = 512;
+/// Bytes the memo may hold (keys and JSON); a description larger than MEMO_LARGEST (a wide
+/// partitioned table) is not kept: the memo is for the statements that run again and again.
+const MEMO_BYTES: usize = 1 << 20;
+const MEMO_LARGEST: usize = 16 << 10;
+static mut MEMO_USED: usize = 0;
 
 pub fn init() {
     // SAFETY: _PG_init; the callbacks live for the process.
@@ -69,6 +74,7 @@ pub fn forget() {
     #[allow(static_mut_refs)]
     unsafe {
         FORGOTTEN += 1;
+        MEMO_USED = 0;
         if let Some(m) = MEMO.as_mut() {
             m.clear();
         }
@@ -126,13 +132,16 @@ pub unsafe fn describe(rtable: *mut pg_sys::List, perm_infos: crate::pgver::Perm
         let before = FORGOTTEN;
         let info = from_range_table(rtable, perm_infos);
         let d = Described { json: to_json(&info.objects), catalog_only: info.catalog_only, writes: info.writes };
-        if FORGOTTEN != before {
+        let size = d.json.len() + key.len() * 8;
+        if FORGOTTEN != before || size > MEMO_LARGEST {
             return d;
         }
         let memo = MEMO.get_or_insert_with(MemoMap::default);
-        if memo.len() >= MEMO_ENTRIES {
+        if memo.len() >= MEMO_ENTRIES || MEMO_USED + size > MEMO_BYTES {
             memo.clear();
+            MEMO_USED = 0;
         }
+        MEMO_USED += size;
         memo.insert(key, d.clone());
         d
     }

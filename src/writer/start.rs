@@ -190,13 +190,13 @@ fn handover_record(
 /// checkpoint, the command of the last record, and how many records were read for it.
 ///
 /// `resume`: a head the writer remembers and the tree up to it. When the table still holds
-/// that head (and the last checkpoint, if it is at that head, signed the same root), only the
-/// records after it are read: a start costs what was stored since, not the whole log. Else the
-/// whole log is read. A frontier that does not match the records (a file edited by hand) can
+/// that head (and the tree gives the root the latest checkpoint signed, checked at that
+/// checkpoint's record whether it is at the head or after it), only the records after it are
+/// read: a start costs what was stored since, not the whole log. Else the whole log is read. A frontier that does not match the records (a file edited by hand) can
 /// only make later checkpoints' roots wrong, which verification reports; it hides nothing.
 fn read_chain(resume: Option<(Head, MerkleBuilder)>) -> (Chain, Option<String>, u64) {
-    // In slices of seq with both bounds: the planner takes the primary key for those whatever
-    // the statistics say (a log never analyzed yet estimates a third of it for `seq > $1`).
+    // Bounded slices (read_slices): a log never analyzed yet estimates a third of itself for
+    // `seq > $1`, and would be read by a sequential scan.
     let after = std::ffi::CString::new(format!(
         "SELECT seq, hash FROM {} WHERE seq OPERATOR(pg_catalog.>) $1 AND seq OPERATOR(pg_catalog.<=) $2 ORDER BY seq",
         sql_name(Table::AuditLog)
@@ -239,40 +239,30 @@ fn read_chain(resume: Option<(Head, MerkleBuilder)>) -> (Chain, Option<String>, 
             }
             held && !signed_other
         });
+        let resumed = resume.is_some();
         let (from, mut chain) = match resume {
             Some((h, merkle)) => (h.seq, Chain { seq: h.seq, hash: h.hash, merkle, checkpointed: 0, log }),
-            None => (i64::MIN, Chain { seq: 0, hash: genesis(), merkle: MerkleBuilder::new(), checkpointed: 0, log }),
+            None => (0, fresh(log)),
         };
-        let mut read = 0u64;
         let last_seq = crate::own::select(client, &max, &[])
-            .ok()
-            .and_then(|t| t.first().get_one::<i64>().ok().flatten())
+            .expect("read custody.audit_log")
+            .first()
+            .get_one::<i64>()
+            .expect("read custody.audit_log")
             .unwrap_or(0);
-        const SLICE: i64 = 50_000;
-        let mut lo = from;
-        while lo < last_seq {
-            let hi = lo.saturating_add(SLICE).min(last_seq);
-            let table = crate::own::select(client, &after, &[lo.into(), hi.into()]).expect("read custody.audit_log");
-            if table.is_empty() {
-                // A stretch without records (seqs far apart, from a log edited by hand): on to
-                // the next record there is, not slice by slice.
-                let at = crate::own::select(client, &next, &[hi.into()])
-                    .ok()
-                    .and_then(|t| t.first().get_one::<i64>().ok().flatten());
-                lo = at.map_or(last_seq, |s| s - 1);
-                continue;
+        // A resumed tree that does not give the root a checkpoint after it signed (a head file
+        // that lagged behind the table after a crash, then edited) is dropped for a full read.
+        let signed = (checkpoint_seq, checkpoint_root.as_slice());
+        let read = match read_slices(client, &after, &next, from, last_seq, &mut chain, resumed.then_some(signed)) {
+            Ok(n) => n,
+            Err(at) => {
+                pgrx::warning!(
+                    "pg_custody writer: the Merkle tree remembered at seq {from} does not give the root checkpoint {at} signed; reading the whole log"
+                );
+                chain = fresh(log);
+                read_slices(client, &after, &next, 0, last_seq, &mut chain, None).expect("no check")
             }
-            lo = hi;
-            for row in table {
-                let seq = row.get::<i64>(1).ok().flatten().unwrap_or_default();
-                let h = row.get::<Vec<u8>>(2).ok().flatten().unwrap_or_default();
-                let hash: Hash = h.try_into().unwrap_or([0u8; 32]);
-                chain.merkle.push(&hash);
-                chain.seq = seq;
-                chain.hash = hash;
-                read += 1;
-            }
-        }
+        };
         let last = crate::own::select(client, &last, &[])
             .ok()
             .filter(|t| !t.is_empty())
@@ -280,6 +270,62 @@ fn read_chain(resume: Option<(Head, MerkleBuilder)>) -> (Chain, Option<String>, 
         chain.checkpointed = checkpoint_seq;
         (chain, last, read)
     })
+}
+
+/// An empty chain: genesis, no records.
+fn fresh(log: pg_sys::Oid) -> Chain {
+    Chain { seq: 0, hash: genesis(), merkle: MerkleBuilder::new(), checkpointed: 0, log }
+}
+
+/// Pushes the records after `from` (up to `last_seq`, in seq order; records at seq 0 or below
+/// are not part of the chain, which starts at 1) onto `chain`; how many were read. With
+/// `signed` = (seq, root) of a checkpoint: Err(seq) when the tree does not give that root
+/// once its record is pushed.
+fn read_slices(
+    client: &pgrx::spi::SpiClient<'_>,
+    after: &std::ffi::CStr,
+    next: &std::ffi::CStr,
+    from: i64,
+    last_seq: i64,
+    chain: &mut Chain,
+    signed: Option<(i64, &[u8])>,
+) -> Result<u64, i64> {
+    // In slices of seq with both bounds: the planner takes the primary key for those whatever
+    // the statistics say.
+    const SLICE: i64 = 50_000;
+    let mut read = 0u64;
+    let mut lo = from.max(0);
+    while lo < last_seq {
+        let hi = lo.saturating_add(SLICE).min(last_seq);
+        let table = crate::own::select(client, after, &[lo.into(), hi.into()]).expect("read custody.audit_log");
+        if table.is_empty() {
+            // A stretch without records (seqs far apart, from a log edited by hand): on to
+            // the next record there is, not slice by slice.
+            let at = crate::own::select(client, next, &[hi.into()])
+                .expect("read custody.audit_log")
+                .first()
+                .get_one::<i64>()
+                .expect("read custody.audit_log");
+            lo = at.map_or(last_seq, |s| s - 1);
+            continue;
+        }
+        lo = hi;
+        for row in table {
+            let seq = row.get::<i64>(1).ok().flatten().unwrap_or_default();
+            let h = row.get::<Vec<u8>>(2).ok().flatten().unwrap_or_default();
+            let hash: Hash = h.try_into().unwrap_or([0u8; 32]);
+            chain.merkle.push(&hash);
+            chain.seq = seq;
+            chain.hash = hash;
+            read += 1;
+            if let Some((at, root)) = signed.filter(|(at, _)| *at == seq) {
+                if chain.merkle.root().as_slice() != root {
+                    return Err(at);
+                }
+            }
+        }
+    }
+    Ok(read)
 }
 
 /// The stored hash of record `seq`, if the table has it.
