@@ -134,6 +134,21 @@ pgbench_tps() {  # $1 = extra pgbench args, $2 = configuration
         /^tps = / { tps = $3 } /^number of transactions actually processed/ { tx = $NF }
         END { printf "%s %.2f %s\n", tps, b * 1e6 / hz / tx, (n > 0 ? sprintf("%.2f", w * 1e6 / hz / n) : "-") }'
 }
+# "| median | ratio | median | ratio " of array $1 for configuration $2, select-only then TPC-B:
+# the median over the rounds, and the median of the per-round ratios to (a), formatted with $3
+# and $4 (the ratio multiplied by $5).
+medians() {
+    local -n m_values=$1
+    local w med ratio out=""
+    for w in S B; do
+        med=$(for r in $(seq "$rounds"); do echo "${m_values[$2,$w,$r]}"; done | median)
+        ratio=$(for r in $(seq "$rounds"); do
+                    awk -v x="${m_values[$2,$w,$r]}" -v y="${m_values[a,$w,$r]}" 'BEGIN { printf "%.3f\n", x / y }'
+                done | median)
+        out+="| $(printf "$3" "$med") | $(awk -v x="$ratio" -v f="$4" -v k="$5" 'BEGIN { printf f, x * k }') "
+    done
+    echo "$out"
+}
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 label() { case "$1" in a) echo "(a) no extension";; b) echo "(b) pgAudit log=all";;
                        c) echo "(c) pg_custody async";; d) echo "(d) pg_custody commit";;
@@ -167,15 +182,7 @@ if has tps; then
     echo "| configuration | select-only TPS (median) | ratio to (a) | TPC-B TPS (median) | ratio to (a) |"
     echo "|---|---|---|---|---|"
     for cfg in $configs; do
-        line="| $(label "$cfg") "
-        for w in S B; do
-            med=$(for r in $(seq "$rounds"); do echo "${tps[$cfg,$w,$r]}"; done | median)
-            ratio=$(for r in $(seq "$rounds"); do
-                        awk -v x="${tps[$cfg,$w,$r]}" -v y="${tps[a,$w,$r]}" 'BEGIN { printf "%.3f\n", x / y }'
-                    done | median)
-            line+="| $(printf '%.0f' "$med") | $(awk -v x="$ratio" 'BEGIN { printf "%.0f %%", x * 100 }') "
-        done
-        echo "$line|"
+        echo "| $(label "$cfg") $(medians tps "$cfg" '%.0f' '%.0f %%' 100)|"
     done
     echo
     echo "CPU: busy CPU time of the whole machine (pgbench included) per transaction, median of the"
@@ -185,14 +192,7 @@ if has tps; then
     echo "| configuration | select-only CPU µs/tx | ratio to (a) | TPC-B CPU µs/tx | ratio to (a) | writer µs/record (select-only / TPC-B) |"
     echo "|---|---|---|---|---|---|"
     for cfg in $configs; do
-        line="| $(label "$cfg") "
-        for w in S B; do
-            med=$(for r in $(seq "$rounds"); do echo "${cpu[$cfg,$w,$r]}"; done | median)
-            ratio=$(for r in $(seq "$rounds"); do
-                        awk -v x="${cpu[$cfg,$w,$r]}" -v y="${cpu[a,$w,$r]}" 'BEGIN { printf "%.3f\n", x / y }'
-                    done | median)
-            line+="| $(printf '%.1f' "$med") | $(awk -v x="$ratio" 'BEGIN { printf "%.2f", x }') "
-        done
+        line="| $(label "$cfg") $(medians cpu "$cfg" '%.1f' '%.2f' 1)"
         ws=$(for r in $(seq "$rounds"); do echo "${wrec[$cfg,S,$r]}"; done | { grep -v -- - || true; } | median)
         wb=$(for r in $(seq "$rounds"); do echo "${wrec[$cfg,B,$r]}"; done | { grep -v -- - || true; } | median)
         echo "$line| ${ws:--} / ${wb:--} |"

@@ -110,15 +110,8 @@ pub unsafe fn describe(rtable: *mut pg_sys::List, perm_infos: crate::pgver::Perm
         key.push(u64::from(u32::from(rte.relid)) | (u64::from(rte.relkind) << 32));
         key.push(rte.perms);
         for set in [rte.selected, rte.inserted, rte.updated] {
-            let mut m = -1;
-            loop {
-                // SAFETY: `set` is NULL (empty) or a Bitmapset of the statement's range table entry.
-                m = unsafe { pg_sys::bms_next_member(set, m) };
-                if m < 0 {
-                    break;
-                }
-                key.push(m as u64);
-            }
+            // SAFETY: a Bitmapset of the statement's range table entry, or NULL.
+            key.extend(unsafe { members(set) }.map(|m| m as u64));
             key.push(u64::MAX); // end of the set
         }
     }
@@ -184,6 +177,19 @@ const DATA_CATALOGS: [u32; 6] = [
     6100, // pg_subscription
 ];
 
+/// The members of a Bitmapset, in ascending order.
+///
+/// # Safety
+/// `set` is NULL (empty) or a valid Bitmapset that outlives the iterator.
+unsafe fn members(set: *const pg_sys::Bitmapset) -> impl Iterator<Item = i32> {
+    let mut m = -1;
+    std::iter::from_fn(move || {
+        // SAFETY: the caller's contract; bms_next_member only reads the set.
+        m = unsafe { pg_sys::bms_next_member(set, m) };
+        (m >= 0).then_some(m)
+    })
+}
+
 /// Reads the relations of a range table.
 ///
 /// # Safety
@@ -220,13 +226,8 @@ pub unsafe fn from_range_table(rtable: *mut pg_sys::List, perm_infos: crate::pgv
         }
         let mut columns = Vec::new();
         for set in [rte.selected, rte.inserted, rte.updated] {
-            let mut m = -1;
-            loop {
-                // SAFETY: `set` is NULL (empty) or a Bitmapset of the statement's range table entry.
-                m = unsafe { pg_sys::bms_next_member(set, m) };
-                if m < 0 {
-                    break;
-                }
+            // SAFETY: a Bitmapset of the statement's range table entry, or NULL.
+            for m in unsafe { members(set) } {
                 let attnum = m + pg_sys::FirstLowInvalidHeapAttributeNumber;
                 if attnum <= 0 {
                     continue; // whole-row or system column

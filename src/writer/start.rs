@@ -229,16 +229,7 @@ fn read_chain(resume: Option<(Head, MerkleBuilder)>) -> (Chain, Option<String>, 
                 (seq, root)
             })
             .unwrap_or((0, Vec::new()));
-        let resume = resume.filter(|(h, m)| {
-            let signed_other = checkpoint_seq == h.seq && h.seq > 0 && checkpoint_root != m.root();
-            if held && signed_other {
-                pgrx::warning!(
-                    "pg_custody writer: the Merkle tree remembered at seq {} is not the one checkpoint {} signed; reading the whole log",
-                    h.seq, checkpoint_seq
-                );
-            }
-            held && !signed_other
-        });
+        let resume = resume.filter(|_| held);
         let resumed = resume.is_some();
         let (from, mut chain) = match resume {
             Some((h, merkle)) => (h.seq, Chain { seq: h.seq, hash: h.hash, merkle, checkpointed: 0, log }),
@@ -250,8 +241,9 @@ fn read_chain(resume: Option<(Head, MerkleBuilder)>) -> (Chain, Option<String>, 
             .get_one::<i64>()
             .expect("read custody.audit_log")
             .unwrap_or(0);
-        // A resumed tree that does not give the root a checkpoint after it signed (a head file
-        // that lagged behind the table after a crash, then edited) is dropped for a full read.
+        // A resumed tree that does not give the root the latest checkpoint signed, at the head
+        // or after it (a head file edited by hand, maybe lagging behind the table after a
+        // crash), is dropped for a full read.
         let signed = (checkpoint_seq, checkpoint_root.as_slice());
         let read = match read_slices(client, &after, &next, from, last_seq, &mut chain, resumed.then_some(signed)) {
             Ok(n) => n,
@@ -280,7 +272,7 @@ fn fresh(log: pg_sys::Oid) -> Chain {
 /// Pushes the records after `from` (up to `last_seq`, in seq order; records at seq 0 or below
 /// are not part of the chain, which starts at 1) onto `chain`; how many were read. With
 /// `signed` = (seq, root) of a checkpoint: Err(seq) when the tree does not give that root
-/// once its record is pushed.
+/// once its record is pushed (or at once, when the checkpoint is at `from`).
 fn read_slices(
     client: &pgrx::spi::SpiClient<'_>,
     after: &std::ffi::CStr,
@@ -293,6 +285,13 @@ fn read_slices(
     // In slices of seq with both bounds: the planner takes the primary key for those whatever
     // the statistics say.
     const SLICE: i64 = 50_000;
+    let check = |chain: &Chain, seq: i64| match signed {
+        Some((at, root)) if at == seq && chain.merkle.root().as_slice() != root => Err(at),
+        _ => Ok(()),
+    };
+    if from > 0 {
+        check(chain, from)?;
+    }
     let mut read = 0u64;
     let mut lo = from.max(0);
     while lo < last_seq {
@@ -318,11 +317,7 @@ fn read_slices(
             chain.seq = seq;
             chain.hash = hash;
             read += 1;
-            if let Some((at, root)) = signed.filter(|(at, _)| *at == seq) {
-                if chain.merkle.root().as_slice() != root {
-                    return Err(at);
-                }
-            }
+            check(chain, seq)?;
         }
     }
     Ok(read)
