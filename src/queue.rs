@@ -89,6 +89,10 @@ struct Shared {
     merkle_size: u64,
     merkle_len: u32,
     merkle: [[u8; 32]; 64],
+    /// How many times the chain was dropped in this server run (under `lock`): a writer
+    /// records only heads of the chain it opened, so one that commits a batch just before a
+    /// DROP EXTENSION commits never brings the dropped chain's head back (`writer_committed`).
+    chain_generation: u64,
     /// The seq of the last checkpoint custody.checkpoint_command took.
     archived_seq: AtomicI64,
     /// End of the writer's last commit record in WAL: what must be flushed for everything it
@@ -395,10 +399,19 @@ fn wake_writer() {
     }
 }
 
-/// The writer committed a batch ending at (seq, hash): for custody.status(), for the next
-/// writer of this server run, and for `flush_stored`. Called right after every commit, so
-/// that what shared memory remembers is never behind the table.
-pub fn writer_committed(seq: i64, hash: &[u8; 32], merkle: &custody_chain::MerkleBuilder) {
+/// The writer committed a batch ending at (seq, hash) of the chain it opened in `generation`:
+/// for custody.status(), for the next writer of this server run, and for `flush_stored`.
+/// Called right after every commit, so that what shared memory remembers is never behind
+/// the table. When that chain was dropped meanwhile (its DROP EXTENSION waited for this
+/// commit, then committed before this call), nothing is remembered, and `dropped_later`
+/// runs under the lock that `forget_committed_head` took: the dropped chain ended here.
+pub fn writer_committed(
+    generation: u64,
+    seq: i64,
+    hash: &[u8; 32],
+    merkle: &custody_chain::MerkleBuilder,
+    dropped_later: impl FnOnce(),
+) {
     let Some(s) = shared() else { return };
     let sp = s as *const Shared as *mut Shared;
     let frontier = merkle.frontier();
@@ -407,29 +420,56 @@ pub fn writer_committed(seq: i64, hash: &[u8; 32], merkle: &custody_chain::Merkl
     unsafe {
         s.commit_lsn.fetch_max(pg_sys::XactLastCommitEnd, Ordering::AcqRel);
         pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        (*sp).head_hash = *hash;
-        (*sp).head_valid = true;
-        (*sp).merkle_size = merkle.size();
-        (*sp).merkle_len = frontier.len() as u32;
-        (&mut (*sp).merkle)[..frontier.len()].copy_from_slice(frontier);
-        s.head_seq.store(seq, Ordering::Release);
+        let now = (*sp).chain_generation;
+        if now == generation {
+            (*sp).head_hash = *hash;
+            (*sp).head_valid = true;
+            (*sp).merkle_size = merkle.size();
+            (*sp).merkle_len = frontier.len() as u32;
+            (&mut (*sp).merkle)[..frontier.len()].copy_from_slice(frontier);
+            s.head_seq.store(seq, Ordering::Release);
+        } else if now == generation + 1 {
+            // Dropped once since: the tombstone written under this lock is that chain's.
+            dropped_later();
+        }
         pg_sys::LWLockRelease(s.lock);
     }
 }
 
+/// A head the writer committed: seq, hash, and the Merkle tree over the records up to it.
+pub type CommittedHead = (i64, [u8; 32], Option<custody_chain::MerkleBuilder>);
+
 /// The chain was dropped (DROP EXTENSION with custody.allow_drop, committed): the next writer
-/// of this server run remembers no head, like one after a restart without a head file.
-/// Returns the head forgotten (exact: the last the writer committed).
-pub fn forget_committed_head() -> Option<(i64, [u8; 32])> {
-    let s = shared()?;
+/// of this server run remembers no head, like one after a restart without a head file, and
+/// the running one remembers none of its chain any more. `then` gets the head forgotten
+/// (exact: the last the writer committed) and runs under the lock, so that a writer commit
+/// that lands after it is seen by it (`writer_committed`).
+pub fn forget_committed_head(then: impl FnOnce(Option<(i64, [u8; 32])>)) {
+    let Some(s) = shared() else { return then(None) };
     let sp = s as *const Shared as *mut Shared;
-    // SAFETY: the head is read and written under the lock.
+    // SAFETY: the head is read and written under the lock; `then` raises no ERROR (file
+    // writes whose failures are warnings), so the lock is always released here.
     unsafe {
         pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let head = (*sp).head_valid.then(|| (s.head_seq.load(Ordering::Acquire), (*sp).head_hash));
         (*sp).head_valid = false;
+        (*sp).chain_generation += 1;
+        then(head);
         pg_sys::LWLockRelease(s.lock);
-        head
+    }
+}
+
+/// Whether the chain opened in `generation` is still the one shared memory follows (not
+/// dropped since).
+pub fn chain_is_current(generation: u64) -> bool {
+    let Some(s) = shared() else { return true };
+    let sp = s as *const Shared;
+    // SAFETY: read under the lock.
+    unsafe {
+        pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_SHARED);
+        let now = (*sp).chain_generation;
+        pg_sys::LWLockRelease(s.lock);
+        now == generation
     }
 }
 
@@ -539,9 +579,10 @@ impl Consumer {
         }
     }
 
-    /// The head the previous writer of this server run committed, if one did, and the Merkle
-    /// tree over the records up to it.
-    pub fn committed_head(&self) -> Option<(i64, [u8; 32], Option<custody_chain::MerkleBuilder>)> {
+    /// The chain generation (see `writer_committed`) and the head the previous writer of
+    /// this server run committed in it, if one did, with the Merkle tree over the records up
+    /// to that head.
+    pub fn committed_head(&self) -> (u64, Option<CommittedHead>) {
         let sp = self.s as *const Shared;
         // SAFETY: read under the lock; merkle_len was written with the frontier (<= 64).
         unsafe {
@@ -551,8 +592,9 @@ impl Consumer {
                 let merkle = custody_chain::MerkleBuilder::from_frontier((*sp).merkle_size, frontier);
                 (self.s.head_seq.load(Ordering::Acquire), (*sp).head_hash, merkle)
             });
+            let generation = (*sp).chain_generation;
             pg_sys::LWLockRelease(self.s.lock);
-            h
+            (generation, h)
         }
     }
 

@@ -2,7 +2,8 @@
 //! the chain with a recorded hand-over and verifies; a restore split over transactions is
 //! refused with a hint, losing nothing; a log that a subscription fills is never adopted by
 //! the writer; a log dropped and created again is adopted with a record naming the dropped
-//! head. Own clusters (PGDATA-ops_*, shared port + 40..).
+//! head, also while the writer is storing as the drop commits. Own clusters (PGDATA-ops_*, shared
+//! port + 40..).
 
 use std::time::Duration;
 
@@ -538,4 +539,68 @@ fn a_log_dropped_and_filled_again_is_adopted_with_a_record() {
     assert_eq!((seq, from), (4, 3), "the hand-over follows the 3 records put in");
     assert!(dropped.is_some_and(|d| d >= head), "the dropped chain ended at {head}, the record says {dropped:?}");
     assert_chain_ok(&mut c);
+}
+
+/// Race (found by CI, once in many runs): the writer commits a batch, DROP EXTENSION (which
+/// waited for that commit) commits and turns the head file into a tombstone, and then the
+/// writer writes the head of the chain just dropped — to shared memory and, up to 100 ms
+/// later, to the head file. The next chain then started with a false HEAD MISMATCH instead of
+/// saying where the dropped chain ended. Defence: a writer remembers only heads of the chain
+/// it opened (a drop counts in shared memory; a head file write that raced with the drop is
+/// taken back), and a commit that landed just before the drop moves the tombstone to it.
+/// Run under steady load, several times over, so that the writer is committing as the drop
+/// comes.
+#[test]
+fn a_drop_while_the_writer_stores_leaves_no_head_of_the_dropped_chain() {
+    let cluster = StopOnDrop(Cluster::own("ops_dropload", 52));
+    let mut c = cluster.connect("ops_dropload");
+    set_and_reload(&cluster, &mut c, &["custody.allow_drop = on"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = cluster.connect("ops_dropload");
+    // The drop's own records wait for no writer (it holds the log's lock until it commits).
+    c.batch_execute("SET custody.durability = async; CREATE TABLE public.load_t (v int)").unwrap();
+    let dboid = query_i64(&mut c, "SELECT oid::int8 FROM pg_database WHERE datname = current_database()", &[]);
+    let head_file = cluster.dir.join(format!("pg_custody.{dboid}.head"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let mut l = cluster.connect("ops_dropload_load");
+        std::thread::spawn(move || {
+            l.batch_execute("SET custody.durability = async").ok();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                l.batch_execute("INSERT INTO public.load_t VALUES (1)").unwrap();
+            }
+        })
+    };
+    for round in 0..4 {
+        wait_ready(&mut c);
+        std::thread::sleep(Duration::from_millis(300));
+        let before = query_i64(&mut c, "SELECT max(seq) FROM custody.audit_log", &[]);
+        c.batch_execute("DROP EXTENSION pg_custody CASCADE").unwrap();
+        c.batch_execute("DROP SCHEMA custody").unwrap();
+        // Longer than the writer waits between head file writes, while the writer stores
+        // what it had and finds the log gone.
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(!head_file.exists(), "round {round}: the head file of the dropped chain is back");
+        c.batch_execute("CREATE EXTENSION pg_custody").unwrap();
+        wait_ready(&mut c);
+        flush(&mut c);
+        let first = c
+            .query(
+                "SELECT command, (objects->0->>'head_seq')::int8 FROM custody.audit_log \
+                 WHERE command IN ('PREVIOUS CHAIN DROPPED', 'HEAD MISMATCH') ORDER BY seq",
+                &[],
+            )
+            .unwrap();
+        let first: Vec<(String, Option<i64>)> = first.iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(first.len(), 1, "round {round}: one record on the dropped chain, no alarm: {first:?}");
+        assert_eq!(first[0].0, "PREVIOUS CHAIN DROPPED", "round {round}: {first:?}");
+        assert!(
+            first[0].1.is_some_and(|d| d >= before),
+            "round {round}: the dropped chain had reached {before} before the drop, the record says {first:?}"
+        );
+        assert_chain_ok(&mut c);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.join().unwrap();
 }

@@ -129,17 +129,36 @@ pub fn read() -> Option<Remembered> {
 /// — in custody.database — shared memory forgets the head. The next writer of this database
 /// says in its chain that a chain was dropped there, and where it ended (`dropped`).
 pub fn forget(in_chain_database: bool) {
-    // The exact head from shared memory when there is one (the file may lag behind it).
-    let exact = if in_chain_database { crate::queue::forget_committed_head() } else { None };
-    let on_file = read();
-    let head = exact.map(|(seq, hash)| Head { seq, hash }).or(on_file.as_ref().map(|r| r.head));
-    let Some(head) = head else { return };
+    let bury = |exact: Option<(i64, Hash)>| {
+        // The exact head from shared memory when there is one (the file may lag behind it).
+        let on_file = read();
+        let head = exact.map(|(seq, hash)| Head { seq, hash }).or(on_file.as_ref().map(|r| r.head));
+        let Some(head) = head else { return };
+        let (sysid, dboid) = identity();
+        let file = head_file(dboid);
+        let tomb = format!("{file}.dropped");
+        let written = std::fs::write(&tomb, encode(sysid, dboid, &Remembered { head, clean: true, merkle: None }));
+        if let Err(e) = written.and_then(|()| if on_file.is_some() { std::fs::remove_file(&file) } else { Ok(()) }) {
+            pgrx::warning!("pg_custody: could not keep the dropped chain's head in {tomb}: {e}");
+        }
+    };
+    if in_chain_database {
+        crate::queue::forget_committed_head(bury);
+    } else {
+        bury(None);
+    }
+}
+
+/// The writer committed `head` of a chain dropped since (its commit came first, its note in
+/// shared memory after the drop): the tombstone names it when it is further on. Called under
+/// the queue's lock, right after `forget`'s.
+pub fn dropped_at(head: Head) {
     let (sysid, dboid) = identity();
-    let file = head_file(dboid);
-    let tomb = format!("{file}.dropped");
-    let written = std::fs::write(&tomb, encode(sysid, dboid, &Remembered { head, clean: true, merkle: None }));
-    if let Err(e) = written.and_then(|()| if on_file.is_some() { std::fs::remove_file(&file) } else { Ok(()) }) {
-        pgrx::warning!("pg_custody: could not keep the dropped chain's head in {tomb}: {e}");
+    let tomb = format!("{}.dropped", head_file(dboid));
+    if dropped().is_some_and(|d| d.head.seq < head.seq) {
+        if let Err(e) = std::fs::write(&tomb, encode(sysid, dboid, &Remembered { head, clean: true, merkle: None })) {
+            pgrx::warning!("pg_custody writer: could not keep the dropped chain's head in {tomb}: {e}");
+        }
     }
 }
 
@@ -169,6 +188,8 @@ pub struct Durable {
     pending: VecDeque<(u64, Head, Option<MerkleBuilder>)>,
     written: Option<(Head, Option<MerkleBuilder>)>,
     last_write: Option<Instant>,
+    /// The chain generation the heads belong to (`crate::queue::writer_committed`).
+    generation: u64,
 }
 
 /// How often the file is rewritten at most while records flow.
@@ -176,7 +197,7 @@ const WRITE_EVERY: Duration = Duration::from_millis(100);
 
 impl Durable {
     pub fn new() -> Durable {
-        Durable { pending: VecDeque::new(), written: None, last_write: None }
+        Durable { pending: VecDeque::new(), written: None, last_write: None, generation: 0 }
     }
 
     /// A batch ending at `head` committed; its commit record ends at this LSN. `merkle`: the
@@ -202,8 +223,19 @@ impl Durable {
             self.pending.push_front((0, head, merkle));
             return;
         }
+        // Never the head of a chain dropped since: `forget` removed the file, and a write
+        // that raced with it is taken back (forget counts the drop before it removes the file,
+        // so either it removes this write or the check after the rename sees the drop).
+        if !crate::queue::chain_is_current(self.generation) {
+            self.pending.clear();
+            return;
+        }
         let r = Remembered { head, clean, merkle };
         match write(&r) {
+            Ok(()) if !crate::queue::chain_is_current(self.generation) => {
+                let _ = std::fs::remove_file(head_file(identity().1));
+                self.pending.clear();
+            }
             Ok(()) => {
                 self.written = Some((r.head, r.merkle));
                 self.last_write = Some(Instant::now());
@@ -214,7 +246,9 @@ impl Durable {
 
     /// Marks the chain head as known at start (the table's, after any alarm was recorded),
     /// with the tree over the records up to it when the writer has it.
-    pub fn start(&mut self, head: Head, merkle: Option<MerkleBuilder>) {
+    pub fn start(&mut self, generation: u64, head: Head, merkle: Option<MerkleBuilder>) {
+        self.generation = generation;
+        self.written = None;
         self.pending.clear();
         self.pending.push_back((0, head, merkle));
         self.sync(true, false);

@@ -60,6 +60,8 @@ pub struct Chain {
     checkpointed: i64,
     /// The table the chain was read from.
     log: pg_sys::Oid,
+    /// The chain generation of shared memory it was opened in (`crate::queue::writer_committed`).
+    generation: u64,
 }
 
 /// The signing key, loaded from custody.signing_key_file at start and on reload.
@@ -185,7 +187,7 @@ fn run() {
                     log!("pg_custody writer: appending to custody.audit_log after seq {}", c.seq);
                     // The file says a writer runs (not a clean stop) from now on, naming a head
                     // that is on disk already; the first records follow like any others.
-                    durable.start(on_disk.0, on_disk.1);
+                    durable.start(c.generation, on_disk.0, on_disk.1);
                     let handed_over = first.iter().any(|r| r.command == custody_chain::CHAIN_HANDOVER);
                     let says_dropped = handed_over || first.iter().any(|r| r.command == start::CHAIN_DROPPED);
                     append(&mut c, first);
@@ -483,7 +485,7 @@ fn checkpoint(chain: &mut Chain, signer: &Signer, queue: &Consumer, archiver: &m
     // The writer commits asynchronously; a checkpoint is what auditors copy out, so it is on
     // disk before anyone can read it as the latest (and the records it covers with it).
     // SAFETY: set by the commit of the checkpoint's transaction just above.
-    crate::queue::writer_committed(chain.seq, &chain.hash, &chain.merkle);
+    remember_committed(chain);
     crate::queue::flush_stored();
     chain.checkpointed = chain.seq;
     queue.set_last_checkpoint(chain.seq);
@@ -706,8 +708,15 @@ fn try_append(chain: &mut Chain, records: Vec<Captured>) -> Result<(), String> {
     for h in &hashes {
         chain.merkle.push(h);
     }
-    crate::queue::writer_committed(seq, &prev, &chain.merkle);
+    remember_committed(chain);
     Ok(())
+}
+
+/// Right after a commit of the writer: shared memory remembers the head (unless the chain
+/// was dropped meanwhile: then the tombstone names it).
+fn remember_committed(chain: &Chain) {
+    let head = head::Head { seq: chain.seq, hash: chain.hash };
+    crate::queue::writer_committed(chain.generation, chain.seq, &chain.hash, &chain.merkle, || head::dropped_at(head));
 }
 
 fn to_record(seq: i64, logged_at: i64, c: Captured) -> Record {

@@ -60,12 +60,13 @@ pub fn open(queue: &Consumer) -> Start {
     // The head committed by the writer before this one (same server run), else the one the
     // file says was flushed; the former is never behind the latter. With it comes the Merkle
     // tree up to that head, so only the records after it are read.
-    let remembered = queue
-        .committed_head()
+    let (generation, committed) = queue.committed_head();
+    let remembered = committed
         .map(|(seq, hash, merkle)| (Head { seq, hash }, true, merkle))
         .or_else(|| head::read().map(|r| (r.head, r.clean, r.merkle)));
     let resume = remembered.as_ref().and_then(|(h, _, m)| Some((*h, m.clone()?)));
     let (mut chain, last_command, read) = read_chain(resume);
+    chain.generation = generation;
     pgrx::log!(
         "pg_custody writer: the chain head is seq {} ({read} records of custody.audit_log read to resume it)",
         chain.seq
@@ -232,7 +233,7 @@ fn read_chain(resume: Option<(Head, MerkleBuilder)>) -> (Chain, Option<String>, 
         let resume = resume.filter(|_| held);
         let resumed = resume.is_some();
         let (from, mut chain) = match resume {
-            Some((h, merkle)) => (h.seq, Chain { seq: h.seq, hash: h.hash, merkle, checkpointed: 0, log }),
+            Some((h, merkle)) => (h.seq, Chain { seq: h.seq, hash: h.hash, merkle, checkpointed: 0, log, generation: 0 }),
             None => (0, fresh(log)),
         };
         let last_seq = crate::own::select(client, &max, &[])
@@ -266,7 +267,7 @@ fn read_chain(resume: Option<(Head, MerkleBuilder)>) -> (Chain, Option<String>, 
 
 /// An empty chain: genesis, no records.
 fn fresh(log: pg_sys::Oid) -> Chain {
-    Chain { seq: 0, hash: genesis(), merkle: MerkleBuilder::new(), checkpointed: 0, log }
+    Chain { seq: 0, hash: genesis(), merkle: MerkleBuilder::new(), checkpointed: 0, log, generation: 0 }
 }
 
 /// Pushes the records after `from` (up to `last_seq`, in seq order; records at seq 0 or below
