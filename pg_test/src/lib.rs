@@ -180,8 +180,13 @@ impl Cluster {
 pub fn wait_ready(c: &mut Client) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let state: Option<String> =
-            c.query_one("SELECT custody.status()->>'state'", &[]).expect("custody.status()").get(0);
+        // Right after a start, a gated statement waits for the writer to publish the policies
+        // (custody.failure_timeout) and is denied when it has not yet: ask again.
+        let state: Option<String> = match c.query_one("SELECT custody.status()->>'state'", &[]) {
+            Ok(row) => row.get(0),
+            Err(e) if e.as_db_error().is_some_and(|d| d.message().contains("not known yet")) => None,
+            Err(e) => panic!("custody.status(): {e}"),
+        };
         if state.as_deref() == Some("appending") {
             return;
         }
@@ -192,7 +197,8 @@ pub fn wait_ready(c: &mut Client) {
 
 /// Waits until every record this session queued so far is stored.
 pub fn flush(c: &mut Client) {
-    let ok: bool = c.query_one("SELECT custody.flush()", &[]).expect("custody.flush()").get(0);
+    // Longer than custody.flush()'s default: a loaded machine must not fail a test here.
+    let ok: bool = c.query_one("SELECT custody.flush(30000)", &[]).expect("custody.flush()").get(0);
     assert!(ok, "custody.flush() timed out");
 }
 
@@ -331,6 +337,14 @@ pub fn set_and_reload(cluster: &Cluster, c: &mut Client, settings: &[&str]) {
     drop(f);
     let ok: bool = c.query_one("SELECT pg_reload_conf()", &[]).unwrap().get(0);
     assert!(ok, "pg_reload_conf() failed");
+}
+
+/// Sets custody.allow_drop = on and waits until the server runs with it: `c` sees it once the
+/// postmaster has reloaded (it signals the backends after reloading itself), so every
+/// connection made from then on has it too.
+pub fn allow_drop(cluster: &Cluster, c: &mut Client) {
+    set_and_reload(cluster, c, &["custody.allow_drop = on"]);
+    wait_until(c, "SELECT current_setting('custody.allow_drop') = 'on'", &[], "custody.allow_drop reloaded");
 }
 
 /// `custody.status()->>'signing_key'`.

@@ -8,7 +8,7 @@ const THREADS: i64 = 4;
 
 #[test]
 fn crash_durability() {
-    let cluster = Cluster::own("crash", 2);
+    let cluster = StopOnDrop(Cluster::own("crash", 2));
     let mut c = cluster.connect("crash_setup");
     c.batch_execute("CREATE TABLE crash_t (id bigint PRIMARY KEY)").unwrap();
     drop(c);

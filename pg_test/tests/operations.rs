@@ -16,8 +16,7 @@ const NO_VACUUM: &str = "package custody\n\ndeny contains \"no vacuum here\" if 
 fn empty_cluster(suffix: &str, offset: u16) -> StopOnDrop {
     let cluster = StopOnDrop(Cluster::own(suffix, offset));
     let mut c = cluster.connect("ops_setup");
-    set_and_reload(&cluster, &mut c, &["custody.allow_drop = on"]);
-    std::thread::sleep(Duration::from_millis(500));
+    allow_drop(&cluster, &mut c);
     let mut c = cluster.connect("ops_setup");
     c.batch_execute("SET custody.durability = async").unwrap();
     c.batch_execute("DROP EXTENSION pg_custody CASCADE").unwrap();
@@ -441,6 +440,13 @@ fn a_central_store_keeps_and_verifies_each_source() {
         ))
         .unwrap();
     }
+    // The initial copies first (six tables through at most four workers): slow on a loaded
+    // machine, and not what the bound below is for.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while query_i64(&mut c, "SELECT count(*) FILTER (WHERE srsubstate <> 'r') + 6 - count(*) FROM pg_subscription_rel", &[]) > 0 {
+        assert!(std::time::Instant::now() < deadline, "the subscriptions' initial copies did not end within 120 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let m = marker("ops_central");
     for (name, p) in [("src_a", &mut pa), ("src_b", &mut pb)] {
         p.batch_execute(&format!("SELECT '{m}_{name}'")).unwrap();
@@ -502,8 +508,7 @@ fn a_log_dropped_and_filled_again_is_adopted_with_a_record() {
     let mut c = cluster.connect("ops_redrop");
     c.batch_execute("CREATE TABLE public.r_t (v int); INSERT INTO public.r_t VALUES (1)").unwrap();
     flush(&mut c);
-    set_and_reload(&cluster, &mut c, &["custody.allow_drop = on"]);
-    std::thread::sleep(Duration::from_millis(500));
+    allow_drop(&cluster, &mut c);
     let mut c = cluster.connect("ops_redrop");
     flush(&mut c);
     c.batch_execute("CREATE TABLE public.saved AS SELECT * FROM custody.audit_log").unwrap();
@@ -554,8 +559,7 @@ fn a_log_dropped_and_filled_again_is_adopted_with_a_record() {
 fn a_drop_while_the_writer_stores_leaves_no_head_of_the_dropped_chain() {
     let cluster = StopOnDrop(Cluster::own("ops_dropload", 52));
     let mut c = cluster.connect("ops_dropload");
-    set_and_reload(&cluster, &mut c, &["custody.allow_drop = on"]);
-    std::thread::sleep(Duration::from_millis(500));
+    allow_drop(&cluster, &mut c);
     let mut c = cluster.connect("ops_dropload");
     // The drop's own records wait for no writer (it holds the log's lock until it commits).
     c.batch_execute("SET custody.durability = async; CREATE TABLE public.load_t (v int)").unwrap();

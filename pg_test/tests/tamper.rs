@@ -54,7 +54,7 @@ fn cases() -> Vec<Case> {
 
 #[test]
 fn tamper() {
-    let cluster = Cluster::own("tamper", 1);
+    let cluster = StopOnDrop(Cluster::own("tamper", 1));
     let mut c = cluster.connect("tamper_setup");
     c.batch_execute("CREATE TABLE tamper_t (id int PRIMARY KEY, note text)").unwrap();
     for i in 0..30 {

@@ -61,11 +61,11 @@ fn time_is_per_statement() {
     b.execute("SELECT custody.set_policy('clearance', $1)", &[&CLEARANCE]).unwrap();
     let mut a = cluster.connect_as("gate_a", "gate_time");
     for (what, sql) in [
-        ("two statements of one message", "SELECT pg_sleep(3); SELECT count(*) FROM public.gate_t"),
-        ("a DO block", "DO $$ BEGIN PERFORM pg_sleep(3); PERFORM count(*) FROM public.gate_t; END $$"),
+        ("two statements of one message", "SELECT pg_sleep(5); SELECT count(*) FROM public.gate_t"),
+        ("a DO block", "DO $$ BEGIN PERFORM pg_sleep(5); PERFORM count(*) FROM public.gate_t; END $$"),
     ] {
         b.batch_execute(
-            "SELECT custody.set_attribute('gate_a', 'clearance', '\"high\"', valid_until => now() + interval '2 seconds')",
+            "SELECT custody.set_attribute('gate_a', 'clearance', '\"high\"', valid_until => now() + interval '4 seconds')",
         )
         .unwrap();
         assert_eq!(one(&mut a, "SELECT count(*) FROM public.gate_t").expect("valid clearance"), 1);
@@ -228,8 +228,7 @@ const DENY_ALL: &str = "package custody\n\ndeny contains \"everything is denied\
 fn no_lost_update() {
     let (cluster, mut b) = gate_cluster();
     b.batch_execute("CREATE ROLE gate_a LOGIN").unwrap();
-    set_and_reload(&cluster, &mut b, &["custody.allow_drop = on"]);
-    std::thread::sleep(Duration::from_millis(500));
+    allow_drop(&cluster, &mut b);
     let mut b = cluster.connect("gate_admin");
     for round in 0..4 {
         // The DROP's own records cannot be stored in the log it drops: do not wait for them.

@@ -167,9 +167,24 @@ fn every_checkpoint_leaves_the_database() {
     let _remove = RemoveDir(dir.clone());
     chown_postgres(&dir);
     set_and_reload(&cluster, &mut c, &[&format!("custody.checkpoint_command = 'cp %p {}/cp-%s.json'", dir.display())]);
-    // Let the reload reach the writer before the checkpoint we wait for.
-    std::thread::sleep(Duration::from_millis(500));
-    let cp = activity_and_checkpoint(&mut c, "cmd_t", 10);
+    // The writer has the command once it recorded the reload.
+    wait_until(
+        &mut c,
+        "SELECT count(*) > 0 FROM custody.audit_log WHERE command = 'SETTINGS RELOADED' \
+         AND strpos(objects::text, $1) > 0",
+        &[&dir.display().to_string()],
+        "the writer to record the reloaded checkpoint_command",
+    );
+    let head = activity_and_checkpoint(&mut c, "cmd_t", 10);
+    // A checkpoint made while the command still copies the one before goes to no command (the
+    // next one does): the one to read is the newest handed over, at the head or after it.
+    wait_until(
+        &mut c,
+        "SELECT coalesce((custody.status()->>'checkpoint_archived_seq')::int8, 0) >= $1",
+        &[&head],
+        "a checkpoint at the head or after it to be handed to the command",
+    );
+    let cp = query_i64(&mut c, "SELECT (custody.status()->>'checkpoint_archived_seq')::int8", &[]);
 
     let file = dir.join(format!("cp-{cp}.json"));
     let deadline = Instant::now() + WAIT;

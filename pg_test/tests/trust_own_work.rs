@@ -402,10 +402,10 @@ fn user_code_attached_to_custody_tables_is_refused() {
     for i in 0..5 {
         c.simple_query(&format!("SELECT {i} /* {m} activity */")).unwrap();
     }
-    // Give the writer time to (not) append them.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // Until the writer has opened the log and refused it (never appending meanwhile).
+    let deadline = std::time::Instant::now() + WAIT;
     let mut state = String::new();
-    while std::time::Instant::now() < deadline {
+    while std::time::Instant::now() < deadline && !state.starts_with("refusing") {
         state = c
             .query_one("SELECT custody.status()->>'state'", &[])
             .unwrap()

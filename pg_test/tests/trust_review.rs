@@ -676,7 +676,7 @@ fn replication_command_with_log_min_messages_fatal_is_not_recorded() {
     );
     let (code, out, err) = psql(&[&conn, "-c", "IDENTIFY_SYSTEM"]);
     assert_eq!(code, 0, "IDENTIFY_SYSTEM: {out}{err}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + WAIT;
     let count = |c: &mut Client, command: &str| {
         query_i64(c, "SELECT count(*) FROM custody.audit_log WHERE application_name = $1 AND command = $2", &[&m, &command])
     };
