@@ -93,6 +93,9 @@ struct Shared {
     /// records only heads of the chain it opened, so one that commits a batch just before a
     /// DROP EXTENSION commits never brings the dropped chain's head back (`writer_committed`).
     chain_generation: u64,
+    /// Commits that showed the extension is there (`extension_is_there`, under `lock`): a
+    /// writer that found no log in a snapshot taken before one of them does not say "absent".
+    extension_seen: u64,
     /// The seq of the last checkpoint custody.checkpoint_command took.
     archived_seq: AtomicI64,
     /// End of the writer's last commit record in WAL: what must be flushed for everything it
@@ -202,8 +205,14 @@ pub fn state() -> ChainState {
 /// writer has not found it yet (it looks every 100 ms): from now on sessions record and gate
 /// as while the writer attaches (`Unknown`), instead of neither recording nor gating.
 pub fn extension_is_there() {
-    if let Some(s) = shared() {
+    let Some(s) = shared() else { return };
+    let sp = s as *const Shared as *mut Shared;
+    // SAFETY: the count is written under the lock; once per commit that changed the store.
+    unsafe {
+        pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        (*sp).extension_seen += 1;
         let _ = s.state.compare_exchange(ChainState::Absent as u32, ChainState::Unknown as u32, Ordering::AcqRel, Ordering::Acquire);
+        pg_sys::LWLockRelease(s.lock);
     }
 }
 
@@ -454,6 +463,8 @@ pub fn forget_committed_head(then: impl FnOnce(Option<(i64, [u8; 32])>)) {
         let head = (*sp).head_valid.then(|| (s.head_seq.load(Ordering::Acquire), (*sp).head_hash));
         (*sp).head_valid = false;
         (*sp).chain_generation += 1;
+        // The writer's chain is gone; it finds out at its next append.
+        let _ = s.state.compare_exchange(ChainState::Ready as u32, ChainState::Unknown as u32, Ordering::AcqRel, Ordering::Acquire);
         then(head);
         pg_sys::LWLockRelease(s.lock);
     }
@@ -551,6 +562,9 @@ impl Consumer {
         s.writer_latch.store(unsafe { pg_sys::MyLatch } as u64, Ordering::Release);
         // SAFETY: a plain read of a process global set at process start.
         s.writer_pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+        // A chain the writer before this one opened is not open in this one yet: "starting"
+        // until it is (a writer about to refuse must not look like one appending).
+        let _ = s.state.compare_exchange(ChainState::Ready as u32, ChainState::Unknown as u32, Ordering::AcqRel, Ordering::Acquire);
         Some(Consumer { s })
     }
 
@@ -678,18 +692,49 @@ impl Consumer {
         }
     }
 
-    /// Drops everything queued (used when the audit log does not exist: nothing to record).
-    pub fn discard_all(&self) {
+    /// Taken before the writer looks for the log: what `absent` may discard.
+    pub fn mark(&self) -> AbsentMark {
         let sp = self.s as *const Shared;
-        // SAFETY: reading head under the lock.
-        let head = unsafe {
+        // SAFETY: read under the lock.
+        unsafe {
             pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_SHARED);
-            let h = (*sp).head;
+            let m = AbsentMark { seen: (*sp).extension_seen, head: (*sp).head };
             pg_sys::LWLockRelease(self.s.lock);
-            h
-        };
-        self.advance(head);
+            m
+        }
     }
+
+    /// The writer found no audit log in a snapshot taken after `mark`: nothing to record, and
+    /// what was queued before it is dropped. Unless a commit showed the extension there
+    /// meanwhile (its snapshot came too early): then nothing changes and the writer looks again.
+    pub fn absent(&self, mark: AbsentMark) {
+        let sp = self.s as *const Shared as *mut Shared;
+        // SAFETY: the state, the count and tail are changed under the lock (as in `advance`).
+        unsafe {
+            pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let still = (*sp).extension_seen == mark.seen;
+            let moved = still && mark.head > (*sp).tail;
+            if still {
+                self.s.state.store(ChainState::Absent as u32, Ordering::Release);
+            }
+            if moved {
+                (*sp).tail = mark.head;
+                self.s.flushed.store(mark.head, Ordering::Release);
+            }
+            pg_sys::LWLockRelease(self.s.lock);
+            if moved {
+                pg_sys::ConditionVariableBroadcast(addr_of_mut!((*sp).space_cv));
+                pg_sys::ConditionVariableBroadcast(addr_of_mut!((*sp).flush_cv));
+            }
+        }
+    }
+}
+
+/// The queue as the writer found it before looking for the log (`Consumer::mark`).
+#[derive(Clone, Copy)]
+pub struct AbsentMark {
+    seen: u64,
+    head: u64,
 }
 
 impl Drop for Consumer {

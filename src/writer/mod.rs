@@ -177,6 +177,7 @@ fn run() {
             policies_published = publish_policies();
         }
         if chain.is_none() {
+            let mark = queue.mark();
             match BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| start::open(&queue))) {
                 start::Start::Ready(mut c, first, on_disk) => {
                     if refusing_since.take().is_some() {
@@ -209,10 +210,7 @@ fn run() {
                     policies_published = publish_policies();
                     chain = Some(c);
                 }
-                start::Start::Absent => {
-                    queue.set_state(ChainState::Absent);
-                    queue.discard_all();
-                }
+                start::Start::Absent => queue.absent(mark),
                 start::Start::Refusing(why) => {
                     // Records stay queued (sessions block or mark gaps, custody.on_failure)
                     // until the table is restored; say why now and then.
