@@ -134,12 +134,11 @@ pub fn forget(in_chain_database: bool) {
         let on_file = read();
         let head = exact.map(|(seq, hash)| Head { seq, hash }).or(on_file.as_ref().map(|r| r.head));
         let Some(head) = head else { return };
-        let (sysid, dboid) = identity();
-        let file = head_file(dboid);
-        let tomb = format!("{file}.dropped");
-        let written = std::fs::write(&tomb, encode(sysid, dboid, &Remembered { head, clean: true, merkle: None }));
-        if let Err(e) = written.and_then(|()| if on_file.is_some() { std::fs::remove_file(&file) } else { Ok(()) }) {
-            pgrx::warning!("pg_custody: could not keep the dropped chain's head in {tomb}: {e}");
+        if bury_at(head) && on_file.is_some() {
+            let file = head_file(identity().1);
+            if let Err(e) = std::fs::remove_file(&file) {
+                pgrx::warning!("pg_custody: could not remove {file}: {e}");
+            }
         }
     };
     if in_chain_database {
@@ -153,11 +152,20 @@ pub fn forget(in_chain_database: bool) {
 /// shared memory after the drop): the tombstone names it when it is further on. Called under
 /// the queue's lock, right after `forget`'s.
 pub fn dropped_at(head: Head) {
+    if dropped().is_some_and(|d| d.head.seq < head.seq) {
+        bury_at(head);
+    }
+}
+
+/// Writes the tombstone naming `head`; false (with a warning) when it could not.
+fn bury_at(head: Head) -> bool {
     let (sysid, dboid) = identity();
     let tomb = format!("{}.dropped", head_file(dboid));
-    if dropped().is_some_and(|d| d.head.seq < head.seq) {
-        if let Err(e) = std::fs::write(&tomb, encode(sysid, dboid, &Remembered { head, clean: true, merkle: None })) {
-            pgrx::warning!("pg_custody writer: could not keep the dropped chain's head in {tomb}: {e}");
+    match std::fs::write(&tomb, encode(sysid, dboid, &Remembered { head, clean: true, merkle: None })) {
+        Ok(()) => true,
+        Err(e) => {
+            pgrx::warning!("pg_custody: could not keep the dropped chain's head in {tomb}: {e}");
+            false
         }
     }
 }
