@@ -1,10 +1,15 @@
 //! The bounded shared-memory queue between sessions and the custody writer, and the small
 //! amount of shared state that goes with it (writer state, stored position, lost records).
 //!
-//! Sessions append length-prefixed records under one LWLock; the writer alone consumes them.
+//! Sessions append length-prefixed records without a lock: a push reserves its bytes with one
+//! compare-and-swap on `head`, copies the record in, and publishes it by writing its length
+//! word last (release ordering); the writer alone consumes, in reservation order, and stops at
+//! the first record not published yet. The bytes the writer consumed are zeroed before `tail`
+//! moves past them, so a length word of 0 always means "not published yet". Every record
+//! starts at a multiple of 8, so a length word never wraps around the end of the ring.
 //! A record leaves the queue only after the writer has committed it to the audit log, so a
 //! writer that dies mid-batch loses nothing: its successor reads the same bytes again.
-//! Positions are byte offsets that only grow (`head`: written, `tail`: committed by the
+//! Positions are byte offsets that only grow (`head`: reserved, `tail`: committed by the
 //! writer), so "is my record stored?" is one comparison. The writer commits asynchronously;
 //! a session waiting at COMMIT makes its records durable with its own commit's WAL flush.
 
@@ -55,10 +60,11 @@ pub enum ChainState {
 struct Shared {
     lock: *mut pg_sys::LWLock,
     capacity: u64,
-    /// Bytes ever appended (under `lock`).
-    head: u64,
-    /// Bytes ever consumed and committed to the audit log (under `lock`; mirrored in `flushed`).
-    tail: u64,
+    /// Bytes ever reserved by pushes (no lock: compare-and-swap).
+    head: AtomicU64,
+    /// Bytes ever consumed and committed to the audit log (moved by the consumer only, under
+    /// `lock`; mirrored in `flushed`).
+    tail: AtomicU64,
     flushed: AtomicU64,
     space_cv: pg_sys::ConditionVariable,
     flush_cv: pg_sys::ConditionVariable,
@@ -149,7 +155,8 @@ pub unsafe fn attach_shmem() {
         let p = pg_sys::ShmemInitStruct(c"pg_custody queue".as_ptr(), shmem_size(), &mut found)
             as *mut Shared;
         if !found {
-            std::ptr::write_bytes(p as *mut u8, 0, std::mem::size_of::<Shared>());
+            // The ring too: a length word of 0 is a record not published yet.
+            std::ptr::write_bytes(p as *mut u8, 0, shmem_size());
             (*p).lock = addr_of_mut!((*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock);
             (*p).capacity = settings::queue_size_bytes() as u64;
             // The postmaster's working directory is the data directory.
@@ -264,38 +271,42 @@ pub fn push(payload: &[u8], timeout_ms: i64) -> Result<u64, QueueError> {
 }
 
 /// `push` of several records as one block: all of them, one after the other with nothing in
-/// between, or none.
+/// between, or none. The writer sees none of them before it can see all of them (the first
+/// one's length word is published last).
 pub fn push_all(payloads: &[&[u8]], timeout_ms: i64) -> Result<u64, QueueError> {
     let s = shared().ok_or(QueueError::NoQueue)?;
-    let need: u64 = payloads.iter().map(|p| p.len() as u64 + 4).sum();
-    if need > s.capacity / 2 {
+    let need: u64 = payloads.iter().map(|p| slot_len(p.len())).sum();
+    if payloads.is_empty() {
+        return Ok(s.head.load(Ordering::Acquire));
+    }
+    if need > s.capacity / 2 || payloads.iter().any(|p| p.len() >= u32::MAX as usize) {
         return Err(QueueError::TooLarge);
     }
     let sp = s as *const Shared as *mut Shared;
     let mut waited_ms: i64 = 0;
     let mut sleeping = false;
     let result = loop {
-        // SAFETY: the lock protects head/tail and the free region of the ring; we copy only
-        // into [head, tail + capacity), which the writer never reads.
-        let done = unsafe {
-            pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            let (head, tail) = ((*sp).head, (*sp).tail);
-            let ok = s.capacity - (head - tail) >= need;
-            if ok {
-                let mut at = head;
+        if let Some(at) = reserve(s, need) {
+            // SAFETY: [at, at + need) was reserved above: it lies in the free region, which
+            // the consumer never reads (it stops at the first length word of 0) and no other
+            // push writes. Each record's bytes are copied before its length word is published.
+            unsafe {
+                let mut pos = at;
                 for payload in payloads {
-                    let len = (payload.len() as u32).to_le_bytes();
-                    copy_in(sp, at, &len);
-                    copy_in(sp, at + 4, payload);
-                    at += payload.len() as u64 + 4;
+                    copy_in(sp, pos + 4, payload);
+                    pos += slot_len(payload.len());
                 }
-                (*sp).head = head + need;
+                // The others first: the writer reads none of them before the first.
+                let mut pos = at + slot_len(payloads[0].len());
+                for payload in &payloads[1..] {
+                    len_word(sp, pos).store(payload.len() as u32 + 1, Ordering::Release);
+                    pos += slot_len(payload.len());
+                }
+                len_word(sp, at).store(payloads[0].len() as u32 + 1, Ordering::SeqCst);
             }
-            let pos = (*sp).head;
-            pg_sys::LWLockRelease(s.lock);
-            if ok { Some(pos) } else { None }
-        };
-        if let Some(pos) = done {
+            let pos = at + need;
+            // SeqCst, after the publication: the writer stores wake_at before it looks whether
+            // a record is published (`pending`), so one of the two sees the other.
             if pos >= s.wake_at.load(Ordering::SeqCst) {
                 wake_writer();
             }
@@ -322,15 +333,54 @@ pub fn push_all(payloads: &[&[u8]], timeout_ms: i64) -> Result<u64, QueueError> 
     result
 }
 
+/// Bytes a record of `len` payload bytes takes in the ring: its length word and payload,
+/// padded to a multiple of 8 (so that every length word is aligned and never wraps).
+const fn slot_len(len: usize) -> u64 {
+    (4 + len as u64).div_ceil(8) * 8
+}
+
+/// Reserves `need` bytes at the head, if the ring has room for them: the position they start
+/// at. One compare-and-swap; the only contention between pushing sessions.
+fn reserve(s: &Shared, need: u64) -> Option<u64> {
+    let mut head = s.head.load(Ordering::Acquire);
+    loop {
+        // The tail only grows: an old value only understates the room.
+        let tail = s.tail.load(Ordering::Acquire);
+        if s.capacity - (head - tail) < need {
+            return None;
+        }
+        match s.head.compare_exchange_weak(head, head + need, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Some(head),
+            Err(now) => head = now,
+        }
+    }
+}
+
+/// The length word of the record slot at `pos`: 0 while the slot is not published, else the
+/// payload's length + 1.
+///
+/// # Safety
+/// `s` is the queue's control block and `pos` a slot boundary (a multiple of 8).
+unsafe fn len_word<'a>(s: *const Shared, pos: u64) -> &'a AtomicU32 {
+    // SAFETY: the ring starts 8-aligned (ShmemInitStruct is MAXALIGNed and the control block's
+    // size is a multiple of its 8-byte alignment) and its capacity is a multiple of 1024, so
+    // a slot boundary's offset is 8-aligned and the 4 bytes lie inside the ring; shared memory
+    // lives as long as the cluster, and the word is only ever accessed atomically.
+    unsafe {
+        let off = (pos % (*s).capacity) as usize;
+        &*(ring(s).add(off) as *const AtomicU32)
+    }
+}
+
 /// Copies `bytes` into the ring at position `pos`, wrapping at `capacity`.
 ///
 /// # Safety
-/// `s` is the queue's control block, the lock is held exclusively, and
-/// [pos, pos + bytes.len()) lies in the free region [head, tail + capacity).
+/// `s` is the queue's control block and [pos, pos + bytes.len()) lies in a region this
+/// process reserved (`reserve`) and has not published yet.
 unsafe fn copy_in(s: *mut Shared, pos: u64, bytes: &[u8]) {
     // SAFETY: `off < cap`, and the two copies write `first` bytes at [off, cap) and the rest at
-    // [0, len - first), both inside the ring of `cap` bytes since len <= cap; nobody reads the
-    // free region and the lock keeps other pushers out (caller's contract).
+    // [0, len - first), both inside the ring of `cap` bytes since len <= cap; nobody reads an
+    // unpublished region and no other push writes this one (caller's contract).
     unsafe {
         let cap = (*s).capacity;
         let off = (pos % cap) as usize;
@@ -342,11 +392,30 @@ unsafe fn copy_in(s: *mut Shared, pos: u64, bytes: &[u8]) {
     }
 }
 
+/// Zeroes [from, to) of the ring (consumed bytes, about to be freed).
+///
+/// # Safety
+/// `s` is the queue's control block and [from, to) lies in [tail, end of the last published
+/// record), which only the consumer (the caller) touches.
+unsafe fn zero(s: *mut Shared, from: u64, to: u64) {
+    // SAFETY: as in copy_in, both writes stay inside the ring (to - from <= cap).
+    unsafe {
+        let cap = (*s).capacity;
+        let off = (from % cap) as usize;
+        let len = (to - from) as usize;
+        let first = len.min(cap as usize - off);
+        std::ptr::write_bytes(ring(s).add(off), 0, first);
+        if first < len {
+            std::ptr::write_bytes(ring(s), 0, len - first);
+        }
+    }
+}
+
 /// Copies `out.len()` bytes out of the ring from position `pos`, wrapping at `capacity`.
 ///
 /// # Safety
-/// `s` is the queue's control block and [pos, pos + out.len()) lies in [tail, head), which no
-/// one writes until the consumer advances tail.
+/// `s` is the queue's control block and [pos, pos + out.len()) lies in a published record at
+/// or after tail, which no one writes until the consumer advances tail.
 unsafe fn copy_out(s: *const Shared, pos: u64, out: &mut [u8]) {
     // SAFETY: as in copy_in, both copies stay inside the ring; the bytes read are queued
     // records, not written meanwhile (caller's contract).
@@ -523,13 +592,15 @@ pub struct Status {
 pub fn status() -> Option<Status> {
     let s = shared()?;
     let sp = s as *const Shared;
-    // SAFETY: a consistent read of head/tail needs the lock.
-    let (used, texts) = unsafe {
+    // Tail first: both only grow, so head read after it is never behind it.
+    let tail = s.tail.load(Ordering::Acquire);
+    let used = s.head.load(Ordering::Acquire).saturating_sub(tail);
+    // SAFETY: the texts are written under the lock.
+    let texts = unsafe {
         pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_SHARED);
-        let u = (*sp).head - (*sp).tail;
         let texts = (*sp).texts.map(|t| String::from_utf8_lossy(&t.bytes[..(t.len as usize).min(256)]).into_owned());
         pg_sys::LWLockRelease(s.lock);
-        (u, texts)
+        texts
     };
     let [key_status, alarm, archive_error] = texts;
     Some(Status {
@@ -629,30 +700,31 @@ impl Consumer {
         self.s.lost.load(Ordering::Acquire)
     }
 
-    /// Copies out up to `max_records` whole records from the durable position on, without
-    /// consuming them. Returns the payloads and the position after the last one.
+    /// Copies out up to `max_records` published records from the durable position on, without
+    /// consuming them; stops at the first one not published yet. Returns the position after
+    /// the last one copied.
     pub fn peek(&self, max_records: usize, max_bytes: usize, out: &mut Vec<Vec<u8>>) -> u64 {
         let sp = self.s as *const Shared;
-        // SAFETY: head is read under the lock; the bytes in [tail, head) are immutable until
-        // we advance tail, so they can be copied without it.
+        let head = self.s.head.load(Ordering::Acquire);
+        let mut pos = self.s.tail.load(Ordering::Acquire);
+        let mut bytes = 0usize;
+        // SAFETY: pos is a slot boundary in [tail, head); a published record's bytes are not
+        // written again until this consumer advances tail past them.
         unsafe {
-            pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_SHARED);
-            let (head, tail) = ((*sp).head, (*sp).tail);
-            pg_sys::LWLockRelease(self.s.lock);
-            let mut pos = tail;
-            let mut bytes = 0usize;
             while pos < head && out.len() < max_records && bytes < max_bytes {
-                let mut len = [0u8; 4];
-                copy_out(sp, pos, &mut len);
-                let len = u32::from_le_bytes(len) as usize;
+                let word = len_word(sp, pos).load(Ordering::Acquire);
+                if word == 0 {
+                    break;
+                }
+                let len = (word - 1) as usize;
                 let mut buf = vec![0u8; len];
                 copy_out(sp, pos + 4, &mut buf);
                 out.push(buf);
-                pos += 4 + len as u64;
+                pos += slot_len(len);
                 bytes += len;
             }
-            pos
         }
+        pos
     }
 
     /// Whether a session is waiting for records not stored yet.
@@ -665,26 +737,29 @@ impl Consumer {
         self.s.wake_at.store(pos, Ordering::SeqCst);
     }
 
-    /// Whether records are queued. Call after `set_wake_at(0)`: a push that this misses
-    /// sees the new wake position and wakes the writer.
+    /// Whether a record is queued and published. Call after `set_wake_at(0)`: a push that
+    /// this misses sees the new wake position and wakes the writer (both sides store, then
+    /// load, in SeqCst order).
     pub fn pending(&self) -> bool {
-        let sp = self.s as *const Shared;
-        // SAFETY: head and tail are read under the lock.
-        unsafe {
-            pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_SHARED);
-            let p = (*sp).head > (*sp).tail;
-            pg_sys::LWLockRelease(self.s.lock);
-            p
-        }
+        let tail = self.s.tail.load(Ordering::Acquire);
+        // SAFETY: tail is a slot boundary (only the consumer moves it, to slot boundaries).
+        tail < self.s.head.load(Ordering::SeqCst)
+            && unsafe { len_word(self.s, tail) }.load(Ordering::SeqCst) != 0
     }
 
-    /// Marks everything before `pos` as committed to the audit log, frees the space and wakes waiters.
+    /// Marks everything before `pos` (the end of records `peek` returned) as committed to the
+    /// audit log, frees the space and wakes waiters.
     pub fn advance(&self, pos: u64) {
         let sp = self.s as *const Shared as *mut Shared;
-        // SAFETY: only the writer moves tail, under the lock.
+        // SAFETY: only the consumer moves tail, under the lock; [tail, pos) are published
+        // records it has consumed, zeroed before the space is given back.
         unsafe {
             pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            (*sp).tail = pos;
+            let tail = self.s.tail.load(Ordering::Acquire);
+            if pos > tail {
+                zero(sp, tail, pos);
+                self.s.tail.store(pos, Ordering::Release);
+            }
             pg_sys::LWLockRelease(self.s.lock);
             self.s.flushed.store(pos, Ordering::Release);
             pg_sys::ConditionVariableBroadcast(addr_of_mut!((*sp).space_cv));
@@ -695,10 +770,10 @@ impl Consumer {
     /// Taken before the writer looks for the log: what `absent` may discard.
     pub fn mark(&self) -> AbsentMark {
         let sp = self.s as *const Shared;
-        // SAFETY: read under the lock.
+        // SAFETY: the count is read under the lock it is written under.
         unsafe {
             pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_SHARED);
-            let m = AbsentMark { seen: (*sp).extension_seen, head: (*sp).head };
+            let m = AbsentMark { seen: (*sp).extension_seen, head: self.s.head.load(Ordering::Acquire) };
             pg_sys::LWLockRelease(self.s.lock);
             m
         }
@@ -709,16 +784,27 @@ impl Consumer {
     /// meanwhile (its snapshot came too early): then nothing changes and the writer looks again.
     pub fn absent(&self, mark: AbsentMark) {
         let sp = self.s as *const Shared as *mut Shared;
-        // SAFETY: the state, the count and tail are changed under the lock (as in `advance`).
+        // SAFETY: the state, the count and tail are changed under the lock (as in `advance`);
+        // [tail, mark.head) are whole records reserved before the mark, zeroed once each is
+        // published (a push publishes right after it copies, without waiting for anything).
         unsafe {
             pg_sys::LWLockAcquire(self.s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
             let still = (*sp).extension_seen == mark.seen;
-            let moved = still && mark.head > (*sp).tail;
+            let tail = self.s.tail.load(Ordering::Acquire);
+            let moved = still && mark.head > tail;
             if still {
                 self.s.state.store(ChainState::Absent as u32, Ordering::Release);
             }
             if moved {
-                (*sp).tail = mark.head;
+                let mut pos = tail;
+                while pos < mark.head {
+                    match len_word(sp, pos).load(Ordering::Acquire) {
+                        0 => std::thread::sleep(std::time::Duration::from_micros(10)),
+                        word => pos += slot_len((word - 1) as usize),
+                    }
+                }
+                zero(sp, tail, mark.head);
+                self.s.tail.store(mark.head, Ordering::Release);
                 self.s.flushed.store(mark.head, Ordering::Release);
             }
             pg_sys::LWLockRelease(self.s.lock);

@@ -223,7 +223,8 @@ unsafe fn cstr_opt(p: *const std::ffi::c_char) -> Option<String> {
 /// until the process exits.
 unsafe fn failed_login(sqlstate: &str, message: &str) {
     set_login(Login::Done);
-    // Records go through the queue's lock, which needs the process to have its PGPROC.
+    // A push may wait for room on the queue's condition variable, which needs the process
+    // to have its PGPROC.
     // SAFETY: plain reads of process globals of this single-threaded backend; MyProcPort is
     // NULL or the connection's Port (our contract), which is what client_port accepts.
     let (port, pid) = unsafe {
