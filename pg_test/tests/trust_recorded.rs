@@ -346,3 +346,43 @@ fn logins_and_failed_logins_are_recorded() {
     drop(_hba);
     drop(guard);
 }
+
+/// Attack: act right after `CREATE EXTENSION pg_custody` commits, before the custody writer
+/// next looks for the log (every 100 ms): another session's statements, and a write, ran
+/// unrecorded.
+/// Defence: the creating session says at its commit that the extension is there (and
+/// publishes the empty policy store), so statements that start once its COMMIT has answered
+/// are queued and stored when the writer opens the chain.
+/// Also: `DROP EXTENSION` (custody.allow_drop) with the default `durability = commit` commits
+/// at once; it waited for records the writer cannot store while the drop holds the log's
+/// lock, and failed with 53000 after custody.failure_timeout.
+#[test]
+fn statements_right_after_create_extension_are_recorded() {
+    let cluster = StopOnDrop(Cluster::own("rec_create", 54));
+    let mut c = cluster.connect("rec_create");
+    allow_drop(&cluster, &mut c);
+    let mut c = cluster.connect("rec_create");
+    let mut other = cluster.connect("rec_create_other");
+    other.batch_execute("CREATE TABLE public.rc_t (v int)").unwrap();
+    for round in 0..3 {
+        c.batch_execute("DROP EXTENSION pg_custody CASCADE").unwrap();
+        c.batch_execute("DROP SCHEMA IF EXISTS custody").unwrap();
+        // The writer has seen the drop: nothing is recorded now.
+        std::thread::sleep(Duration::from_millis(300));
+        c.batch_execute("CREATE EXTENSION pg_custody").unwrap();
+        let m = marker(&format!("rec_create_{round}"));
+        other.batch_execute(&format!("SELECT 1 /* {m} read */")).unwrap();
+        other.batch_execute(&format!("INSERT INTO public.rc_t VALUES ({round}) /* {m} write */")).unwrap();
+        wait_ready(&mut c);
+        flush(&mut c);
+        for what in ["read", "write"] {
+            let n = query_i64(
+                &mut c,
+                "SELECT count(*) FROM custody.audit_log WHERE statement LIKE $1",
+                &[&format!("%{m} {what}%")],
+            );
+            assert_eq!(n, 1, "round {round}: the {what} right after CREATE EXTENSION has {n} records");
+        }
+        assert_chain_ok(&mut c);
+    }
+}

@@ -60,6 +60,9 @@ unsafe fn accessed(
             // SAFETY: for OAT_POST_CREATE `arg` is NULL or an ObjectAccessPostCreate.
             let internal = !arg.is_null() && unsafe { (*(arg as *mut pg_sys::ObjectAccessPostCreate)).is_internal };
             protect::object::check(true, class_id, object_id, sub_id, internal);
+            if class_id == pg_sys::ExtensionRelationId {
+                crate::policy::store::extension_created(object_id);
+            }
         }
         OAT_POST_ALTER => {
             // SAFETY: for OAT_POST_ALTER `arg` is NULL or an ObjectAccessPostAlter.

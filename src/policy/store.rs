@@ -19,9 +19,11 @@ struct Pending {
     dirty: bool,
     events: Vec<(String, serde_json::Value)>,
     snapshot: Option<Snapshot>,
+    /// Extensions this transaction created (object-access hook), looked at before commit.
+    created: Vec<pg_sys::Oid>,
 }
 
-static mut PENDING: Pending = Pending { dirty: false, events: Vec::new(), snapshot: None };
+static mut PENDING: Pending = Pending { dirty: false, events: Vec::new(), snapshot: None, created: Vec::new() };
 
 #[allow(static_mut_refs)]
 fn pending() -> &'static mut Pending {
@@ -423,6 +425,13 @@ pub fn load_snapshot() -> Snapshot {
 /// published, and queue the `policy` records (so they are stored before COMMIT returns).
 pub fn pre_commit() {
     let p = pending();
+    if std::mem::take(&mut p.created).into_iter().any(is_pg_custody) && crate::api::in_custody_database() {
+        // CREATE EXTENSION pg_custody: the store is published at commit like any change
+        // (empty, or as a restore in the same transaction filled it), which also says the
+        // extension is there: sessions record from then on, not from the writer's next look
+        // for the log (every 100 ms).
+        p.dirty = true;
+    }
     if !p.dirty {
         for (command, object) in p.events.drain(..) {
             capture::record_event(Class::Policy, &command, &serde_json::json!([object]).to_string());
@@ -453,9 +462,28 @@ pub fn pre_commit() {
 /// after the decision to commit was taken elsewhere.
 pub fn pre_prepare() {
     let p = pending();
+    // A prepared CREATE EXTENSION is found by the writer's look after COMMIT PREPARED.
+    p.created.clear();
     if p.dirty || !p.events.is_empty() {
         abort();
         CustodyError::CannotPrepare.report();
+    }
+}
+
+/// CREATE EXTENSION ran in this transaction (object-access hook, before the new row is
+/// visible): if it was pg_custody's, in custody.database, the commit publishes the store and
+/// says the extension is there.
+pub fn extension_created(extension: pg_sys::Oid) {
+    pending().created.push(extension);
+}
+
+/// Whether `extension` is pg_custody (looked up at PRE_COMMIT, when this transaction's
+/// catalog rows are visible to it).
+fn is_pg_custody(extension: pg_sys::Oid) -> bool {
+    // SAFETY: a catalog lookup inside the transaction; the name is a palloc'd copy or NULL.
+    unsafe {
+        let name = pg_sys::get_extension_name(extension);
+        !name.is_null() && std::ffi::CStr::from_ptr(name) == c"pg_custody"
     }
 }
 
@@ -471,6 +499,7 @@ pub fn commit() {
 
 pub fn abort() {
     let p = pending();
+    p.created.clear();
     p.dirty = false;
     p.events.clear();
     p.snapshot = None;

@@ -103,6 +103,12 @@ pub fn take_extension_dropped() -> Option<bool> {
         dropped
     }
 }
+/// Whether this transaction drops the audit log (pg_custody's extension in custody.database).
+pub fn drops_the_log() -> bool {
+    // SAFETY: single-threaded backend.
+    unsafe { EXTENSION_DROPPED == Some(true) }
+}
+
 /// A relcache invalidation arrived since the last look: the extension may have been created
 /// or dropped and re-created since.
 static mut STALE: bool = true;
