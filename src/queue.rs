@@ -344,9 +344,11 @@ const fn slot_len(len: usize) -> u64 {
 fn reserve(s: &Shared, need: u64) -> Option<u64> {
     let mut head = s.head.load(Ordering::Acquire);
     loop {
-        // The tail only grows: an old value only understates the room.
+        // Read after head, the tail is at least the one of that moment (it only grows), so
+        // head - tail is at most the capacity. It can be past that head, when others pushed
+        // and the writer consumed meanwhile: then head is stale and the exchange fails.
         let tail = s.tail.load(Ordering::Acquire);
-        if s.capacity - (head - tail) < need {
+        if s.capacity - head.saturating_sub(tail) < need {
             return None;
         }
         match s.head.compare_exchange_weak(head, head + need, Ordering::AcqRel, Ordering::Acquire) {
