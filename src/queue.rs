@@ -286,24 +286,30 @@ pub fn push_all(payloads: &[&[u8]], timeout_ms: i64) -> Result<u64, QueueError> 
     let mut waited_ms: i64 = 0;
     let mut sleeping = false;
     let result = loop {
-        if let Some(at) = reserve(s, need) {
-            // SAFETY: [at, at + need) was reserved above: it lies in the free region, which
-            // the consumer never reads (it stops at the first length word of 0) and no other
-            // push writes. Each record's bytes are copied before its length word is published.
-            unsafe {
-                let mut pos = at;
-                for payload in payloads {
-                    copy_in(sp, pos + 4, payload);
-                    pos += slot_len(payload.len());
+        let reserved = {
+            let _signals = NoSignals::unless_backend();
+            reserve(s, need).inspect(|&at| {
+                // SAFETY: [at, at + need) was reserved above: it lies in the free region,
+                // which the consumer never reads (it stops at the first length word of 0) and
+                // no other push writes. Each record's bytes are copied before its length word
+                // is published.
+                unsafe {
+                    let mut pos = at;
+                    for payload in payloads {
+                        copy_in(sp, pos + 4, payload);
+                        pos += slot_len(payload.len());
+                    }
+                    // The others first: the writer reads none of them before the first.
+                    let mut pos = at + slot_len(payloads[0].len());
+                    for payload in &payloads[1..] {
+                        len_word(sp, pos).store(payload.len() as u32 + 1, Ordering::Release);
+                        pos += slot_len(payload.len());
+                    }
+                    len_word(sp, at).store(payloads[0].len() as u32 + 1, Ordering::SeqCst);
                 }
-                // The others first: the writer reads none of them before the first.
-                let mut pos = at + slot_len(payloads[0].len());
-                for payload in &payloads[1..] {
-                    len_word(sp, pos).store(payload.len() as u32 + 1, Ordering::Release);
-                    pos += slot_len(payload.len());
-                }
-                len_word(sp, at).store(payloads[0].len() as u32 + 1, Ordering::SeqCst);
-            }
+            })
+        };
+        if let Some(at) = reserved {
             let pos = at + need;
             // SeqCst, after the publication: the writer stores wake_at before it looks whether
             // a record is published (`pending`), so one of the two sees the other.
@@ -331,6 +337,49 @@ pub fn push_all(payloads: &[&[u8]], timeout_ms: i64) -> Result<u64, QueueError> 
         unsafe { pg_sys::ConditionVariableCancelSleep() };
     }
     result
+}
+
+/// Signals blocked while a push has reserved its bytes and not published them yet, in
+/// processes other than client backends: a background worker's default SIGTERM handler
+/// (`bgworker_die`) raises FATAL inside the handler, and a worker that exited between the two
+/// would leave a slot that is never published, behind which the writer can read nothing. A
+/// client backend's handlers only set flags, so it pays nothing.
+struct NoSignals(Option<pg_sys::__sigset_t>);
+
+unsafe extern "C" {
+    fn sigfillset(set: *mut pg_sys::__sigset_t) -> std::ffi::c_int;
+    fn sigprocmask(how: std::ffi::c_int, set: *const pg_sys::__sigset_t, old: *mut pg_sys::__sigset_t) -> std::ffi::c_int;
+}
+/// SIG_SETMASK of Linux's <signal.h>.
+const SIG_SETMASK: std::ffi::c_int = 2;
+
+impl NoSignals {
+    fn unless_backend() -> NoSignals {
+        // SAFETY: a plain read of a process global set at process start.
+        if unsafe { pg_sys::MyBackendType } == pg_sys::BackendType::B_BACKEND {
+            return NoSignals(None);
+        }
+        // SAFETY: sigset_t values owned here; sigprocmask on this single-threaded process.
+        unsafe {
+            let mut all: pg_sys::__sigset_t = std::mem::zeroed();
+            let mut old: pg_sys::__sigset_t = std::mem::zeroed();
+            sigfillset(&mut all);
+            if sigprocmask(SIG_SETMASK, &all, &mut old) != 0 {
+                return NoSignals(None);
+            }
+            NoSignals(Some(old))
+        }
+    }
+}
+
+impl Drop for NoSignals {
+    fn drop(&mut self) {
+        if let Some(old) = self.0.take() {
+            // SAFETY: restores the mask saved by `unless_backend`; a signal that arrived
+            // meanwhile is delivered now.
+            unsafe { sigprocmask(SIG_SETMASK, &old, std::ptr::null_mut()) };
+        }
+    }
 }
 
 /// Bytes a record of `len` payload bytes takes in the ring: its length word and payload,
@@ -367,7 +416,10 @@ unsafe fn len_word<'a>(s: *const Shared, pos: u64) -> &'a AtomicU32 {
     // SAFETY: the ring starts 8-aligned (ShmemInitStruct is MAXALIGNed and the control block's
     // size is a multiple of its 8-byte alignment) and its capacity is a multiple of 1024, so
     // a slot boundary's offset is 8-aligned and the 4 bytes lie inside the ring; shared memory
-    // lives as long as the cluster, and the word is only ever accessed atomically.
+    // lives as long as the cluster. Besides atomic accesses, the word is only written plainly
+    // by the zeroing at creation (before any process uses the queue) and by the consumer's
+    // `zero`, which happens before its Release store of tail and so before any push that
+    // reserves those bytes again (pushes load tail with Acquire).
     unsafe {
         let off = (pos % (*s).capacity) as usize;
         &*(ring(s).add(off) as *const AtomicU32)
@@ -744,9 +796,10 @@ impl Consumer {
     /// load, in SeqCst order).
     pub fn pending(&self) -> bool {
         let tail = self.s.tail.load(Ordering::Acquire);
+        // The word at tail is 0 unless a record there is published (the bytes from tail on
+        // are zero until a push publishes them), so it alone says it, whatever head is.
         // SAFETY: tail is a slot boundary (only the consumer moves it, to slot boundaries).
-        tail < self.s.head.load(Ordering::SeqCst)
-            && unsafe { len_word(self.s, tail) }.load(Ordering::SeqCst) != 0
+        unsafe { len_word(self.s, tail) }.load(Ordering::SeqCst) != 0
     }
 
     /// Marks everything before `pos` (the end of records `peek` returned) as committed to the
@@ -763,10 +816,31 @@ impl Consumer {
                 self.s.tail.store(pos, Ordering::Release);
             }
             pg_sys::LWLockRelease(self.s.lock);
-            self.s.flushed.store(pos, Ordering::Release);
+            self.s.flushed.fetch_max(pos, Ordering::AcqRel);
             pg_sys::ConditionVariableBroadcast(addr_of_mut!((*sp).space_cv));
             pg_sys::ConditionVariableBroadcast(addr_of_mut!((*sp).flush_cv));
         }
+    }
+
+    /// Waits until every record reserved before `to` (a value head had) is published, at most
+    /// `timeout`; false if one is not by then.
+    pub fn wait_published(&self, to: u64, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut pos = self.s.tail.load(Ordering::Acquire);
+        while pos < to {
+            // SAFETY: pos is a slot boundary at or after tail: whole slots from tail on.
+            match unsafe { len_word(self.s, pos) }.load(Ordering::Acquire) {
+                0 if std::time::Instant::now() >= deadline => return false,
+                0 => std::thread::sleep(std::time::Duration::from_micros(10)),
+                word => pos += slot_len((word - 1) as usize),
+            }
+        }
+        true
+    }
+
+    /// Where the head is now: records reserved before it (`wait_published`).
+    pub fn reserved(&self) -> u64 {
+        self.s.head.load(Ordering::Acquire)
     }
 
     /// Taken before the writer looks for the log: what `absent` may discard.
@@ -786,6 +860,12 @@ impl Consumer {
     /// meanwhile (its snapshot came too early): then nothing changes and the writer looks again.
     pub fn absent(&self, mark: AbsentMark) {
         let sp = self.s as *const Shared as *mut Shared;
+        // Records reserved before the mark are published within microseconds (a push copies
+        // and publishes with nothing in between); only this consumer moves tail, so the wait
+        // needs no lock. One that is not published in time: nothing changes, look again.
+        if !self.wait_published(mark.head, std::time::Duration::from_secs(1)) {
+            return;
+        }
         // SAFETY: the state, the count and tail are changed under the lock (as in `advance`);
         // [tail, mark.head) are whole records reserved before the mark, zeroed once each is
         // published (a push publishes right after it copies, without waiting for anything).
@@ -798,16 +878,9 @@ impl Consumer {
                 self.s.state.store(ChainState::Absent as u32, Ordering::Release);
             }
             if moved {
-                let mut pos = tail;
-                while pos < mark.head {
-                    match len_word(sp, pos).load(Ordering::Acquire) {
-                        0 => std::thread::sleep(std::time::Duration::from_micros(10)),
-                        word => pos += slot_len((word - 1) as usize),
-                    }
-                }
                 zero(sp, tail, mark.head);
                 self.s.tail.store(mark.head, Ordering::Release);
-                self.s.flushed.store(mark.head, Ordering::Release);
+                self.s.flushed.fetch_max(mark.head, Ordering::AcqRel);
             }
             pg_sys::LWLockRelease(self.s.lock);
             if moved {

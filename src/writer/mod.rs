@@ -296,7 +296,10 @@ fn run() {
             )));
         if stop {
             // Stopping (server shutdown or pg_terminate_backend): drain what is queued, then
-            // say so in the chain; the next writer, if any, says it started.
+            // say so in the chain; the next writer, if any, says it started. A session that
+            // has reserved room but not written its record yet (microseconds) is waited for,
+            // so that records published after it are drained too.
+            queue.wait_published(queue.reserved(), Duration::from_millis(500));
             batch.clear();
             let end = queue.peek(usize::MAX, usize::MAX, &mut batch);
             append_from_queue(c, &batch);

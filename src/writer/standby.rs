@@ -138,9 +138,11 @@ pub extern "C-unwind" fn custody_standby_main(_arg: pg_sys::Datum) {
     }
     own::set_writer();
     BackgroundWorker::connect_worker_to_spi(Some(settings::database()), None);
-    let Some(queue) = crate::queue::Consumer::attach() else { return };
+    // Shipping before attaching: a writer of a promoted server waits for this process to end
+    // before it attaches itself, so the two never consume at once.
     // SAFETY: a plain read of this process's pid.
     crate::queue::set_shipping(unsafe { pg_sys::MyProcPid });
+    let Some(queue) = crate::queue::Consumer::attach() else { return };
     if let Err(e) = spool::recover() {
         warning!("pg_custody standby: its spool: {e}");
     }
