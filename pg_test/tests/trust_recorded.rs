@@ -374,6 +374,14 @@ fn statements_right_after_create_extension_are_recorded() {
         other.batch_execute(&format!("SELECT 1 /* {m} read */")).unwrap();
         other.batch_execute(&format!("INSERT INTO public.rc_t VALUES ({round}) /* {m} write */")).unwrap();
         wait_ready(&mut c);
+        // The last record may be queued just after the client got its answer: wait (bounded)
+        // for it, then require exactly one of each.
+        wait_until(
+            &mut c,
+            "SELECT count(*) >= 1 FROM custody.audit_log WHERE statement LIKE $1",
+            &[&format!("%{m} write%")],
+            &format!("round {round}: the record of the write"),
+        );
         flush(&mut c);
         for what in ["read", "write"] {
             let n = query_i64(
