@@ -426,6 +426,18 @@ unsafe fn len_word<'a>(s: *const Shared, pos: u64) -> &'a AtomicU32 {
     }
 }
 
+/// Where `len` bytes from position `pos` lie in the ring: `(off, first)`, `first` bytes at
+/// [off, capacity) and the rest at [0, len - first).
+///
+/// # Safety
+/// `s` is the queue's control block.
+unsafe fn span(s: *const Shared, pos: u64, len: usize) -> (usize, usize) {
+    // SAFETY: capacity is written once, when shared memory is created (caller's contract).
+    let cap = unsafe { (*s).capacity };
+    let off = (pos % cap) as usize;
+    (off, len.min(cap as usize - off))
+}
+
 /// Copies `bytes` into the ring at position `pos`, wrapping at `capacity`.
 ///
 /// # Safety
@@ -436,9 +448,7 @@ unsafe fn copy_in(s: *mut Shared, pos: u64, bytes: &[u8]) {
     // [0, len - first), both inside the ring of `cap` bytes since len <= cap; nobody reads an
     // unpublished region and no other push writes this one (caller's contract).
     unsafe {
-        let cap = (*s).capacity;
-        let off = (pos % cap) as usize;
-        let first = bytes.len().min(cap as usize - off);
+        let (off, first) = span(s, pos, bytes.len());
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), ring(s).add(off), first);
         if first < bytes.len() {
             std::ptr::copy_nonoverlapping(bytes.as_ptr().add(first), ring(s), bytes.len() - first);
@@ -454,10 +464,8 @@ unsafe fn copy_in(s: *mut Shared, pos: u64, bytes: &[u8]) {
 unsafe fn zero(s: *mut Shared, from: u64, to: u64) {
     // SAFETY: as in copy_in, both writes stay inside the ring (to - from <= cap).
     unsafe {
-        let cap = (*s).capacity;
-        let off = (from % cap) as usize;
         let len = (to - from) as usize;
-        let first = len.min(cap as usize - off);
+        let (off, first) = span(s, from, len);
         std::ptr::write_bytes(ring(s).add(off), 0, first);
         if first < len {
             std::ptr::write_bytes(ring(s), 0, len - first);
@@ -474,9 +482,7 @@ unsafe fn copy_out(s: *const Shared, pos: u64, out: &mut [u8]) {
     // SAFETY: as in copy_in, both copies stay inside the ring; the bytes read are queued
     // records, not written meanwhile (caller's contract).
     unsafe {
-        let cap = (*s).capacity;
-        let off = (pos % cap) as usize;
-        let first = out.len().min(cap as usize - off);
+        let (off, first) = span(s, pos, out.len());
         std::ptr::copy_nonoverlapping(ring(s).add(off), out.as_mut_ptr(), first);
         if first < out.len() {
             std::ptr::copy_nonoverlapping(ring(s), out.as_mut_ptr().add(first), out.len() - first);

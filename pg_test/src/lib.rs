@@ -339,6 +339,18 @@ pub fn set_and_reload(cluster: &Cluster, c: &mut Client, settings: &[&str]) {
     assert!(ok, "pg_reload_conf() failed");
 }
 
+/// A cluster of one test only (`Cluster::own`) restarted with `settings` added to its
+/// postgresql.conf (postmaster settings such as custody.queue_size), writer appending.
+pub fn own_with(suffix: &str, port_offset: u16, settings: &[&str]) -> StopOnDrop {
+    let cluster = StopOnDrop(Cluster::own(suffix, port_offset));
+    let mut c = cluster.connect(&format!("{suffix}_setup"));
+    set_and_reload(&cluster, &mut c, settings);
+    drop(c);
+    cluster.start();
+    wait_ready(&mut cluster.connect(&format!("{suffix}_setup")));
+    cluster
+}
+
 /// Sets custody.allow_drop = on and waits until the server runs with it: `c` sees it once the
 /// postmaster has reloaded (it signals the backends after reloading itself), so every
 /// connection made from then on has it too.

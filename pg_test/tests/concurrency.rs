@@ -127,13 +127,8 @@ fn concurrency() {
 fn a_small_queue_wrapped_by_concurrent_sessions_loses_and_tears_nothing() {
     const SESSIONS: usize = 4;
     const EACH: usize = 2_000;
-    let cluster = StopOnDrop(Cluster::own("conc_ring", 53));
-    let mut c = cluster.connect("ring_setup");
-    set_and_reload(&cluster, &mut c, &["custody.queue_size = '1MB'"]);
-    drop(c);
-    cluster.start();
+    let cluster = own_with("conc_ring", 53, &["custody.queue_size = '1MB'"]);
     let mut admin = cluster.connect("ring_admin");
-    wait_ready(&mut admin);
     let capacity = query_i64(&mut admin, "SELECT (custody.status()->>'queue_bytes_capacity')::int8", &[]);
     assert!(capacity <= 1 << 21, "queue_size not applied: capacity {capacity}");
     let run = marker("ring");

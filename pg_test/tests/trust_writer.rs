@@ -72,13 +72,8 @@ fn signal(sig: &str, pid: i32) {
 /// account for every statement; the chain verifies.
 #[test]
 fn lost_records_across_a_writer_restart_leave_a_gap_record() {
-    let cluster = StopOnDrop(Cluster::own("trust_writer_gap", 15));
-    let mut c = cluster.connect("gap_setup");
-    set_and_reload(&cluster, &mut c, &["custody.queue_size = '1MB'"]);
-    drop(c);
-    cluster.start();
+    let cluster = own_with("trust_writer_gap", 15, &["custody.queue_size = '1MB'"]);
     let mut c = cluster.connect("gap");
-    wait_ready(&mut c);
     let capacity = query_i64(&mut c, "SELECT (custody.status()->>'queue_bytes_capacity')::int8", &[]);
     assert!(capacity <= 1 << 21, "queue_size not applied: capacity {capacity}");
     c.batch_execute("SET custody.on_failure = continue; SET custody.failure_timeout = '10ms'").unwrap();
