@@ -290,6 +290,20 @@ echo "-- suspended on the primary; on the standby:"
 psql -qAt -c "SELECT custody.resume('demo_contractor')" >/dev/null
 "$here/cluster.sh" stop "$sdir"
 
+say "A restart costs what was stored since, not the whole log"
+psql -qc "DO \$\$ BEGIN FOR i IN 1..20000 LOOP PERFORM count(*) FROM demo_accounts; END LOOP; END \$\$"
+psql -c "SELECT custody.flush()" -qAt >/dev/null
+psql -qAt -c "SELECT 'custody.audit_log holds ' || count(*) || ' records (20,000 of them from one DO block)' FROM custody.audit_log"
+echo "\$ restart the server"
+"$here/cluster.sh" start "$dir" "$port"
+for _ in $(seq 50); do
+    [ "$(psql -qAt -c "SELECT custody.status()->>'state'")" = appending ] && break
+    sleep 0.2
+done
+psql -c "SELECT s->>'head_seq' AS head_seq, s->>'writer_start_records_read' AS records_read_to_resume,
+                round((s->>'writer_start_seconds')::numeric, 3) AS start_seconds
+         FROM custody.status() s"
+
 say "An attack with the library unloaded, detected: the newest records are cut off"
 psql -c "SELECT custody.flush()" -qAt >/dev/null
 head=$(psql -qAt -c "SELECT max(seq) FROM custody.audit_log")

@@ -560,5 +560,7 @@ fn status() -> JsonB {
         "alarm": text(&s.alarm),
         "checkpoint_archived_seq": s.archived_seq,
         "checkpoint_command_error": text(&s.archive_error),
+        "writer_start_records_read": s.start.map(|(n, _)| n),
+        "writer_start_seconds": s.start.map(|(_, t)| t.as_secs_f64()),
     }))
 }

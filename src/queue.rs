@@ -15,6 +15,7 @@
 
 use std::ptr::{addr_of_mut, null_mut};
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use pgrx::pg_sys;
 
@@ -115,6 +116,11 @@ struct Shared {
     /// A standby worker ran in this server run: a spool left in the data directory is this
     /// server's, kept while it was a standby.
     was_standby: std::sync::atomic::AtomicBool,
+    /// The last writer start of this server run (custody.status()): records of the log it
+    /// read to resume the chain, and how long opening the chain took, in µs (0: none yet;
+    /// stored as µs + 1).
+    start_read: AtomicU64,
+    start_us: AtomicU64,
     // the ring of `capacity` bytes follows
 }
 
@@ -647,6 +653,8 @@ pub struct Status {
     pub state: ChainState,
     pub lost: u64,
     pub head_seq: i64,
+    /// The last writer start: records read to resume the chain, and the time it took.
+    pub start: Option<(u64, Duration)>,
 }
 
 pub fn status() -> Option<Status> {
@@ -675,6 +683,10 @@ pub fn status() -> Option<Status> {
         state: state(),
         lost: s.lost.load(Ordering::Acquire),
         head_seq: s.head_seq.load(Ordering::Acquire),
+        start: match s.start_us.load(Ordering::Acquire) {
+            0 => None,
+            us => Some((s.start_read.load(Ordering::Acquire), Duration::from_micros(us - 1))),
+        },
     })
 }
 
@@ -701,6 +713,13 @@ impl Consumer {
 
     pub fn set_state(&self, st: ChainState) {
         self.s.state.store(st as u32, Ordering::Release);
+    }
+
+    /// Publishes what this writer's start read and how long it took (custody.status()).
+    pub fn set_started(&self, records_read: u64, took: Duration) {
+        self.s.start_read.store(records_read, Ordering::Release);
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX - 1);
+        self.s.start_us.store(us.saturating_add(1), Ordering::Release);
     }
 
     pub fn set_last_checkpoint(&self, seq: i64) {

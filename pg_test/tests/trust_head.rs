@@ -231,12 +231,24 @@ fn every_checkpoint_leaves_the_database() {
     );
 }
 
-/// The last "N records of custody.audit_log read to resume it" the server log has.
-fn records_read_at_start(cluster: &Cluster) -> i64 {
+/// The last "N records of custody.audit_log read to resume it" the server log has, which
+/// custody.status() reports too, with how long that start took.
+fn records_read_at_start(cluster: &Cluster, c: &mut Client) -> i64 {
     let log = std::fs::read_to_string(cluster.dir.join("server.log")).expect("server.log");
     let line = log.lines().rev().find(|l| l.contains("records of custody.audit_log read to resume it")).expect("a writer start");
     let n = line.split('(').nth(1).and_then(|t| t.split_whitespace().next()).expect("a count");
-    n.parse().unwrap_or_else(|_| panic!("count in {line}"))
+    let n: i64 = n.parse().unwrap_or_else(|_| panic!("count in {line}"));
+    let row = c
+        .query_one(
+            "SELECT (s->>'writer_start_records_read')::int8, (s->>'writer_start_seconds')::float8 \
+             FROM custody.status() s",
+            &[],
+        )
+        .expect("custody.status()");
+    let (status_n, seconds): (Option<i64>, Option<f64>) = (row.get(0), row.get(1));
+    assert_eq!(status_n, Some(n), "custody.status() names the records the start read ({line})");
+    assert!(seconds.is_some_and(|s| (0.0..60.0).contains(&s)), "writer_start_seconds: {seconds:?}");
+    n
 }
 
 fn head_file(cluster: &Cluster, c: &mut Client) -> PathBuf {
@@ -259,7 +271,7 @@ fn a_start_reads_only_what_came_after_the_remembered_head() {
     cluster.start();
     let mut c = cluster.connect("resume_1");
     wait_ready(&mut c);
-    let read = records_read_at_start(&cluster);
+    let read = records_read_at_start(&cluster, &mut c);
     let head = query_i64(&mut c, "SELECT max(seq) FROM custody.audit_log", &[]);
     assert!(head > 300, "the log holds the activity ({head})");
     assert!(read <= 2, "a clean restart read {read} records of {head}");
@@ -280,7 +292,7 @@ fn a_start_reads_only_what_came_after_the_remembered_head() {
     let mut c = cluster.connect("resume_2");
     wait_ready(&mut c);
     let stored = query_i64(&mut c, "SELECT count(*) FROM custody.audit_log", &[]);
-    let read = records_read_at_start(&cluster);
+    let read = records_read_at_start(&cluster, &mut c);
     assert!(read >= head && read <= stored, "a forged frontier must make the writer read the whole log: {read} of {stored}");
     activity_and_checkpoint(&mut c, "resume_t3", 5);
     let v = verify_with(&mut c, None, Some(&key));
@@ -297,7 +309,7 @@ fn a_start_reads_only_what_came_after_the_remembered_head() {
     let mut c = cluster.connect("resume_3");
     wait_ready(&mut c);
     let stored = query_i64(&mut c, "SELECT count(*) FROM custody.audit_log", &[]);
-    let read = records_read_at_start(&cluster);
+    let read = records_read_at_start(&cluster, &mut c);
     assert!(read + 2 >= stored, "no frontier: the whole log ({read} of {stored})");
     activity_and_checkpoint(&mut c, "resume_t4", 5);
     let v = verify_with(&mut c, None, Some(&key));
@@ -330,7 +342,7 @@ fn a_start_reads_only_what_came_after_the_remembered_head() {
         let stored = query_i64(&mut c, "SELECT count(*) FROM custody.audit_log WHERE seq < $1", &[&started]);
         let after =
             query_i64(&mut c, "SELECT count(*) FROM custody.audit_log WHERE seq > $1 AND seq < $2", &[&lag_seq, &started]);
-        let read = records_read_at_start(&cluster);
+        let read = records_read_at_start(&cluster, &mut c);
         if forge {
             assert_eq!(read, stored, "a forged lagging frontier: the whole log");
         } else {
@@ -348,7 +360,7 @@ fn a_start_reads_only_what_came_after_the_remembered_head() {
     c.query_one("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
     wait_new_writer(&mut c, pid, Duration::from_secs(10));
     flush(&mut c);
-    let read = records_read_at_start(&cluster);
+    let read = records_read_at_start(&cluster, &mut c);
     assert!(read <= 2, "a writer restart read {read} records");
     activity_and_checkpoint(&mut c, "resume_t7", 5);
     assert!(verify_with(&mut c, None, Some(&key)).ok, "after a writer restart");

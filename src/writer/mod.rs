@@ -178,8 +178,10 @@ fn run() {
         }
         if chain.is_none() {
             let mark = queue.mark();
+            let opening = std::time::Instant::now();
             match BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| start::open(&queue))) {
-                start::Start::Ready(mut c, first, on_disk) => {
+                start::Start::Ready(mut c, first, on_disk, read) => {
+                    queue.set_started(read, opening.elapsed());
                     if refusing_since.take().is_some() {
                         queue.set_text(crate::queue::Text::Alarm, "");
                     }

@@ -19,8 +19,9 @@ pub enum Start {
     Refusing(String),
     /// Append after this head; these records first (an alarm, then WRITER START). The third
     /// field is the head to remember until those are on disk (with the Merkle tree up to it,
-    /// when the writer has that).
-    Ready(Chain, Vec<Captured>, (Head, Option<MerkleBuilder>)),
+    /// when the writer has that). The last: how many records of the log were read to
+    /// resume (custody.status()).
+    Ready(Chain, Vec<Captured>, (Head, Option<MerkleBuilder>), u64),
 }
 
 /// Inside a transaction of the writer.
@@ -132,7 +133,7 @@ pub fn open(queue: &Consumer) -> Start {
             "database_oid": database_oid,
         }])),
     ));
-    Start::Ready(chain, records, keep)
+    Start::Ready(chain, records, keep, read)
 }
 
 /// This cluster's system identifier and this database's OID.
