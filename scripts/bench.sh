@@ -3,13 +3,14 @@
 # it is not a test and never gates CI. Quote ratios from one run only: these machines are
 # small and noisy.
 #
-#   scripts/bench.sh [seconds per run (20)] [rounds (3)] [parts (tps,verify,policy,storage)]
+#   scripts/bench.sh [seconds per run (20)] [rounds (3)] [parts (tps,long,verify,policy,storage)]
 #
 # tps:     pgbench TPC-B and select-only (-S), -M prepared, scale 10, 4 clients, configurations
 #          alternated within each round; median TPS and median ratio to (a) of the same round:
 #          (a) no extension; (b) pgAudit, log = 'all', log_relation, log_rows, to a log file;
 #          (c) pg_custody durability = async; (d) pg_custody durability = commit (default);
 #          (e) (d) plus a 20-rule Rego policy (scripts/bench_policy.rego) on every statement.
+# long:    (a), (b) and (d) with a 4 kB statement per transaction (bytes per record).
 # verify:  custody.verify_audit_chain() and `custody verify` over a chain of 1M records, and
 #          the export verifier alone on 1M records built in memory.
 # policy:  the statement gate and custody.check() latency (crates/custody-policy gate_bench).
@@ -20,7 +21,7 @@
 # The extension must be installed (make bench installs a release build first).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd); root=$(dirname "$here")
-secs=${1:-20}; rounds=${2:-3}; parts=${3:-tps,verify,policy,storage}
+secs=${1:-20}; rounds=${2:-3}; parts=${3:-tps,long,verify,policy,storage}
 dir="$root/target/bench-cluster"; port=24340
 BIN=/usr/lib/postgresql/15/bin
 out="$root/target/bench-report.md"
@@ -212,6 +213,49 @@ if has tps; then
                       'BEGIN { printf "%.0f %% / %.0f %%", 100 * s / sa, 100 * b / ba }') |"
         done
         echo "$line"
+    done
+    echo
+    } >> "$out"
+fi
+
+if has long; then
+    # Applications (ORMs above all) send statements of kilobytes: every byte is copied,
+    # hashed and stored once per execution. A 4 kB SELECT that lists its columns by alias.
+    longsql="$root/target/bench-long.sql"
+    {
+        echo '\set aid random(1, 1000000)'
+        printf 'SELECT a.aid'
+        for i in $(seq 60); do
+            printf ', a.aid AS "account_%s_id", a.bid AS "account_%s_branch", a.abalance AS "account_%s_balance"' "$i" "$i" "$i"
+        done
+        echo ' FROM pgbench_accounts a WHERE a.aid = :aid;'
+    } > "$longsql"
+    chown postgres: "$longsql"
+    len=$(tail -1 "$longsql" | wc -c)
+    declare -A ltps lcpu lwrec
+    lconfigs="a b d"
+    [ -n "$before" ] && lconfigs="a b d d0"
+    for r in $(seq "$rounds"); do
+        for cfg in $lconfigs; do
+            configure "$cfg"
+            read -r ltps[$cfg,$r] lcpu[$cfg,$r] lwrec[$cfg,$r] < <(pgbench_tps "-f $longsql" "$cfg")
+            echo "round $r config $cfg: long statements ${ltps[$cfg,$r]} tps ${lcpu[$cfg,$r]} µs/tx writer ${lwrec[$cfg,$r]} µs/record" >&2
+        done
+    done
+    {
+    echo "### Long statements"
+    echo
+    echo "pgbench with one $len-byte SELECT per transaction (a primary-key read listing 181 columns by alias), 4 clients, -M prepared, ${secs} s per run, $rounds rounds, configurations alternated in each round."
+    echo
+    echo "| configuration | TPS (median) | ratio to (a) (median of rounds) | CPU µs/tx (median) | ratio to (a) | writer µs/record |"
+    echo "|---|---|---|---|---|---|"
+    for cfg in $lconfigs; do
+        mt=$(for r in $(seq "$rounds"); do echo "${ltps[$cfg,$r]}"; done | median)
+        rt=$(for r in $(seq "$rounds"); do awk -v x="${ltps[$cfg,$r]}" -v y="${ltps[a,$r]}" 'BEGIN { printf "%.3f\n", x / y }'; done | median)
+        mc=$(for r in $(seq "$rounds"); do echo "${lcpu[$cfg,$r]}"; done | median)
+        rc=$(for r in $(seq "$rounds"); do awk -v x="${lcpu[$cfg,$r]}" -v y="${lcpu[a,$r]}" 'BEGIN { printf "%.3f\n", x / y }'; done | median)
+        mw=$(for r in $(seq "$rounds"); do echo "${lwrec[$cfg,$r]}"; done | { grep -v -- - || true; } | median)
+        printf '| %s | %.0f | %.0f %% | %.1f | %.2f | %s |\n' "$(label "$cfg")" "$mt" "$(awk -v x="$rt" 'BEGIN { print 100 * x }')" "$mc" "$rc" "${mw:--}"
     done
     echo
     } >> "$out"

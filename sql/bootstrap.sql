@@ -237,6 +237,19 @@ SELECT pg_catalog.pg_extension_config_dump('custody.policy_store', '');
 SELECT pg_catalog.pg_extension_config_dump('custody.attribute_store', '');
 SELECT pg_catalog.pg_extension_config_dump('custody.suspensions', '');
 $ddl$;
+-- The log's long values are compressed with lz4 where the server has it (every build this
+-- project supports does): with pglz, the default, the writer spent 76-104 us per record of a
+-- 4 kB statement against 48-55 with lz4 (docs/benchmarks.md). A server built without lz4
+-- keeps pglz.
+BEGIN
+    ALTER TABLE custody.audit_log
+        ALTER COLUMN statement SET COMPRESSION lz4,
+        ALTER COLUMN objects SET COMPRESSION lz4,
+        ALTER COLUMN message SET COMPRESSION lz4,
+        ALTER COLUMN decision SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported THEN
+    NULL;
+END;
 END IF;
 END
 $chain$;
