@@ -10,7 +10,7 @@
 #          (a) no extension; (b) pgAudit, log = 'all', log_relation, log_rows, to a log file;
 #          (c) pg_custody durability = async; (d) pg_custody durability = commit (default);
 #          (e) (d) plus a 20-rule Rego policy (scripts/bench_policy.rego) on every statement.
-# long:    (a), (b) and (d) with a 4 kB statement per transaction (bytes per record).
+# long:    (a), (b) and (d) with a 5.5 kB statement per transaction (bytes per record).
 # verify:  custody.verify_audit_chain() and `custody verify` over a chain of 1M records, and
 #          the export verifier alone on 1M records built in memory.
 # policy:  the statement gate and custody.check() latency (crates/custody-policy gate_bench).
@@ -220,7 +220,7 @@ fi
 
 if has long; then
     # Applications (ORMs above all) send statements of kilobytes: every byte is copied,
-    # hashed and stored once per execution. A 4 kB SELECT that lists its columns by alias.
+    # hashed and stored once per execution. A 5.5 kB SELECT that lists its columns by alias.
     longsql="$root/target/bench-long.sql"
     {
         echo '\set aid random(1, 1000000)'

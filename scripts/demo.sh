@@ -303,6 +303,12 @@ done
 psql -c "SELECT s->>'head_seq' AS head_seq, s->>'writer_start_records_read' AS records_read_to_resume,
                 round((s->>'writer_start_seconds')::numeric, 3) AS start_seconds
          FROM custody.status() s"
+psql -qAt -c "SELECT count(*) FROM demo_accounts WHERE owner <> '$(printf 'not anyone %.0s' $(seq 400))'" >/dev/null
+psql -c "SELECT custody.flush()" -qAt >/dev/null
+echo "-- a long statement's text, compressed with lz4 in the log:"
+psql -c "SELECT seq, octet_length(statement) AS statement_bytes, pg_column_size(statement) AS stored_bytes,
+                pg_column_compression(statement) AS compression
+         FROM custody.audit_log WHERE statement LIKE 'SELECT count(*) FROM demo_accounts WHERE owner <>%' ORDER BY seq DESC LIMIT 1"
 
 say "An attack with the library unloaded, detected: the newest records are cut off"
 psql -c "SELECT custody.flush()" -qAt >/dev/null
