@@ -552,7 +552,7 @@ pub fn current_query_text() -> Option<String> {
     }
     // SAFETY: not NULL, so the NUL-terminated text of the query being run, which stays
     // alive while it runs.
-    let t = unsafe { CStr::from_ptr(p) }.to_string_lossy();
+    let t = objects::lossy(unsafe { CStr::from_ptr(p) });
     let t = t.trim().trim_end_matches(';').trim_end().to_string();
     (!t.is_empty()).then_some(t)
 }
