@@ -160,19 +160,17 @@ fn utf8(v: Vec<u8>) -> String {
 /// Whether `b` contains one of the first `n` of `NEEDLES`, ignoring ASCII case. Every
 /// statement passes here: the text is lowercased a block at a time (`| 0x20` lowercases letters
 /// and makes no other byte a lowercase letter, so it compares as eq_ignore_ascii_case would)
-/// and searched with memchr's vectorized substring search, ≈ 0.2 ns a byte for a 5.5 kB text
-/// where a byte-at-a-time window took ≈ 2 (docs/benchmarks.md). Blocks overlap by a needle's
+/// and searched with memchr's vectorized substring search, ≈ 0.2–0.6 ns a byte for a 5.5 kB
+/// text where a byte-at-a-time window took ≈ 2–3.5 (docs/benchmarks.md). Blocks overlap by a needle's
 /// length less one, so a needle across two blocks is found in the second.
 fn mentions(b: &[u8], n: usize) -> bool {
-    const BLOCK: usize = 4096;
-    const OVERLAP: usize = longest(&NEEDLES) - 1;
     static FINDERS: std::sync::OnceLock<Vec<memchr::memmem::Finder<'static>>> = std::sync::OnceLock::new();
     let finders = FINDERS.get_or_init(|| NEEDLES.iter().map(|w| memchr::memmem::Finder::new(*w)).collect());
     let finders = &finders[..n.min(finders.len())];
-    let mut buf = [0u8; BLOCK];
+    let mut buf = [0u8; MENTIONS_BLOCK];
     let mut at = 0;
     loop {
-        let end = (at + BLOCK).min(b.len());
+        let end = (at + MENTIONS_BLOCK).min(b.len());
         let block = &mut buf[..end - at];
         for (lower, &c) in block.iter_mut().zip(&b[at..end]) {
             *lower = c | 0x20;
@@ -183,9 +181,15 @@ fn mentions(b: &[u8], n: usize) -> bool {
         if end == b.len() {
             return false;
         }
-        at = end - OVERLAP;
+        at = end - MENTIONS_OVERLAP;
     }
 }
+
+/// The block `mentions` lowercases at a time: small, because every statement zeroes it (a
+/// 4 kB block made pgbench's 52-byte statements slower: 80–134 ns against 67–109 with 512
+/// bytes, docs/benchmarks.md), and far longer than a needle.
+const MENTIONS_BLOCK: usize = 512;
+const MENTIONS_OVERLAP: usize = longest(&NEEDLES) - 1;
 
 /// The length of the longest needle.
 const fn longest(needles: &[&[u8]]) -> usize {
@@ -1312,10 +1316,12 @@ mod tests {
         let plain = |b: &[u8], n: usize| {
             NEEDLES[..n].iter().any(|w| b.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
         };
-        for len in [0, 1, 7, 8, 4095, 4096, 4097, 8190, 8191, 12_000] {
+        let (block, step) = (MENTIONS_BLOCK, MENTIONS_BLOCK - MENTIONS_OVERLAP);
+        for len in [0, 1, 7, 8, block - 1, block, block + 1, 2 * step, 2 * step + 1, 3 * block + 5, 12_000] {
             let filler = vec![b'x'; len];
             assert!(!mentions(&filler, NEEDLES.len()), "{len} bytes of filler");
-            for at in (0..=len).step_by(1).filter(|a| a % 4089 < 12 || *a + 12 > len || *a < 12) {
+            // Around every block boundary (a needle ending just before, across, just after).
+            for at in (0..=len).filter(|a| a % step < 12 || a % step + 12 > step || *a + 12 > len) {
                 for w in ["PassWord", "conninfo", "CONNECTION", "token"] {
                     let mut t = filler.clone();
                     t.splice(at..at, w.bytes());
