@@ -3,13 +3,16 @@
 # it is not a test and never gates CI. Quote ratios from one run only: these machines are
 # small and noisy.
 #
-#   scripts/bench.sh [seconds per run (20)] [rounds (3)] [parts (tps,long,verify,policy,storage)]
+#   scripts/bench.sh [seconds per run (20)] [rounds (3)] [parts (tps,nosync,long,verify,policy,storage)]
 #
 # tps:     pgbench TPC-B and select-only (-S), -M prepared, scale 10, 4 clients, configurations
 #          alternated within each round; median TPS and median ratio to (a) of the same round:
 #          (a) no extension; (b) pgAudit, log = 'all', log_relation, log_rows, to a log file;
 #          (c) pg_custody durability = async; (d) pg_custody durability = commit (default);
 #          (e) (d) plus a 20-rule Rego policy (scripts/bench_policy.rego) on every statement.
+# nosync:  TPC-B with the sessions' synchronous_commit = off, (a) to (d): their commits wait for
+#          no WAL flush, so the disk is out of it and what remains is CPU and, with
+#          durability = commit, the COMMIT's round trip to the writer (docs/scaling.md, design 4).
 # long:    (a), (b) and (d) with a 5.5 kB statement per transaction (bytes per record).
 # verify:  custody.verify_audit_chain() and `custody verify` over a chain of 1M records, and
 #          the export verifier alone on 1M records built in memory.
@@ -21,7 +24,7 @@
 # The extension must be installed (make bench installs a release build first).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd); root=$(dirname "$here")
-secs=${1:-20}; rounds=${2:-3}; parts=${3:-tps,long,verify,policy,storage}
+secs=${1:-20}; rounds=${2:-3}; parts=${3:-tps,nosync,long,verify,policy,storage}
 dir="$root/target/bench-cluster"; port=24340
 BIN=/usr/lib/postgresql/15/bin
 out="$root/target/bench-report.md"
@@ -122,12 +125,12 @@ proc_ticks() { if [ -r "/proc/$1/stat" ]; then awk '{ print $14 + $15 }' "/proc/
 # "TPS CPU-µs-per-transaction writer-µs-per-record": throughput, the busy CPU time of the whole
 # machine (steal and idle excluded: what the work costs, less moved by neighbours than TPS),
 # and the custody writer's own CPU time over the records it stored meanwhile (- without one).
-pgbench_tps() {  # $1 = extra pgbench args, $2 = configuration
+pgbench_tps() {  # $1 = extra pgbench args, $2 = configuration, $3 = PGOPTIONS for the sessions
     local hz wpid=0 w0 s0=0 b0 out w1 s1=0 b1
     hz=$(getconf CLK_TCK)
     case "$2" in a|b) ;; *) wpid=$(q "SELECT coalesce(custody.status()->>'writer_pid', '0')") ;; esac
     w0=$(proc_ticks "$wpid"); [ "$wpid" = 0 ] || s0=$(q "SELECT custody.status()->>'head_seq'"); b0=$(busy_ticks)
-    out=$(as_pg "$BIN/pgbench" -h /tmp -p "$port" -U postgres -M prepared -c 4 -j 2 -T "$secs" $1 postgres 2>/dev/null)
+    out=$(as_pg env PGOPTIONS="${3:-}" "$BIN/pgbench" -h /tmp -p "$port" -U postgres -M prepared -c 4 -j 2 -T "$secs" $1 postgres 2>/dev/null)
     b1=$(busy_ticks)
     if [ "$wpid" != 0 ]; then q "SELECT custody.flush()" >/dev/null; s1=$(q "SELECT custody.status()->>'head_seq'"); fi
     w1=$(proc_ticks "$wpid")
@@ -149,6 +152,33 @@ medians() {
         out+="| $(printf "$3" "$med") | $(awk -v x="$ratio" -v f="$4" -v k="$5" 'BEGIN { printf f, x * k }') "
     done
     echo "$out"
+}
+# The table of one workload: "| configuration | TPS | ratio | CPU | ratio | writer |" for each
+# configuration in $4, from the arrays named $1 (TPS), $2 (CPU µs/tx), $3 (writer µs/record),
+# indexed [configuration,round].
+one_table() {
+    local -n o_tps=$1 o_cpu=$2 o_wrec=$3
+    local cfg mt rt mc rc mw
+    echo "| configuration | TPS (median) | ratio to (a) (median of rounds) | CPU µs/tx (median) | ratio to (a) | writer µs/record |"
+    echo "|---|---|---|---|---|---|"
+    for cfg in $4; do
+        mt=$(for r in $(seq "$rounds"); do echo "${o_tps[$cfg,$r]}"; done | median)
+        rt=$(for r in $(seq "$rounds"); do awk -v x="${o_tps[$cfg,$r]}" -v y="${o_tps[a,$r]}" 'BEGIN { printf "%.3f\n", x / y }'; done | median)
+        mc=$(for r in $(seq "$rounds"); do echo "${o_cpu[$cfg,$r]}"; done | median)
+        rc=$(for r in $(seq "$rounds"); do awk -v x="${o_cpu[$cfg,$r]}" -v y="${o_cpu[a,$r]}" 'BEGIN { printf "%.3f\n", x / y }'; done | median)
+        mw=$(for r in $(seq "$rounds"); do echo "${o_wrec[$cfg,$r]}"; done | { grep -v -- - || true; } | median)
+        printf '| %s | %.0f | %.0f %% | %.1f | %.2f | %s |\n' "$(label "$cfg")" "$mt" "$(awk -v x="$rt" 'BEGIN { print 100 * x }')" "$mc" "$rc" "${mw:--}"
+    done
+    echo
+    echo -n "Per round, TPS ratio to (a):"
+    for cfg in $4; do
+        [ "$cfg" = a ] && continue
+        echo -n " ($cfg)"
+        for r in $(seq "$rounds"); do awk -v x="${o_tps[$cfg,$r]}" -v y="${o_tps[a,$r]}" 'BEGIN { printf " %.0f %%", 100 * x / y }'; done
+        echo -n ";"
+    done
+    echo
+    echo
 }
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 label() { case "$1" in a) echo "(a) no extension";; b) echo "(b) pgAudit log=all";;
@@ -218,6 +248,26 @@ if has tps; then
     } >> "$out"
 fi
 
+if has nosync; then
+    declare -A ntps ncpu nwrec
+    nconfigs="a b c d"
+    [ -n "$before" ] && nconfigs="a b c d d0"
+    for r in $(seq "$rounds"); do
+        for cfg in $nconfigs; do
+            configure "$cfg"
+            read -r ntps[$cfg,$r] ncpu[$cfg,$r] nwrec[$cfg,$r] < <(pgbench_tps "" "$cfg" "-c synchronous_commit=off")
+            echo "round $r config $cfg: tpc-b, sessions' synchronous_commit = off: ${ntps[$cfg,$r]} tps ${ncpu[$cfg,$r]} µs/tx writer ${nwrec[$cfg,$r]} µs/record" >&2
+        done
+    done
+    {
+    echo "### TPC-B without the disk"
+    echo
+    echo "pgbench TPC-B with the sessions' synchronous_commit = off (their commits wait for no WAL flush; the custody writer's never do), 4 clients, -M prepared, ${secs} s per run, $rounds rounds, configurations alternated in each round. What (d) loses against (c) is the COMMIT's round trip to the writer."
+    echo
+    one_table ntps ncpu nwrec "$nconfigs"
+    } >> "$out"
+fi
+
 if has long; then
     # Applications (ORMs above all) send statements of kilobytes: every byte is copied,
     # hashed and stored once per execution. A 5.5 kB SELECT that lists its columns by alias.
@@ -247,17 +297,7 @@ if has long; then
     echo
     echo "pgbench with one $len-byte SELECT per transaction (a primary-key read listing 181 columns by alias), 4 clients, -M prepared, ${secs} s per run, $rounds rounds, configurations alternated in each round."
     echo
-    echo "| configuration | TPS (median) | ratio to (a) (median of rounds) | CPU µs/tx (median) | ratio to (a) | writer µs/record |"
-    echo "|---|---|---|---|---|---|"
-    for cfg in $lconfigs; do
-        mt=$(for r in $(seq "$rounds"); do echo "${ltps[$cfg,$r]}"; done | median)
-        rt=$(for r in $(seq "$rounds"); do awk -v x="${ltps[$cfg,$r]}" -v y="${ltps[a,$r]}" 'BEGIN { printf "%.3f\n", x / y }'; done | median)
-        mc=$(for r in $(seq "$rounds"); do echo "${lcpu[$cfg,$r]}"; done | median)
-        rc=$(for r in $(seq "$rounds"); do awk -v x="${lcpu[$cfg,$r]}" -v y="${lcpu[a,$r]}" 'BEGIN { printf "%.3f\n", x / y }'; done | median)
-        mw=$(for r in $(seq "$rounds"); do echo "${lwrec[$cfg,$r]}"; done | { grep -v -- - || true; } | median)
-        printf '| %s | %.0f | %.0f %% | %.1f | %.2f | %s |\n' "$(label "$cfg")" "$mt" "$(awk -v x="$rt" 'BEGIN { print 100 * x }')" "$mc" "$rc" "${mw:--}"
-    done
-    echo
+    one_table ltps lcpu lwrec "$lconfigs"
     } >> "$out"
 fi
 
