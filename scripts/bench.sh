@@ -18,9 +18,12 @@
 #          the export verifier alone on 1M records built in memory.
 # policy:  the statement gate and custody.check() latency (crates/custody-policy gate_bench).
 # storage: bytes per audit record, table and indexes, for pgbench's statements.
-# BEFORE=<git revision> adds (d0): (d) as built from that revision, in its own cluster,
-#          measured in the same rounds as the others (its library and SQL script are
-#          swapped in for its runs and the current ones put back afterwards).
+# BEFORE=<git revision> adds (d0): (d) as built from that revision, measured in the same
+#          rounds as the others (its library and SQL script are swapped in, with the server
+#          stopped, for its runs and the current ones put back afterwards). When both builds
+#          have the same SQL script, (d0) runs in the same cluster as (d), on the same log;
+#          otherwise in a cluster of its own, whose log is smaller (it holds no (c) or (e)
+#          records), which favours (d0) where the writer's cost follows the log's size.
 # The extension must be installed (make bench installs a release build first).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd); root=$(dirname "$here")
@@ -50,7 +53,9 @@ use_build() {  # $1 = before | current
         kind=${f%%:*}; name=${f#*:}
         dst=$([ "$kind" = lib ] && echo "$libdir" || echo "$extdir")
         src=$([ "$1" = before ] && echo "$bdir/pkg$dst" || echo "$bdir/current")
-        cp "$src/$name" "$dst/$name"
+        # A new file renamed over the old one: a process that still maps the old library
+        # keeps it (copying into it in place would change the code under its feet).
+        cp "$src/$name" "$dst/$name.bench-tmp" && mv "$dst/$name.bench-tmp" "$dst/$name"
     done
 }
 if [ -n "$before" ]; then
@@ -86,8 +91,13 @@ new_cluster() {  # $1 = data directory: a cluster with pg_custody, a signing key
     as_pg "$BIN/pgbench" -h /tmp -p "$port" -U postgres -i -s 10 -q postgres >/dev/null 2>&1
     cluster stop "$d"
 }
+same_cluster=0
 if [ -n "$before" ]; then
-    use_build before; new_cluster "$bcluster"; use_build current
+    if cmp -s "$bdir/pkg$extdir/pg_custody--0.1.0.sql" "$bdir/current/pg_custody--0.1.0.sql"; then
+        same_cluster=1; bcluster=$dir
+    else
+        use_build before; new_cluster "$bcluster"; use_build current
+    fi
 fi
 new_cluster "$dir"
 cluster start "$dir" "$port"
@@ -96,13 +106,13 @@ wait_ready() {
     for _ in $(seq 100); do [ "$(q "SELECT custody.status()->>'state'")" = appending ] && return; sleep 0.1; done
 }
 
-running=$dir
+running=$dir; build=current
 configure() {  # $1 = a|b|c|d|e|d0
-    local d=$dir
-    [ "$1" = d0 ] && d=$bcluster
-    if [ "$d" != "$running" ]; then   # switch clusters (and, for d0, builds)
+    local d=$dir want=current
+    if [ "$1" = d0 ]; then d=$bcluster; want=before; fi
+    if [ "$d" != "$running" ] || [ "$want" != "$build" ]; then   # switch clusters or builds
         cluster stop "$running"
-        if [ "$d" = "$bcluster" ]; then use_build before; else use_build current; fi
+        use_build "$want"; build=$want
         running=$d
     fi
     local conf="$d/postgresql.auto.conf"
@@ -184,7 +194,7 @@ median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) exit; if (NR % 2) pr
 label() { case "$1" in a) echo "(a) no extension";; b) echo "(b) pgAudit log=all";;
                        c) echo "(c) pg_custody async";; d) echo "(d) pg_custody commit";;
                        e) echo "(e) (d) + 20-rule Rego policy";;
-                       d0) echo "(d0) (d) as of $before ($rev)";; esac; }
+                       d0) echo "(d0) (d) as of $before ($rev)$([ "$same_cluster" = 1 ] && echo ", same cluster" || echo ", own cluster")";; esac; }
 
 {
 echo "## Run of $(date -u '+%F %H:%M UTC')"
