@@ -163,6 +163,21 @@ medians() {
     done
     echo "$out"
 }
+# Each configuration in $4, every round: pgbench with the arguments $5 and the sessions'
+# PGOPTIONS $6, into the arrays named $1 (TPS), $2 (CPU µs/tx), $3 (writer µs/record) indexed
+# [configuration,round]; $7 names the workload in the progress lines.
+measure() {
+    local -n m_tps=$1 m_cpu=$2 m_wrec=$3
+    local r cfg t c w
+    for r in $(seq "$rounds"); do
+        for cfg in $4; do
+            configure "$cfg"
+            read -r t c w < <(pgbench_tps "$5" "$cfg" "$6")
+            m_tps[$cfg,$r]=$t; m_cpu[$cfg,$r]=$c; m_wrec[$cfg,$r]=$w
+            echo "round $r config $cfg: $7 $t tps $c µs/tx writer $w µs/record" >&2
+        done
+    done
+}
 # The table of one workload: "| configuration | TPS | ratio | CPU | ratio | writer |" for each
 # configuration in $4, from the arrays named $1 (TPS), $2 (CPU µs/tx), $3 (writer µs/record),
 # indexed [configuration,round].
@@ -262,13 +277,7 @@ if has nosync; then
     declare -A ntps ncpu nwrec
     nconfigs="a b c d"
     [ -n "$before" ] && nconfigs="a b c d d0"
-    for r in $(seq "$rounds"); do
-        for cfg in $nconfigs; do
-            configure "$cfg"
-            read -r ntps[$cfg,$r] ncpu[$cfg,$r] nwrec[$cfg,$r] < <(pgbench_tps "" "$cfg" "-c synchronous_commit=off")
-            echo "round $r config $cfg: tpc-b, sessions' synchronous_commit = off: ${ntps[$cfg,$r]} tps ${ncpu[$cfg,$r]} µs/tx writer ${nwrec[$cfg,$r]} µs/record" >&2
-        done
-    done
+    measure ntps ncpu nwrec "$nconfigs" "" "-c synchronous_commit=off" "tpc-b, sessions' synchronous_commit = off:"
     {
     echo "### TPC-B without the disk"
     echo
@@ -295,13 +304,7 @@ if has long; then
     declare -A ltps lcpu lwrec
     lconfigs="a b d"
     [ -n "$before" ] && lconfigs="a b d d0"
-    for r in $(seq "$rounds"); do
-        for cfg in $lconfigs; do
-            configure "$cfg"
-            read -r ltps[$cfg,$r] lcpu[$cfg,$r] lwrec[$cfg,$r] < <(pgbench_tps "-f $longsql" "$cfg")
-            echo "round $r config $cfg: long statements ${ltps[$cfg,$r]} tps ${lcpu[$cfg,$r]} µs/tx writer ${lwrec[$cfg,$r]} µs/record" >&2
-        done
-    done
+    measure ltps lcpu lwrec "$lconfigs" "-f $longsql" "" "long statements"
     {
     echo "### Long statements"
     echo
