@@ -109,6 +109,7 @@ pub extern "C-unwind" fn custody_writer_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     // Everything this process runs is pg_custody's own: never recorded, never gated.
     own::set_writer();
+    keep_freed_memory();
     run();
     // Exit code 1: the postmaster starts a new writer after restart_time, whatever ended this
     // one (pg_terminate_backend included); at server shutdown it starts none. An ERROR ends
@@ -342,6 +343,32 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+/// Every batch allocates about as much as the last (its transaction's memory, the records'
+/// Rust values) and frees it at its commit. With glibc's defaults the freed memory goes back
+/// to the kernel (large blocks are unmapped, the heap's top is trimmed), and the next batch
+/// takes it again page by page, each page faulted in and zeroed by the kernel: ≈ 4 % of the
+/// writer's CPU on pgbench select-only (docs/benchmarks.md). This process keeps what it
+/// freed instead (up to its largest batch's worth, a few MB to tens of MB) and reuses it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    unsafe extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    // SAFETY: mallopt only changes this process's allocator thresholds; called before the
+    // writer allocates for its batches, from its only thread. 32 MB is the largest mmap
+    // threshold glibc takes on 64-bit (larger requests are still mapped, and unmapped when
+    // freed); the trim threshold keeps up to 256 MB of free heap top.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024);
+        mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
 
 /// Records a standby kept in its spool (src/writer/spool.rs) and never shipped: the server
 /// was promoted since, and they are stored in this chain after a record that says so. Only
@@ -669,9 +696,10 @@ fn try_append(chain: &mut Chain, records: Vec<Captured>) -> Result<(), String> {
     let mut buf = Vec::with_capacity(1024);
     let mut rows = Vec::with_capacity(records.len());
     let json = rows::JsonCache::get();
-    for c in records {
+    for mut c in records {
         seq += 1;
-        let (objects_text, decision_text) = (c.objects.clone(), c.decision.clone());
+        // The texts move out (to_record does not use them): the record holds their values.
+        let (objects_text, decision_text) = (std::mem::take(&mut c.objects), c.decision.take());
         let mut rec = to_record(seq, logged_at, c);
         // The JSON values are parsed once per distinct text and lent to the record while it
         // is hashed; the row stores the jsonb built from the same value.
