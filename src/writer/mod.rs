@@ -349,7 +349,8 @@ unsafe extern "C" {
 /// to the kernel (large blocks are unmapped, the heap's top is trimmed), and the next batch
 /// takes it again page by page, each page faulted in and zeroed by the kernel: ≈ 4 % of the
 /// writer's CPU on pgbench select-only (docs/benchmarks.md). This process keeps what it
-/// freed instead (up to its largest batch's worth, a few MB to tens of MB) and reuses it.
+/// freed instead, up to its peak use (which BATCH_RECORDS and BATCH_BYTES bound), and reuses
+/// it. Elsewhere than glibc, nothing changes.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
     const M_TRIM_THRESHOLD: i32 = -1;
