@@ -25,9 +25,22 @@ pub struct JsonLender<K> {
 pub struct Entry {
     value: Value,
     lent: bool,
-    /// What the user of the cache derives from the value once (the writer: its jsonb).
+    /// What the user of the cache derives from the value once (the writer: its jsonb and
+    /// its canonical text).
     pub derived: Option<Box<[u64]>>,
+    pub canonical: Option<Box<[u8]>>,
 }
+
+impl Entry {
+    /// The value (Null while it is lent).
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+}
+
+/// An entry of the cache, valid until the next `trim`.
+#[derive(Clone, Copy)]
+pub struct Key(usize);
 
 /// A value on loan: give it back with `give_back`.
 #[derive(Clone, Copy)]
@@ -60,18 +73,7 @@ impl<K: Hash + Eq> JsonLender<K> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let entry = match self.index.get(key) {
-            Some(&i) => i,
-            None => {
-                self.entries.push(Entry { value: parse()?, lent: false, derived: None });
-                if key_len <= MAX_KEY {
-                    self.index.insert(key.to_owned(), self.entries.len() - 1);
-                } else {
-                    self.unindexed += 1;
-                }
-                self.entries.len() - 1
-            }
-        };
+        let Key(entry) = self.find(key, key_len, &parse)?;
         let e = &mut self.entries[entry];
         if e.lent {
             *out = parse()?;
@@ -80,6 +82,25 @@ impl<K: Hash + Eq> JsonLender<K> {
         e.lent = true;
         *out = std::mem::take(&mut e.value);
         Some(Lent { entry, lent: true })
+    }
+
+    /// The entry for `key`, parsing its value with `parse` the first time; None when `parse`
+    /// finds no value. Nothing is lent: the value stays in the entry.
+    pub fn find<Q>(&mut self, key: &Q, key_len: usize, parse: impl Fn() -> Option<Value>) -> Option<Key>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        if let Some(&i) = self.index.get(key) {
+            return Some(Key(i));
+        }
+        self.entries.push(Entry { value: parse()?, lent: false, derived: None, canonical: None });
+        if key_len <= MAX_KEY {
+            self.index.insert(key.to_owned(), self.entries.len() - 1);
+        } else {
+            self.unindexed += 1;
+        }
+        Some(Key(self.entries.len() - 1))
     }
 
     /// Takes back a value `lend` moved out.
@@ -91,9 +112,13 @@ impl<K: Hash + Eq> JsonLender<K> {
         }
     }
 
-    /// The entry of a value (lent or given back), for what is derived from it.
-    pub fn entry(&mut self, key: Lent) -> (&Value, &mut Option<Box<[u64]>>) {
-        let e = &mut self.entries[key.entry];
-        (&e.value, &mut e.derived)
+    /// The entry `find` returned, for what is derived from its value.
+    pub fn entry(&mut self, key: Key) -> &mut Entry {
+        &mut self.entries[key.0]
+    }
+
+    /// The entry `find` returned.
+    pub fn get(&self, key: Key) -> &Entry {
+        &self.entries[key.0]
     }
 }

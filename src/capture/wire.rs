@@ -103,39 +103,45 @@ impl Captured {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Captured, WireError> {
+        let mut c = Captured::default();
+        c.decode_into(buf)?;
+        Ok(c)
+    }
+
+    /// `decode` into this record, reusing the memory its strings hold (the writer decodes
+    /// every record of a batch into records it keeps from batch to batch). After an Err the
+    /// fields are partly overwritten.
+    pub fn decode_into(&mut self, buf: &[u8]) -> Result<(), WireError> {
         let mut r = Reader { buf, pos: 0 };
-        let c = Captured {
-            event_time: r.i64()?,
-            database_name: r.string()?,
-            session_user_name: r.string()?,
-            current_user_name: r.string()?,
-            client_addr: r.opt_string()?,
-            application_name: r.opt_string()?,
-            backend_pid: r.i32()?,
-            nesting_level: r.i32()?,
-            xid: r.opt_i64()?,
-            class: r.u8()?,
-            command: r.string()?,
-            objects: r.string()?,
-            statement: r.opt_string()?,
-            statement_sha256: if r.u8()? == 1 {
-                let b = r.take(32)?;
-                let mut h = [0u8; 32];
-                h.copy_from_slice(b);
-                Some(h)
-            } else {
-                None
-            },
-            rows: r.opt_i64()?,
-            outcome: Outcome::from_u8(r.u8()?).ok_or(WireError)?,
-            sqlstate: r.opt_string()?,
-            message: r.opt_string()?,
-            decision: r.opt_string()?,
+        self.event_time = r.i64()?;
+        r.string(&mut self.database_name)?;
+        r.string(&mut self.session_user_name)?;
+        r.string(&mut self.current_user_name)?;
+        r.opt_string(&mut self.client_addr)?;
+        r.opt_string(&mut self.application_name)?;
+        self.backend_pid = r.i32()?;
+        self.nesting_level = r.i32()?;
+        self.xid = r.opt_i64()?;
+        self.class = r.u8()?;
+        r.string(&mut self.command)?;
+        r.string(&mut self.objects)?;
+        r.opt_string(&mut self.statement)?;
+        self.statement_sha256 = if r.u8()? == 1 {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(r.take(32)?);
+            Some(h)
+        } else {
+            None
         };
+        self.rows = r.opt_i64()?;
+        self.outcome = Outcome::from_u8(r.u8()?).ok_or(WireError)?;
+        r.opt_string(&mut self.sqlstate)?;
+        r.opt_string(&mut self.message)?;
+        r.opt_string(&mut self.decision)?;
         if r.pos != buf.len() {
             return Err(WireError);
         }
-        Ok(c)
+        Ok(())
     }
 }
 
@@ -188,12 +194,21 @@ impl<'a> Reader<'a> {
     fn i64(&mut self) -> Result<i64, WireError> {
         Ok(i64::from_le_bytes(self.take(8)?.try_into().map_err(|_| WireError)?))
     }
-    fn string(&mut self) -> Result<String, WireError> {
+    /// A string into `out`, in the memory it holds already when that is large enough.
+    fn string(&mut self, out: &mut String) -> Result<(), WireError> {
         let n = u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| WireError)?) as usize;
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| WireError)
+        let s = std::str::from_utf8(self.take(n)?).map_err(|_| WireError)?;
+        out.clear();
+        out.push_str(s);
+        Ok(())
     }
-    fn opt_string(&mut self) -> Result<Option<String>, WireError> {
-        Ok(if self.u8()? == 1 { Some(self.string()?) } else { None })
+    fn opt_string(&mut self, out: &mut Option<String>) -> Result<(), WireError> {
+        if self.u8()? == 1 {
+            self.string(out.get_or_insert_with(String::new))
+        } else {
+            *out = None;
+            Ok(())
+        }
     }
     fn opt_i64(&mut self) -> Result<Option<i64>, WireError> {
         Ok(if self.u8()? == 1 { Some(self.i64()?) } else { None })
@@ -238,6 +253,21 @@ mod tests {
         buf.clear();
         d.encode_into(&mut buf);
         assert_eq!(Captured::decode(&buf).unwrap(), d);
+    }
+
+    /// Decoding into a record that held another one (the writer's reused records) leaves
+    /// nothing of the old one: every optional field present in one and absent in the other.
+    #[test]
+    fn decode_into_overwrites_every_field() {
+        let (full, empty) = (sample(), Captured { decision: Some("{}".into()), ..Captured::default() });
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        full.encode_into(&mut a);
+        empty.encode_into(&mut b);
+        let mut c = full.clone();
+        c.decode_into(&b).unwrap();
+        assert_eq!(c, empty);
+        c.decode_into(&a).unwrap();
+        assert_eq!(c, full);
     }
 
     #[test]

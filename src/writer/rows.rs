@@ -17,7 +17,7 @@ use custody_chain::columns::Column;
 use custody_chain::{Hash, Record};
 
 use crate::capture::PG_EPOCH_OFFSET_US;
-use crate::lend::{JsonLender, Lent};
+use crate::lend::{JsonLender, Key};
 use crate::scan::column_positions;
 
 /// Built inet values (varlena bytes, 8-byte aligned), by their text. Emptied between
@@ -29,8 +29,8 @@ static mut INET: Option<HashMap<String, Box<[u64]>>> = None;
 static mut JSON: Option<JsonCache> = None;
 
 /// A record to store: the record as hashed, its hashes, and its JSON values in the cache.
-pub struct Row {
-    pub rec: Record,
+pub struct Row<'a> {
+    pub rec: &'a Record,
     pub prev: Hash,
     pub hash: Hash,
     pub objects: JsonKey,
@@ -41,7 +41,7 @@ pub struct Row {
 /// into jsonb once, from the value's own serialization (what the verifier reads back).
 pub struct JsonCache(JsonLender<String>);
 
-pub type JsonKey = Lent;
+pub type JsonKey = Key;
 
 impl JsonCache {
     /// The writer's cache, started over first if it has grown past its size (between
@@ -54,23 +54,30 @@ impl JsonCache {
         c
     }
 
-    /// Moves the value of `text` into `out`; None when `text` is not JSON. A NUL character
-    /// in a string (`\u0000`, which a policy's message may carry) becomes U+FFFD: jsonb
-    /// cannot hold it, and a record jsonb refuses would stop the writer. The record is
-    /// hashed as stored.
-    pub fn lend(&mut self, text: &str, out: &mut serde_json::Value) -> Option<JsonKey> {
-        self.0.lend(text, text.len(), out, || {
+    /// The cached value of `text`, parsed and written in canonical form the first time;
+    /// None when `text` is not JSON. A NUL character in a string (`\u0000`, which a policy's
+    /// message may carry) becomes U+FFFD: jsonb cannot hold it, and a record jsonb refuses
+    /// would stop the writer. The record is hashed as stored.
+    pub fn key(&mut self, text: &str) -> Option<JsonKey> {
+        let key = self.0.find(text, text.len(), || {
             let mut v: serde_json::Value = serde_json::from_str(text).ok()?;
             if text.contains("\\u0000") {
                 without_nul(&mut v);
             }
             Some(v)
-        })
+        })?;
+        let e = self.0.entry(key);
+        if e.canonical.is_none() {
+            let mut out = Vec::with_capacity(text.len());
+            custody_chain::write_canonical_json(e.value(), &mut out);
+            e.canonical = Some(out.into_boxed_slice());
+        }
+        Some(key)
     }
 
-    /// Takes back a value `lend` moved out.
-    pub fn give_back(&mut self, key: JsonKey, v: &mut serde_json::Value) {
-        self.0.give_back(key, v)
+    /// The canonical text of a value `key` returned: what the record's hash covers.
+    pub fn canonical(&self, key: JsonKey) -> &[u8] {
+        self.0.get(key).canonical.as_deref().expect("written by JsonCache::key")
     }
 
     /// The jsonb datum of a value, built on first use (inside a transaction).
@@ -79,12 +86,12 @@ impl JsonCache {
     /// In a transaction; the datum points into the cache, so it is used only before the cache
     /// is trimmed (within the batch).
     unsafe fn datum(&mut self, key: JsonKey) -> pg_sys::Datum {
-        let (value, jsonb) = self.0.entry(key);
-        if jsonb.is_none() {
+        let e = self.0.entry(key);
+        if e.derived.is_none() {
             // SAFETY: the caller is in a transaction; the input function returns a varlena.
-            *jsonb = Some(unsafe { copy_varlena(build(Input::Jsonb, &value.to_string())) });
+            e.derived = Some(unsafe { copy_varlena(build(Input::Jsonb, &e.value().to_string())) });
         }
-        pg_sys::Datum::from(jsonb.as_ref().expect("just built").as_ptr())
+        pg_sys::Datum::from(e.derived.as_ref().expect("just built").as_ptr())
     }
 }
 
@@ -120,7 +127,7 @@ enum Input {
 ///
 /// # Safety
 /// In a transaction, in the database holding `custody.audit_log`.
-pub unsafe fn insert(rows: &[Row], json: &mut JsonCache) {
+pub unsafe fn insert(rows: &[Row<'_>], json: &mut JsonCache) {
     #[allow(static_mut_refs)]
     // SAFETY: the writer is single-threaded.
     let inet = unsafe { INET.get_or_insert_with(HashMap::new) };
@@ -197,12 +204,12 @@ pub unsafe fn insert(rows: &[Row], json: &mut JsonCache) {
 /// # Safety
 /// In a transaction; the datum is used before either cache is trimmed or cleared.
 unsafe fn datum(
-    row: &Row,
+    row: &Row<'_>,
     c: Column,
     json: &mut JsonCache,
     inet: &mut HashMap<String, Box<[u64]>>,
 ) -> Option<pg_sys::Datum> {
-    let r = &row.rec;
+    let r = row.rec;
     let ts = |us: i64| Some(pg_sys::Datum::from(us - PG_EPOCH_OFFSET_US));
     // SAFETY: in the writer's transaction (insert's contract), where varlena and the input
     // functions behind cached_inet and JsonCache::datum may palloc and raise.

@@ -234,7 +234,7 @@ fn read_chain(resume: Option<(Head, MerkleBuilder)>) -> (Chain, Option<String>, 
         let resume = resume.filter(|_| held);
         let resumed = resume.is_some();
         let (from, mut chain) = match resume {
-            Some((h, merkle)) => (h.seq, Chain { seq: h.seq, hash: h.hash, merkle, checkpointed: 0, log, generation: 0 }),
+            Some((h, merkle)) => (h.seq, Chain { seq: h.seq, hash: h.hash, merkle, checkpointed: 0, log, generation: 0, pool: Default::default() }),
             None => (0, fresh(log)),
         };
         let last_seq = crate::own::select(client, &max, &[])
@@ -268,7 +268,7 @@ fn read_chain(resume: Option<(Head, MerkleBuilder)>) -> (Chain, Option<String>, 
 
 /// An empty chain: genesis, no records.
 fn fresh(log: pg_sys::Oid) -> Chain {
-    Chain { seq: 0, hash: genesis(), merkle: MerkleBuilder::new(), checkpointed: 0, log, generation: 0 }
+    Chain { seq: 0, hash: genesis(), merkle: MerkleBuilder::new(), checkpointed: 0, log, generation: 0, pool: Default::default() }
 }
 
 /// Pushes the records after `from` (up to `last_seq`, in seq order; records at seq 0 or below

@@ -25,5 +25,5 @@ pub use note::{
     checkpoint_body, checkpoint_origin, generate_key, key_id, open_note, parse_private_key,
     parse_verifier_key, sign_note, verify_note, KeyError, NoteError, PrivateKey, VerifierKey,
 };
-pub use record::{canonical_json, genesis_hash, Record};
+pub use record::{canonical_json, genesis_hash, write_canonical_json, Json, Record};
 pub use verify::{alarm_of, lineage_of, ChainId, ChainVerifier, Failure, FailureKind, Lineage, CHAIN_HANDOVER, HEAD_MISMATCH, WRITER_START};

@@ -116,8 +116,20 @@ fn put_opt_i64(buf: &mut Vec<u8>, v: Option<i64>) {
     }
 }
 
-fn put_json(buf: &mut Vec<u8>, v: &Value) {
-    put_deferred(buf, TAG_JSON, |b| write_canonical_json(v, b));
+fn put_json(buf: &mut Vec<u8>, v: Json<'_>) {
+    match v {
+        Json::Value(v) => put_deferred(buf, TAG_JSON, |b| write_canonical_json(v, b)),
+        Json::Canonical(bytes) => put_len_prefixed(buf, TAG_JSON, bytes),
+    }
+}
+
+/// A JSON field as `encode_into_parts` takes it: the value, or its canonical text written
+/// already by `write_canonical_json` (the writer keeps that once per distinct value; records
+/// repeat the same few, and writing it again per record cost more than hashing it).
+#[derive(Clone, Copy, Debug)]
+pub enum Json<'a> {
+    Value(&'a Value),
+    Canonical(&'a [u8]),
 }
 
 impl Record {
@@ -133,6 +145,12 @@ impl Record {
     /// clear it first). Allocates nothing except when an object in
     /// `objects`/`decision` has keys that are not already sorted.
     pub fn encode_into(&self, buf: &mut Vec<u8>) {
+        self.encode_into_parts(buf, Json::Value(&self.objects), self.decision.as_ref().map(Json::Value));
+    }
+
+    /// `encode_into` with `objects` and `decision` given apart (the record's own fields are
+    /// not read): the same bytes when they hold the record's values or their canonical text.
+    pub fn encode_into_parts(&self, buf: &mut Vec<u8>, objects: Json<'_>, decision: Option<Json<'_>>) {
         buf.extend_from_slice(RECORD_DOMAIN);
         buf.push(FORMAT_VERSION);
         put_i64(buf, self.seq);
@@ -158,7 +176,7 @@ impl Record {
         put_opt_i64(buf, self.xid);
         put_len_prefixed(buf, TAG_TEXT, self.class.as_bytes());
         put_len_prefixed(buf, TAG_TEXT, self.command.as_bytes());
-        put_json(buf, &self.objects);
+        put_json(buf, objects);
         put_opt_text(buf, &self.statement);
         match &self.statement_sha256 {
             Some(b) => put_len_prefixed(buf, TAG_BYTEA, b),
@@ -168,7 +186,7 @@ impl Record {
         put_len_prefixed(buf, TAG_TEXT, self.outcome.as_bytes());
         put_opt_text(buf, &self.sqlstate);
         put_opt_text(buf, &self.message);
-        match &self.decision {
+        match decision {
             Some(v) => put_json(buf, v),
             None => buf.push(TAG_NULL),
         }
@@ -184,11 +202,23 @@ impl Record {
     pub fn chain_hash_with(&self, prev: &Hash, buf: &mut Vec<u8>) -> Hash {
         buf.clear();
         self.encode_into(buf);
-        let mut h = Sha256::new();
-        h.update(prev);
-        h.update(&buf[..]);
-        h.finalize().into()
+        hash_after(prev, buf)
     }
+
+    /// `chain_hash_with` of `encode_into_parts`.
+    pub fn chain_hash_parts(&self, prev: &Hash, buf: &mut Vec<u8>, objects: Json<'_>, decision: Option<Json<'_>>) -> Hash {
+        buf.clear();
+        self.encode_into_parts(buf, objects, decision);
+        hash_after(prev, buf)
+    }
+}
+
+/// SHA-256(prev_hash || encoding).
+fn hash_after(prev: &Hash, buf: &[u8]) -> Hash {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(buf);
+    h.finalize().into()
 }
 
 /// Genesis prev_hash binding the chain to one cluster and database:
@@ -316,6 +346,35 @@ pub(crate) mod tests {
     /// independent implementation of the spec).
     pub(crate) const GENESIS_HEX: &str = "49f3f36ac8dfeafe4836dc54fca9342f52bef2b873fbf1ed5b81430086caaab4";
     pub(crate) const SAMPLE_HASH_HEX: &str = "7d83234b9419459f5acf42c866a24d0f6dc4fe7307e11e053b22c5174e32d0c9";
+
+    /// The writer hashes objects and decision from their canonical text kept apart: the same
+    /// hash as from the values, whatever order their keys came in, and with a NULL decision.
+    #[test]
+    fn parts_hash_like_the_record() {
+        let prev = [7u8; 32];
+        let mut r = sample(5);
+        r.objects = serde_json::from_str(r#"[{"z":1,"a":{"y":[true,null],"b":"\u00e9"}}]"#).unwrap();
+        r.decision = Some(serde_json::from_str(r#"{"rules":["x"],"allow":false}"#).unwrap());
+        let canon = |v: &Value| {
+            let mut out = Vec::new();
+            write_canonical_json(v, &mut out);
+            out
+        };
+        let (o, d) = (canon(&r.objects), canon(r.decision.as_ref().unwrap()));
+        let parts = |r: &Record, d: Option<&[u8]>| {
+            let mut without = r.clone();
+            without.objects = Value::Null;
+            without.decision = Some(json!("ignored"));
+            without.chain_hash_parts(&prev, &mut Vec::new(), Json::Canonical(&o), d.map(Json::Canonical))
+        };
+        assert_eq!(parts(&r, Some(&d)), r.chain_hash(&prev));
+        assert_ne!(parts(&r, None), r.chain_hash(&prev));
+        r.decision = None;
+        assert_eq!(parts(&r, None), r.chain_hash(&prev));
+        let mut buf = Vec::new();
+        r.encode_into_parts(&mut buf, Json::Value(&r.objects), None);
+        assert_eq!(buf, r.canonical_bytes());
+    }
 
     #[test]
     fn golden_genesis() {
