@@ -479,20 +479,57 @@ unsafe fn zero(s: *mut Shared, from: u64, to: u64) {
     }
 }
 
-/// Copies `out.len()` bytes out of the ring from position `pos`, wrapping at `capacity`.
+/// Appends `len` bytes of the ring from position `pos` (wrapping at `capacity`) to `out`.
 ///
 /// # Safety
-/// `s` is the queue's control block and [pos, pos + out.len()) lies in a published record at
-/// or after tail, which no one writes until the consumer advances tail.
-unsafe fn copy_out(s: *const Shared, pos: u64, out: &mut [u8]) {
+/// `s` is the queue's control block and [pos, pos + len) lies in a published record at or
+/// after tail, which no one writes until the consumer advances tail.
+unsafe fn copy_out(s: *const Shared, pos: u64, len: usize, out: &mut Vec<u8>) {
+    out.reserve(len);
     // SAFETY: as in copy_in, both copies stay inside the ring; the bytes read are queued
-    // records, not written meanwhile (caller's contract).
+    // records, not written meanwhile (caller's contract). They go to the `len` bytes of spare
+    // capacity just reserved, all written before the length covers them.
     unsafe {
-        let (off, first) = span(s, pos, out.len());
-        std::ptr::copy_nonoverlapping(ring(s).add(off), out.as_mut_ptr(), first);
-        if first < out.len() {
-            std::ptr::copy_nonoverlapping(ring(s), out.as_mut_ptr().add(first), out.len() - first);
+        let dst = out.as_mut_ptr().add(out.len());
+        let (off, first) = span(s, pos, len);
+        std::ptr::copy_nonoverlapping(ring(s).add(off), dst, first);
+        if first < len {
+            std::ptr::copy_nonoverlapping(ring(s), dst.add(first), len - first);
         }
+        out.set_len(out.len() + len);
+    }
+}
+
+/// Records copied out of the queue (or read back from the standby's spool): their bytes end
+/// to end in one buffer, reused from batch to batch (no allocation per record).
+#[derive(Default)]
+pub struct Records {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Records {
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn push(&mut self, record: &[u8]) {
+        self.bytes.extend_from_slice(record);
+        self.ends.push(self.bytes.len());
+    }
+
+    /// The records, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
+        (0..self.ends.len()).map(|i| &self.bytes[if i == 0 { 0 } else { self.ends[i - 1] }..self.ends[i]])
     }
 }
 
@@ -782,7 +819,7 @@ impl Consumer {
     /// Copies out up to `max_records` published records from the durable position on, without
     /// consuming them; stops at the first one not published yet. Returns the position after
     /// the last one copied.
-    pub fn peek(&self, max_records: usize, max_bytes: usize, out: &mut Vec<Vec<u8>>) -> u64 {
+    pub fn peek(&self, max_records: usize, max_bytes: usize, out: &mut Records) -> u64 {
         let sp = self.s as *const Shared;
         let head = self.s.head.load(Ordering::Acquire);
         let mut pos = self.s.tail.load(Ordering::Acquire);
@@ -796,9 +833,8 @@ impl Consumer {
                     break;
                 }
                 let len = (word - 1) as usize;
-                let mut buf = vec![0u8; len];
-                copy_out(sp, pos + 4, &mut buf);
-                out.push(buf);
+                copy_out(sp, pos + 4, len, &mut out.bytes);
+                out.ends.push(out.bytes.len());
                 pos += slot_len(len);
                 bytes += len;
             }

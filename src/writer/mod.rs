@@ -192,7 +192,7 @@ fn run() {
     }
     let Some(queue) = Consumer::attach() else { return };
     let mut chain: Option<Chain> = None;
-    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH_RECORDS);
+    let mut batch = crate::queue::Records::default();
     let mut last_settings = settings::generation();
     let mut signer = Signer::load(&queue);
     let mut last_checkpoint = std::time::Instant::now();
@@ -643,7 +643,7 @@ fn append(chain: &mut Chain, mut records: Vec<Captured>) {
 /// Records from the queue: stored together, or — when that fails — one by one, each record
 /// that cannot be stored (one that some index of the log refuses, say) replaced by an
 /// `UNSTORABLE RECORD` marker that says what it was. One bad record never stops recording.
-fn append_from_queue(chain: &mut Chain, batch: &[Vec<u8>]) {
+fn append_from_queue(chain: &mut Chain, batch: &crate::queue::Records) {
     let mut decoded = std::mem::take(&mut chain.pool.decoded);
     decoded.truncate(BATCH_RECORDS);
     for (i, b) in batch.iter().enumerate() {
@@ -665,8 +665,8 @@ fn append_from_queue(chain: &mut Chain, batch: &[Vec<u8>]) {
         error!("pg_custody writer: {what}");
     }
     warning!("pg_custody writer: a batch of {} records could not be stored ({e}); storing them one at a time", batch.len());
-    let decode = |b: &Vec<u8>| Captured::decode(b).unwrap_or_else(|_| undecodable());
-    for b in batch {
+    let decode = |b: &[u8]| Captured::decode(b).unwrap_or_else(|_| undecodable());
+    for b in batch.iter() {
         let c = decode(b);
         let marker = unstorable(&c, b);
         if let Err(e) = try_append(chain, &mut [c]) {

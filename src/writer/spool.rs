@@ -46,7 +46,7 @@ fn shipped() -> u64 {
 }
 
 /// Appends `batch` durably; Err when it would grow past MAX_BYTES (nothing written then).
-pub fn append(batch: &[Vec<u8>]) -> io::Result<()> {
+pub fn append(batch: &crate::queue::Records) -> io::Result<()> {
     let len = fs::metadata(FILE).map_or(0, |m| m.len());
     let add: u64 = batch.iter().map(|b| b.len() as u64 + 8).sum();
     if len + add > MAX_BYTES {
@@ -62,7 +62,7 @@ pub fn append(batch: &[Vec<u8>]) -> io::Result<()> {
         }
         bytes.extend_from_slice(header().as_bytes());
     }
-    for b in batch {
+    for b in batch.iter() {
         bytes.extend_from_slice(&(b.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&check(b));
         bytes.extend_from_slice(b);
@@ -131,17 +131,17 @@ pub fn recover() -> io::Result<()> {
 }
 
 /// The next records not shipped yet (up to about `max_bytes`), and the position after them.
-pub fn next(max_bytes: usize) -> io::Result<(Vec<Vec<u8>>, u64)> {
+pub fn next(max_bytes: usize) -> io::Result<(crate::queue::Records, u64)> {
     let mut f = open_checked()?;
     let mut pos = shipped().max(header().len() as u64);
     f.seek(SeekFrom::Start(pos))?;
     let max_len = crate::queue::max_record_len().max(1);
-    let (mut out, mut bytes) = (Vec::new(), 0usize);
+    let (mut out, mut bytes) = (crate::queue::Records::default(), 0usize);
     while bytes < max_bytes {
         let Some(p) = read_one(&mut f, max_len)? else { break };
         pos += 8 + p.len() as u64;
         bytes += p.len();
-        out.push(p);
+        out.push(&p);
     }
     Ok((out, pos))
 }

@@ -38,7 +38,7 @@ struct Shipper {
 impl Shipper {
     /// Ships `batch` (queue payloads) and the count of records sessions here could not queue
     /// since the last call; Ok once the primary has stored them.
-    fn ship(&mut self, batch: &[Vec<u8>], lost: u64) -> Result<(), String> {
+    fn ship(&mut self, batch: &crate::queue::Records, lost: u64) -> Result<(), String> {
         if self.conn.is_null() {
             // SAFETY: PrimaryConnInfo is the primary_conninfo GUC's string (NULL or
             // NUL-terminated), read in this process.
@@ -68,7 +68,7 @@ impl Shipper {
             self.conn = unsafe { crate::pgver::walrcv_connect(&conninfo, c"pg_custody standby")? };
         }
         let mut bytes = Vec::with_capacity(batch.iter().map(|b| b.len() + 4).sum());
-        for b in batch {
+        for b in batch.iter() {
             bytes.extend_from_slice(&(b.len() as u32).to_le_bytes());
             bytes.extend_from_slice(b);
         }
@@ -103,7 +103,7 @@ pub fn init() {
 }
 
 /// Moves what the queue holds into the spool (durable on the standby), as far as it takes it.
-fn spool_queue(queue: &crate::queue::Consumer, batch: &mut Vec<Vec<u8>>) {
+fn spool_queue(queue: &crate::queue::Consumer, batch: &mut crate::queue::Records) {
     loop {
         // SAFETY: a plain check of the server's state (promoted: the writer's queue now).
         if !unsafe { pg_sys::RecoveryInProgress() } {
@@ -147,7 +147,7 @@ pub extern "C-unwind" fn custody_standby_main(_arg: pg_sys::Datum) {
         warning!("pg_custody standby: its spool: {e}");
     }
     let mut shipper = Shipper { conn: std::ptr::null_mut(), retry_at: None };
-    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut batch = crate::queue::Records::default();
     let mut last: Option<custody_policy::Snapshot> = None;
     loop {
         // SAFETY: as above.
